@@ -1,0 +1,20 @@
+"""UPop: Unified and Progressive Pruning of vision and vision-language Transformers."""
+
+from upop.config import PruneConfig
+from upop.core.plan import Plan, apply_plan, load_compressed, save_compressed
+from upop.core.profile import measure_latency, profile
+from upop.core.pruner import Pruner
+from upop.errors import UPopError
+
+__all__ = [
+    "Plan",
+    "PruneConfig",
+    "Pruner",
+    "UPopError",
+    "apply_plan",
+    "load_compressed",
+    "measure_latency",
+    "profile",
+    "save_compressed",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,144 @@
+"""Adapters: where a model family keeps its attention and MLP blocks, and in which layout.
+
+An adapter is a table of ``BlockSpec`` rows plus one registration line. A subclass (or instance) provides exactly:
+
+- ``name``: a unique short name (stored in every plan).
+- ``description``: one line for error messages listing what is supported.
+- ``blocks``: the ``BlockSpec`` rows. A model matches the adapter when it holds at least one module of a row's type.
+
+Types are named as ``"package.module:Class"`` strings and resolved only if that module is already imported, so
+registering an adapter never imports its library, and a model of a library that was never imported cannot match.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import nn
+
+from upop.core.structure import Slot, Structure
+from upop.errors import UPopError
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    """One row of an adapter's table.
+
+    Attributes:
+        kind: "attn" or "mlp".
+        types: the block classes, as ``"module.path:ClassName"`` strings.
+        rows: (child linear name, groups) pairs whose output rows the mask scales; groups is an int or a callable of
+            the block (e.g. ``lambda m: 3 * m.num_heads``).
+        cols: (child linear name, groups) pairs whose input columns are sliced.
+        size: the block's mask length (head_dim for attention, hidden width for an MLP).
+        heads: attention heads of the block (None for an MLP).
+        resize: ``resize(block, old, new)`` keeps the block's own attributes true after slicing.
+        check: returns a reason why masking this block would not match slicing it (or None when it is fine).
+    """
+
+    kind: str
+    types: tuple[str, ...]
+    rows: tuple[tuple[str, int | Callable[[nn.Module], int]], ...]
+    cols: tuple[tuple[str, int | Callable[[nn.Module], int]], ...]
+    size: Callable[[nn.Module], int]
+    heads: Callable[[nn.Module], int] | None = None
+    resize: Callable[[nn.Module, int, int], None] | None = None
+    check: Callable[[nn.Module], str | None] | None = None
+
+    def resolved_types(self) -> tuple[type, ...]:
+        out = []
+        for spec in self.types:
+            module_name, _, cls_name = spec.partition(":")
+            if module_name.split(".")[0] not in sys.modules:
+                continue  # the library was never imported, so no model of it exists in this process
+            try:
+                out.append(getattr(importlib.import_module(module_name), cls_name))
+            except (ImportError, AttributeError):
+                continue  # another library version without this class
+        return tuple(out)
+
+
+class Adapter:
+    """A model family. Give ``name``, ``description`` and ``blocks`` to the constructor, or subclass and override
+    ``matches``/``structures`` for a family whose blocks a table cannot describe."""
+
+    def __init__(self, name: str, description: str, blocks: tuple[BlockSpec, ...]) -> None:
+        self.name, self.description, self.blocks = name, description, tuple(blocks)
+
+    def matches(self, model: nn.Module) -> bool:
+        types = tuple(t for spec in self.blocks for t in spec.resolved_types())
+        return bool(types) and any(isinstance(m, types) for m in model.modules())
+
+    def structures(self, model: nn.Module) -> list[Structure]:
+        """Every prunable structure of ``model``, in module order."""
+        found: list[Structure] = []
+        resolved = [(spec, spec.resolved_types()) for spec in self.blocks]
+        for name, module in model.named_modules():
+            for spec, types in resolved:
+                if types and isinstance(module, types):
+                    found.append(self._structure(name, module, spec))
+        return found
+
+    def _structure(self, name: str, module: nn.Module, spec: BlockSpec) -> Structure:
+        if spec.check is not None:
+            reason = spec.check(module)
+            if reason:
+                raise UPopError(f"{name} cannot be pruned exactly by the {self.name} adapter: {reason}")
+
+        def slots(pairs):
+            out = []
+            for child, groups in pairs:
+                linear = module.get_submodule(child)
+                if not isinstance(linear, nn.Linear):
+                    raise UPopError(
+                        f"{name}.{child} is a {type(linear).__name__}, the {self.name} adapter expects Linear"
+                    )
+                g = groups(module) if callable(groups) else groups
+                out.append(Slot(f"{name}.{child}" if name else child, linear, int(g)))
+            return out
+
+        return Structure(
+            name=name,
+            kind=spec.kind,
+            size=int(spec.size(module)),
+            rows=slots(spec.rows),
+            cols=slots(spec.cols),
+            heads=int(spec.heads(module)) if spec.heads else 0,
+            module=module,
+            resize=spec.resize,
+        )
+
+
+_REGISTRY: dict[str, Adapter] = {}
+
+
+def register_adapter(adapter: Adapter) -> Adapter:
+    """Add ``adapter`` to the registry (names must be unique). Registered adapters are the ones every property test
+    runs over."""
+    if not adapter.name or adapter.name in _REGISTRY:
+        raise ValueError(f"adapter name {adapter.name!r} is empty or already registered")
+    _REGISTRY[adapter.name] = adapter
+    return adapter
+
+
+def registered_adapters() -> dict[str, Adapter]:
+    return dict(_REGISTRY)
+
+
+def supported() -> str:
+    return "; ".join(f"{a.name} ({a.description})" for a in _REGISTRY.values())
+
+
+def find_adapter(model: nn.Module, name: str | None = None) -> Adapter:
+    """The adapter for ``model`` (or the one called ``name``). Raises UPopError listing what is supported."""
+    if name is not None:
+        if name not in _REGISTRY:
+            raise UPopError(f"no adapter named {name!r}; supported: {supported()}")
+        return _REGISTRY[name]
+    for adapter in _REGISTRY.values():
+        if adapter.matches(model):
+            return adapter
+    raise UPopError(f"no UPop adapter for a {type(model).__name__}; supported: {supported()}")

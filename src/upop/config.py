@@ -1,0 +1,86 @@
+"""Configuration of a UPop search: a frozen, versioned dataclass validated on construction."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from upop.errors import UPopError
+
+CONFIG_VERSION = 1
+COST_MODELS = ("params", "flops")
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """What to prune and how fast.
+
+    Attributes:
+        p: target fraction of the total prunable cost to remove, in (0, 1). 0.5 = "2x" on the prunable part.
+        total_steps: T, the number of search steps (optimizer steps) over which pi(t) rises from 0 to p.
+        interval: re-rank every ``interval`` steps (and always at the last step).
+        w_attn / w_mlp: weights of the L1 penalty on attention / MLP masks (the paper's w_sp_attn, w_sp_mlp). They are
+            per rank: the mask gradients are averaged over ranks, so the same weights mean the same on any world size.
+        cost: what an element's removal saves: "params" (default) or "flops" (at the example input size given to the
+            Pruner).
+        exclude: module names (exact) or ``re:``-prefixed patterns; structures whose module name matches are not
+            pruned and do not count in the budget.
+        version: format version of this config, stored beside every output.
+    """
+
+    p: float = 0.5
+    total_steps: int = 1000
+    interval: int = 50
+    w_attn: float = 4.8e-3
+    w_mlp: float = 2e-4
+    cost: str = "params"
+    exclude: tuple[str, ...] = field(default_factory=tuple)
+    version: int = CONFIG_VERSION
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.p, (int, float)) and 0.0 < float(self.p) < 1.0):
+            raise UPopError(f"p must be a number strictly between 0 and 1 (the fraction of cost to remove), got {self.p!r}")
+        if not (isinstance(self.total_steps, int) and self.total_steps >= 1):
+            raise UPopError(f"total_steps must be a positive integer, got {self.total_steps!r}")
+        if not (isinstance(self.interval, int) and self.interval >= 1):
+            raise UPopError(f"interval must be a positive integer, got {self.interval!r}")
+        for name in ("w_attn", "w_mlp"):
+            if getattr(self, name) < 0:
+                raise UPopError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if self.cost not in COST_MODELS:
+            raise UPopError(f"cost must be one of {', '.join(COST_MODELS)}, got {self.cost!r}")
+        object.__setattr__(self, "exclude", tuple(self.exclude))
+        for pattern in self.exclude:
+            if pattern.startswith("re:"):
+                try:
+                    re.compile(pattern[3:])
+                except re.error as e:
+                    raise UPopError(f"exclude pattern {pattern!r} is not a valid regular expression: {e}") from None
+        if self.version != CONFIG_VERSION:
+            raise UPopError(f"PruneConfig version {self.version} is not supported (this UPop reads {CONFIG_VERSION})")
+
+    def excludes(self, name: str) -> bool:
+        """Whether the structure at module ``name`` is excluded from pruning."""
+        for pattern in self.exclude:
+            if pattern.startswith("re:"):
+                if re.search(pattern[3:], name):
+                    return True
+            elif pattern == name:
+                return True
+        return False
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["exclude"] = list(self.exclude)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PruneConfig:
+        """Build from ``to_dict`` output; unknown keys (from newer versions) are ignored."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in d.items() if k in known}
+        if "exclude" in kwargs:
+            kwargs["exclude"] = tuple(kwargs["exclude"])
+        return cls(**kwargs)

@@ -1,0 +1,1 @@
+"""The UPop core: structures, ranking, schedule, plan, Pruner. It names no model family."""

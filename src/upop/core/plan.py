@@ -1,0 +1,174 @@
+"""Plans: the serialisable result of a search (kept indices per structure + the base architecture's fingerprint),
+and saving/loading a compressed model as plan.json + model.safetensors."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from upop.errors import UPopError
+
+PLAN_FORMAT = "upop-plan"
+PLAN_VERSION = 1
+PLAN_FILE = "plan.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+def fingerprint(model: nn.Module) -> dict[str, Any]:
+    """Module names and shapes of ``model``'s state (its architecture), with a sha256 over them."""
+    entries = [[name, list(t.shape)] for name, t in model.state_dict().items()]
+    digest = hashlib.sha256(json.dumps(entries).encode()).hexdigest()
+    return {"sha256": digest, "entries": entries}
+
+
+def fingerprint_mismatch(expected: dict[str, Any], model: nn.Module, limit: int = 3) -> str | None:
+    """None if ``model`` has the architecture ``expected``; else a description naming the first differing keys."""
+    actual = fingerprint(model)
+    if actual["sha256"] == expected["sha256"]:
+        return None
+    want = {n: s for n, s in expected["entries"]}
+    have = {n: s for n, s in actual["entries"]}
+    diffs = []
+    for name in list(want) + [n for n in have if n not in want]:
+        if want.get(name) != have.get(name):
+            w = "missing" if name not in want else "x".join(map(str, want[name])) or "scalar"
+            h = "missing" if name not in have else "x".join(map(str, have[name])) or "scalar"
+            diffs.append(f"{name} (plan: {w}, model: {h})")
+    return ", ".join(diffs[:limit]) + (f" and {len(diffs) - limit} more" if len(diffs) > limit else "")
+
+
+@dataclass
+class Plan:
+    """Kept indices per structure, the adapter that located them, and the dense model's fingerprint."""
+
+    adapter: str
+    fingerprint: dict[str, Any]
+    structures: list[dict[str, Any]]  # {"name", "kind", "size" (dense), "kept": [indices]}
+    config: dict[str, Any] = field(default_factory=dict)
+    version: int = PLAN_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": PLAN_FORMAT,
+            "version": self.version,
+            "adapter": self.adapter,
+            "fingerprint": self.fingerprint,
+            "config": self.config,
+            "structures": self.structures,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Plan:
+        if d.get("format") != PLAN_FORMAT or not isinstance(d.get("version"), int):
+            raise UPopError("not a UPop plan (expected format 'upop-plan' with an integer version)")
+        if d["version"] > PLAN_VERSION:
+            raise UPopError(f"plan version {d['version']} is newer than this UPop reads ({PLAN_VERSION}); upgrade UPop")
+        try:
+            return cls(d["adapter"], d["fingerprint"], d["structures"], d.get("config", {}), d["version"])
+        except KeyError as e:
+            raise UPopError(f"the plan lacks the field {e.args[0]!r}") from None
+
+    def kept_fraction(self, kind: str) -> float:
+        sel = [s for s in self.structures if s["kind"] == kind]
+        total = sum(s["size"] for s in sel)
+        return sum(len(s["kept"]) for s in sel) / total if total else 1.0
+
+
+def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
+    """Slice a fresh dense ``model`` (in place) to the plan's architecture. The weights are the dense model's until
+    the compressed weights are loaded. Raises UPopError naming the first mismatching keys if the architecture
+    differs from the plan's base."""
+    from upop.adapters import find_adapter  # the core stays importable without any adapter
+    from upop.core.structure import slice_structure
+
+    mismatch = fingerprint_mismatch(plan.fingerprint, model)
+    if mismatch:
+        raise UPopError(f"the plan was made for another architecture than this {type(model).__name__}: {mismatch}")
+    structures = {s.name: s for s in find_adapter(model, plan.adapter).structures(model)}
+    for entry in plan.structures:
+        if entry["name"] not in structures:
+            raise UPopError(f"the plan names {entry['name']!r}, which the {plan.adapter} adapter does not find")
+        s = structures[entry["name"]]
+        if s.size != entry["size"]:
+            raise UPopError(f"{entry['name']}: the plan expects {entry['size']} elements, the model has {s.size}")
+        slice_structure(s, torch.tensor(entry["kept"], dtype=torch.long))
+    model._upop_plan = plan
+    return model
+
+
+def _atomic_write(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_compressed(model: nn.Module, directory: str | os.PathLike) -> Path:
+    """Write ``directory``/plan.json and ``directory``/model.safetensors for a model returned by
+    ``Pruner.compress`` or ``load_compressed``. Each file is written atomically."""
+    model = getattr(model, "module", model)
+    plan: Plan | None = getattr(model, "_upop_plan", None)
+    if plan is None:
+        raise UPopError("this model carries no UPop plan: save the model returned by Pruner.compress()")
+    out = Path(directory)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UPopError(f"cannot create the output directory {out}: {e.strerror}") from None
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    _atomic_write(out / WEIGHTS_FILE, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+
+    def write_plan(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            json.dump(plan.to_dict(), f, indent=1, sort_keys=True)
+
+    _atomic_write(out / PLAN_FILE, write_plan)
+    return out
+
+
+def read_plan(directory: str | os.PathLike) -> Plan:
+    path = Path(directory) / PLAN_FILE
+    if not path.is_file():
+        raise UPopError(f"{directory} is not a compressed model directory: {PLAN_FILE} is missing")
+    try:
+        return Plan.from_dict(json.loads(path.read_text()))
+    except json.JSONDecodeError as e:
+        raise UPopError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})") from None
+
+
+def load_compressed(dense_model: nn.Module, directory: str | os.PathLike) -> nn.Module:
+    """Apply the plan in ``directory`` to ``dense_model`` (a fresh model of the same architecture, changed in place)
+    and load the compressed weights (safetensors; nothing is unpickled). Returns the compressed model."""
+    plan = read_plan(directory)
+    weights = Path(directory) / WEIGHTS_FILE
+    if not weights.is_file():
+        raise UPopError(f"{directory} has a plan but no {WEIGHTS_FILE}")
+    model = apply_plan(dense_model, plan)
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError) as e:
+        raise UPopError(f"{weights} is not a readable safetensors file: {e}") from None
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:
+        raise UPopError(f"{weights} does not fit the plan: {str(e).splitlines()[-1].strip()}") from None
+    if missing or unexpected:
+        raise UPopError(f"{weights} does not fit the plan: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    return model

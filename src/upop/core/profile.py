@@ -1,0 +1,53 @@
+"""Parameters, FLOPs (torch.utils.flop_counter) and measured latency of a model at given inputs."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+
+def call_model(model: nn.Module, inputs: Any) -> Any:
+    """Call ``model`` with a tensor, a tuple/list of positional inputs, or a dict of keyword inputs."""
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    if isinstance(inputs, (tuple, list)):
+        return model(*inputs)
+    return model(inputs)
+
+
+def profile(model: nn.Module, example_inputs: Any) -> dict[str, int]:
+    """{"params": parameter count, "flops": forward FLOPs at ``example_inputs`` (2 per multiply-add, whole batch)}."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            call_model(model, example_inputs)
+    finally:
+        model.train(was_training)
+    return {"params": sum(p.numel() for p in model.parameters()), "flops": int(counter.get_total_flops())}
+
+
+def measure_latency(model: nn.Module, example_inputs: Any, warmup: int = 3, iters: int = 10) -> float:
+    """Median wall-clock seconds of one forward of ``example_inputs`` in eval mode without gradients."""
+    was_training = model.training
+    model.eval()
+    times = []
+    try:
+        with torch.inference_mode():
+            for i in range(warmup + iters):
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+                call_model(model, example_inputs)
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                if i >= warmup:
+                    times.append(time.perf_counter() - start)
+    finally:
+        model.train(was_training)
+    return statistics.median(times)

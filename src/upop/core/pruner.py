@@ -1,0 +1,258 @@
+"""The Pruner: attaches masks, accumulates their gradients, ranks every element in one budget, sets the masks on the
+progressive schedule, and compresses the model. It is the only stateful part of the core and names no model family."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from upop.adapters import find_adapter
+from upop.config import PruneConfig
+from upop.core.plan import Plan, fingerprint
+from upop.core.profile import call_model
+from upop.core.ranking import pi_at, select, selected_value, standardise
+from upop.core.structure import Structure, slice_structure
+from upop.errors import UPopError
+
+STATE_VERSION = 1
+
+
+def _mask_hook(mask: torch.Tensor, groups: int):
+    """Forward hook scaling the (groups, n) output rows of a linear by ``mask`` (n,). Multiplying by 1.0 is exact,
+    so masks at 1 leave the outputs bitwise unchanged."""
+
+    def hook(module: nn.Module, inputs: Any, out: torch.Tensor) -> torch.Tensor:
+        m = mask.to(dtype=out.dtype, device=out.device)
+        if groups == 1:
+            return out * m
+        return (out.unflatten(-1, (groups, m.numel())) * m).flatten(-2)
+
+    return hook
+
+
+class Pruner:
+    """UPop on ``model``, changed in place: one mask per attention module (length head_dim, shared by all heads and
+    by q, k, v) and per MLP (length hidden), applied by forward hooks (the model's source is not edited).
+
+    Use::
+
+        pruner = Pruner(model, PruneConfig(p=0.5, total_steps=T))
+        loss = task_loss + pruner.sparsity_loss(); loss.backward(); optimizer.step(); optimizer.zero_grad()
+        pruner.step()                # after every optimizer step
+        model = pruner.compress()    # after T steps
+
+    The masks are not parameters of the model, so no optimizer sees them, whenever it is built. Their gradients are
+    read, averaged over DDP ranks and accumulated by ``step``; a larger accumulated gradient means less important.
+
+    Args:
+        model: the dense model (a DDP wrapper is unwrapped).
+        config: the search configuration.
+        example_inputs: a batch as the model takes it (tensor, tuple or dict); needed for ``cost="flops"``.
+        adapter: an adapter name to force; by default the registry picks the one matching the model.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: PruneConfig | None = None,
+        example_inputs: Any = None,
+        adapter: str | None = None,
+    ) -> None:
+        model = getattr(model, "module", model) if isinstance(model, nn.parallel.DistributedDataParallel) else model
+        if getattr(model, "_upop_pruner", None) is not None:
+            raise UPopError("this model already has a Pruner attached; call detach() on it first")
+        self.model = model
+        self.config = config or PruneConfig()
+        self.adapter = find_adapter(model, adapter)
+        self.fingerprint = fingerprint(model)
+        self.structures: list[Structure] = [
+            s for s in self.adapter.structures(model) if not self.config.excludes(s.name)
+        ]
+        if not self.structures:
+            raise UPopError(f"no prunable structure left in the {type(model).__name__} (all excluded or none found)")
+        device = next(model.parameters()).device
+        self.masks = [torch.ones(s.size, device=device, requires_grad=True) for s in self.structures]
+        self.importance = [torch.zeros(s.size, dtype=torch.float32, device=device) for s in self.structures]
+        self.chosen = [torch.zeros(s.size, dtype=torch.bool) for s in self.structures]
+        if self.config.cost == "flops":
+            if example_inputs is None:
+                raise UPopError('cost="flops" needs example_inputs (a batch as the model takes it) to count tokens')
+            self._count_tokens(example_inputs)
+        self.costs = [float(s.element_cost(self.config.cost)) for s in self.structures]
+        self.step_count = 0
+        self.skipped_steps = 0  # steps whose mask gradients were not finite (not accumulated)
+        self.pi = 0.0
+        self._handles: list[Any] = []
+        for structure, mask in zip(self.structures, self.masks):
+            for slot in structure.rows:
+                self._handles.append(slot.module.register_forward_hook(_mask_hook(mask, slot.groups)))
+        model._upop_pruner = self
+
+    # ----------------------------------------------------------------------------------------------- search loop
+    def sparsity_loss(self) -> torch.Tensor:
+        """w_attn * sum |attention masks| + w_mlp * sum |MLP masks| (a scalar tensor to add to the task loss)."""
+        total = self.masks[0].new_zeros(())
+        for structure, mask in zip(self.structures, self.masks):
+            weight = self.config.w_attn if structure.kind == "attn" else self.config.w_mlp
+            total = total + weight * mask.abs().sum()
+        return total
+
+    def step(self) -> None:
+        """Call once after every optimizer step: accumulate the mask gradients of this step (averaged over ranks);
+        every ``interval`` steps and at the last step, re-rank all elements and set the masks to the schedule."""
+        grads = torch.cat(
+            [m.grad.reshape(-1).float() if m.grad is not None else torch.zeros_like(m).reshape(-1) for m in self.masks]
+        )
+        for m in self.masks:
+            m.grad = None
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(grads, op=dist.ReduceOp.SUM)
+            grads /= dist.get_world_size()
+        if torch.isfinite(grads).all():
+            for acc, g in zip(self.importance, torch.split(grads, [s.size for s in self.structures])):
+                acc += g
+        else:
+            self.skipped_steps += 1  # a NaN/inf step must not corrupt the ranking
+        self.step_count += 1
+        t, total = self.step_count, self.config.total_steps
+        if t <= total and (t % self.config.interval == 0 or t == total):
+            self.update_masks()
+
+    def update_masks(self) -> None:
+        """Rank every element of every structure in one budget at the current step and set the masks."""
+        self.pi = pi_at(self.step_count, self.config.total_steps, self.config.p)
+        scores: list[torch.Tensor] = [torch.empty(0)] * len(self.structures)
+        for kind in ("attn", "mlp"):
+            idx = [i for i, s in enumerate(self.structures) if s.kind == kind]
+            for i, z in zip(idx, standardise([self.importance[i].cpu() for i in idx])):
+                scores[i] = z
+        chosen = select(scores, self.costs, self.pi)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            # all ranks hold the same averaged importance; broadcasting rank 0's decision makes identity certain
+            flat = torch.cat(chosen).to(torch.uint8)
+            flat = flat.to(self.masks[0].device)
+            dist.broadcast(flat, src=0)
+            chosen = list(torch.split(flat.cpu().bool(), [s.size for s in self.structures]))
+        self.chosen = chosen
+        value = selected_value(self.pi, self.config.p)
+        with torch.no_grad():
+            for mask, c in zip(self.masks, chosen):
+                mask.fill_(1.0)
+                mask[c.to(mask.device)] = value
+
+    # --------------------------------------------------------------------------------------------------- reports
+    def kept_fraction(self, kind: str | None = None) -> float:
+        """Fraction of elements (of one kind, or all) not chosen for pruning."""
+        sel = [c for c, s in zip(self.chosen, self.structures) if kind is None or s.kind == kind]
+        total = sum(c.numel() for c in sel)
+        return 1.0 - sum(int(c.sum()) for c in sel) / total if total else 1.0
+
+    def pruned_cost_fraction(self) -> float:
+        """The fraction of the total prunable cost that the chosen elements hold."""
+        total = sum(c * s.size for c, s in zip(self.costs, self.structures))
+        return sum(c * int(ch.sum()) for c, ch in zip(self.costs, self.chosen)) / total
+
+    def finished(self) -> bool:
+        return self.step_count >= self.config.total_steps
+
+    def log_record(self) -> dict[str, float]:
+        return {
+            "step": self.step_count,
+            "pi": self.pi,
+            "kept_attn": self.kept_fraction("attn"),
+            "kept_mlp": self.kept_fraction("mlp"),
+            "pruned_cost": self.pruned_cost_fraction(),
+            "skipped_steps": self.skipped_steps,
+        }
+
+    # ------------------------------------------------------------------------------------------------ lifecycle
+    def detach(self) -> nn.Module:
+        """Remove the masks; the model is exactly as it was before the Pruner (weights are trained, not masked)."""
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self.model.__dict__.pop("_upop_pruner", None)
+        return self.model
+
+    def plan(self) -> Plan:
+        """The plan of the current decision: kept indices per structure."""
+        return Plan(
+            adapter=self.adapter.name,
+            fingerprint=self.fingerprint,
+            structures=[
+                {"name": s.name, "kind": s.kind, "size": s.size, "kept": (~c).nonzero().squeeze(1).tolist()}
+                for s, c in zip(self.structures, self.chosen)
+            ],
+            config=self.config.to_dict(),
+        )
+
+    def compress(self, force: bool = False) -> nn.Module:
+        """Slice the weights to the kept elements and remove the masks. Returns the (same, now smaller) model, with
+        its plan attached for ``save_compressed``.
+
+        Raises UPopError before the search has finished (masks not yet exactly 0/1), unless ``force`` (then the
+        current choice is applied and outputs change)."""
+        if not force and not self.finished():
+            raise UPopError(
+                f"the search has run {self.step_count} of {self.config.total_steps} steps; its masks are not yet "
+                "exactly 0/1 (pass force=True to compress anyway)"
+            )
+        plan = self.plan()
+        self.detach()
+        for s, entry in zip(self.structures, plan.structures):
+            slice_structure(s, torch.tensor(entry["kept"], dtype=torch.long))
+        self.model._upop_plan = plan
+        return self.model
+
+    # ------------------------------------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """Tensors and counters to resume a search (no pickled objects needed)."""
+        return {
+            "version": STATE_VERSION,
+            "step": self.step_count,
+            "skipped_steps": self.skipped_steps,
+            "pi": self.pi,
+            "masks": [m.detach().cpu().clone() for m in self.masks],
+            "importance": [a.cpu().clone() for a in self.importance],
+            "chosen": [c.clone() for c in self.chosen],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("version") != STATE_VERSION or len(state["masks"]) != len(self.masks):
+            raise UPopError("the Pruner state does not belong to this model or this UPop version")
+        self.step_count, self.skipped_steps, self.pi = int(state["step"]), int(state["skipped_steps"]), state["pi"]
+        with torch.no_grad():
+            for dst, src in zip(self.masks, state["masks"]):
+                dst.copy_(src)
+            for dst, src in zip(self.importance, state["importance"]):
+                dst.copy_(src)
+        self.chosen = [c.clone().bool() for c in state["chosen"]]
+
+    def _count_tokens(self, example_inputs: Any) -> None:
+        """Run one forward to learn how many tokens per sample each structure's row linears see."""
+        seen: dict[int, int] = {}
+        handles = []
+        for i, s in enumerate(self.structures):
+            lin = s.rows[0].module
+
+            def hook(module, inputs, out, i=i):
+                x = inputs[0]
+                seen[i] = math.prod(x.shape[1:-1]) if x.dim() > 2 else 1
+
+            handles.append(lin.register_forward_hook(hook))
+        was_training = self.model.training
+        try:
+            self.model.eval()
+            with torch.no_grad():
+                call_model(self.model, example_inputs)
+        finally:
+            self.model.train(was_training)
+            for h in handles:
+                h.remove()
+        for i, s in enumerate(self.structures):
+            s.tokens = seen.get(i, 0)
+

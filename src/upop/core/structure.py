@@ -1,0 +1,131 @@
+"""Structures: one prunable unit with one mask vector, and the slices of weights its elements own.
+
+A structure of size n owns, in each of its *row* linears, the output rows laid out as (G, n) (G groups: 3 * heads for
+a fused qkv projection, heads for a separate q, k or v projection, 1 for an MLP's first layer), and in each of its
+*column* linears the input columns laid out as (G, n) (heads for an attention output projection, 1 for an MLP's
+second layer). Element j of the mask scales row/column j of every group. This one layout covers fused qkv (timm),
+separate q/k/v (HF ViT/DeiT, CLIP, BLIP, BERT), cross-attention (rows of another input width) and MLP pairs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from upop.errors import UPopError
+
+KINDS = ("attn", "mlp")
+
+
+@dataclass
+class Slot:
+    """A linear layer of a structure. ``path`` is its name in the model, ``groups`` the G of the (G, n) layout."""
+
+    path: str
+    module: nn.Linear
+    groups: int
+
+
+@dataclass
+class Structure:
+    """One prunable unit.
+
+    Attributes:
+        name: the module name of the attention or MLP block in the model.
+        kind: "attn" (elements = head dimensions, shared by all heads and by q, k, v) or "mlp" (hidden neurons).
+        size: n, the number of elements (mask length).
+        rows: linears whose output rows are owned (and masked after the layer), each laid out as (G, n).
+        cols: linears whose input columns are owned, each laid out as (G, n).
+        heads: attention heads (0 for an MLP); used for the attention-matmul FLOPs of an element.
+        module: the block itself (attention or MLP module), handed to ``resize``.
+        resize: adapter callback ``resize(module, old_size, new_size)`` that makes the block's own bookkeeping true
+            after slicing (head_dim, all_head_size, softmax scale...).
+        tokens: tokens per sample seen by the row linears at the profiling input (set when a FLOPs cost is asked).
+    """
+
+    name: str
+    kind: str
+    size: int
+    rows: list[Slot]
+    cols: list[Slot]
+    heads: int = 0
+    module: nn.Module | None = None
+    resize: Callable[[nn.Module, int, int], None] | None = None
+    tokens: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"structure kind must be one of {KINDS}, got {self.kind!r}")
+        for slot in self.rows:
+            if slot.module.out_features != slot.groups * self.size:
+                raise UPopError(
+                    f"{self.name}: {slot.path} has {slot.module.out_features} outputs, not {slot.groups} x {self.size}"
+                )
+        for slot in self.cols:
+            if slot.module.in_features != slot.groups * self.size:
+                raise UPopError(
+                    f"{self.name}: {slot.path} has {slot.module.in_features} inputs, not {slot.groups} x {self.size}"
+                )
+
+    def element_params(self) -> int:
+        """Parameters one element owns: its rows (with bias) in every row linear, its columns in every column linear."""
+        n = 0
+        for slot in self.rows:
+            n += slot.groups * (slot.module.in_features + (slot.module.bias is not None))
+        for slot in self.cols:
+            n += slot.groups * slot.module.out_features
+        return n
+
+    def element_flops(self) -> int:
+        """FLOPs (2 per multiply-add) one element costs per sample at ``tokens`` tokens: its share of every linear, and
+        for attention its share of q @ k^T and attn @ v in every head."""
+        if self.tokens <= 0:
+            raise UPopError(f"{self.name}: no token count; a FLOPs cost needs example inputs given to the Pruner")
+        macs = 0
+        for slot in self.rows:
+            macs += slot.groups * slot.module.in_features * self.tokens
+        for slot in self.cols:
+            macs += slot.groups * slot.module.out_features * self.tokens
+        macs += self.heads * 2 * self.tokens * self.tokens
+        return 2 * macs
+
+    def element_cost(self, cost: str) -> int:
+        return self.element_params() if cost == "params" else self.element_flops()
+
+
+def slice_rows(linear: nn.Linear, groups: int, size: int, keep: torch.Tensor) -> None:
+    """Keep output rows ``keep`` of every group of ``linear`` (laid out as (groups, size)), in place."""
+    w = linear.weight.detach().unflatten(0, (groups, size))[:, keep].flatten(0, 1)
+    linear.weight = nn.Parameter(w.clone(), requires_grad=linear.weight.requires_grad)
+    if linear.bias is not None:
+        b = linear.bias.detach().unflatten(0, (groups, size))[:, keep].flatten(0, 1)
+        linear.bias = nn.Parameter(b.clone(), requires_grad=linear.bias.requires_grad)
+    linear.out_features = w.shape[0]
+
+
+def slice_cols(linear: nn.Linear, groups: int, size: int, keep: torch.Tensor) -> None:
+    """Keep input columns ``keep`` of every group of ``linear`` (laid out as (groups, size)), in place."""
+    w = linear.weight.detach().unflatten(1, (groups, size))[:, :, keep].flatten(1, 2)
+    linear.weight = nn.Parameter(w.clone(), requires_grad=linear.weight.requires_grad)
+    linear.in_features = w.shape[1]
+
+
+def slice_structure(structure: Structure, keep: torch.Tensor) -> None:
+    """Physically prune ``structure`` to the elements ``keep`` (sorted 1-D int64), then let the adapter fix the block's
+    bookkeeping. Shapes of the structure's slots are updated; ``structure.size`` becomes len(keep)."""
+    keep = torch.as_tensor(keep, dtype=torch.long)
+    if keep.numel() == 0:
+        raise UPopError(f"{structure.name}: a structure must keep at least one element")
+    if keep.min() < 0 or keep.max() >= structure.size:
+        raise UPopError(f"{structure.name}: kept indices must lie in [0, {structure.size}), got {keep.tolist()}")
+    old = structure.size
+    for slot in structure.rows:
+        slice_rows(slot.module, slot.groups, old, keep)
+    for slot in structure.cols:
+        slice_cols(slot.module, slot.groups, old, keep)
+    structure.size = int(keep.numel())
+    if structure.resize is not None and structure.module is not None:
+        structure.resize(structure.module, old, structure.size)
