@@ -101,12 +101,15 @@ class Pruner:
             total = total + weight * mask.abs().sum()
         return total
 
-    def step(self) -> None:
+    def step(self, grad_scale: float = 1.0) -> None:
         """Call once after every optimizer step: accumulate the mask gradients of this step (averaged over ranks);
-        every ``interval`` steps and at the last step, re-rank all elements and set the masks to the schedule."""
+        every ``interval`` steps and at the last step, re-rank all elements and set the masks to the schedule.
+        ``grad_scale``: the loss scale of an fp16 grad scaler, divided out of the mask gradients."""
         grads = torch.cat(
             [m.grad.reshape(-1).float() if m.grad is not None else torch.zeros_like(m).reshape(-1) for m in self.masks]
         )
+        if grad_scale != 1.0:
+            grads /= grad_scale
         for m in self.masks:
             m.grad = None
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
@@ -137,10 +140,15 @@ class Pruner:
             flat = flat.to(self.masks[0].device)
             dist.broadcast(flat, src=0)
             chosen = list(torch.split(flat.cpu().bool(), [s.size for s in self.structures]))
-        self.chosen = chosen
-        value = selected_value(self.pi, self.config.p)
+        self.set_choice(chosen, selected_value(self.pi, self.config.p))
+
+    def set_choice(self, chosen: list[torch.Tensor], value: float) -> None:
+        """Mark ``chosen`` (per structure, bool (n_i,)) for pruning and set their masks to ``value``, the rest to 1."""
+        if len(chosen) != len(self.structures) or any(c.numel() != s.size for c, s in zip(chosen, self.structures)):
+            raise UPopError("a choice needs one bool tensor per structure, of the structure's size")
+        self.chosen = [c.detach().cpu().bool() for c in chosen]
         with torch.no_grad():
-            for mask, c in zip(self.masks, chosen):
+            for mask, c in zip(self.masks, self.chosen):
                 mask.fill_(1.0)
                 mask[c.to(mask.device)] = value
 

@@ -28,6 +28,7 @@ COLOURS: dict[str, tuple[float, float, float]] = {
 COLOUR_NAMES: tuple[str, ...] = tuple(COLOURS)
 SIZES: dict[str, float] = {"small": 0.1, "large": 0.3}  # radius as a fraction of the image side
 MAX_OBJECTS = 4
+NOISE_CHUNK = 256
 
 
 @dataclass(frozen=True)
@@ -125,11 +126,20 @@ class ShapesWorld:
             image = torch.where(inside.unsqueeze(1), rgb.view(b, 3, 1, 1), image)
             seg = torch.where(inside, (k + 1).view(b, 1, 1), seg)
         if self.noise > 0:
-            # per-scene noise seeds keep a scene's pixels identical however it is batched
-            noise = torch.stack([torch.randn(3, s, s, generator=torch.Generator().manual_seed(self._noise_seed + int(i)))
-                                 for i in index])
-            image = image + self.noise * noise
+            image = image + self.noise * _chunk_noise(index, self._noise_seed, s)
         return image.clamp_(0, 1), seg
+
+
+def _chunk_noise(index: torch.Tensor, seed: int, s: int) -> torch.Tensor:
+    """Standard normal noise (B, 3, S, S) that depends on (seed, scene index) only, so a scene's pixels are identical
+    however scenes are batched: scenes come in chunks of NOISE_CHUNK, each chunk drawn from its own seeded generator."""
+    out = torch.empty(index.numel(), 3, s, s)
+    chunk = index // NOISE_CHUNK
+    for c in chunk.unique().tolist():
+        block = torch.randn(NOISE_CHUNK, 3, s, s, generator=torch.Generator().manual_seed(seed + c))
+        sel = chunk == c
+        out[sel] = block[index[sel] % NOISE_CHUNK]
+    return out
 
 
 def subject_label(world: ShapesWorld) -> torch.Tensor:

@@ -1,0 +1,35 @@
+# Two commands set everything up on a fresh machine: `make demo` and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+UPOP := $(VENV)/bin/upop
+DEMO_BASE ?= runs/demo-base
+DEMO_OUT ?= runs/demo-2x
+
+.PHONY: venv test demo bench lint clean
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet -e '.[dev]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+test: venv
+	OMP_NUM_THREADS=2 $(PY) -m pytest tests
+
+# Trains a tiny ViT on the built-in shapes world once (cached in $(DEMO_BASE)), then compresses it 2x.
+demo: venv
+	@if [ ! -f $(DEMO_BASE)/model.safetensors ]; then \
+		$(UPOP) train --task classification --model vit-tiny --epochs 6 --output-dir $(DEMO_BASE); \
+	fi
+	$(UPOP) compress --task classification --model vit-tiny --pretrained $(DEMO_BASE)/model.safetensors \
+		--p 0.5 --epochs-search 2 --epochs 2 --output-dir $(DEMO_OUT) --overwrite
+
+bench: venv
+	$(PY) benchmarks/bench_vit.py
+
+lint: venv
+	$(VENV)/bin/ruff check src tests benchmarks
+
+clean:
+	rm -rf runs

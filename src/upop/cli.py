@@ -1,0 +1,118 @@
+"""The ``upop`` command: train | compress | evaluate. Flags follow the paper's scripts where they make sense.
+Runs unchanged under ``torchrun --nproc_per_node=N`` (DDP)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from upop.errors import UPopError
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--task", default="classification", help="task plug-in (default: classification)")
+    p.add_argument("--model", default="vit-tiny",
+                   help="vit-tiny | vit-micro (built-in), timm:ARCH (e.g. timm:deit_small_patch16_224), hf:PATH")
+    p.add_argument("--data", default=None,
+                   help="dataset folder in the task's format (ImageNet-style root/train, root/val); "
+                        "default: the built-in shapes world")
+    p.add_argument("--image-size", type=int, default=None, help="input side in pixels (default: the model's)")
+    p.add_argument("--train-size", type=int, default=20000, help="built-in scenes in the training split")
+    p.add_argument("--val-size", type=int, default=2000, help="built-in scenes in the validation split")
+    p.add_argument("--data-seed", type=int, default=0, help="seed of the built-in world")
+    p.add_argument("--batch-size", type=int, default=128, help="batch size per rank")
+    p.add_argument("--seed", type=int, default=0, help="seed of initialisation and data order")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast where supported, else fp16 with a grad scaler")
+    p.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="upop", description="Unified and Progressive Pruning for vision Transformers")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a dense base model")
+    _common(t)
+    t.add_argument("--epochs", type=int, default=6, help="training epochs")
+    t.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (AdamW, warm-up + cosine)")
+    t.add_argument("--output-dir", required=True, help="where model.safetensors and the reports go")
+    t.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+
+    c = sub.add_parser("compress", help="search, compress, retrain, evaluate, save")
+    _common(c)
+    c.add_argument("--pretrained", default=None, help="dense weights: .safetensors, or a torch state dict file")
+    c.add_argument("--p", type=float, default=0.5, help="fraction of the prunable cost to remove, in (0, 1)")
+    c.add_argument("--epochs-search", type=int, default=2, help="search epochs (T = epochs x steps per epoch)")
+    c.add_argument("--epochs", type=int, default=2, help="retraining epochs of the compressed model")
+    c.add_argument("--lr-search", type=float, default=5e-4, help="learning rate of the weights during search")
+    c.add_argument("--lr", type=float, default=5e-4, help="peak learning rate of retraining (cosine)")
+    c.add_argument("--interval", type=int, default=50, help="re-rank every N search steps")
+    c.add_argument("--w-sp-attn", type=float, default=4.8e-3, help="L1 weight on attention masks")
+    c.add_argument("--w-sp-mlp", type=float, default=2e-4, help="L1 weight on MLP masks")
+    c.add_argument("--cost", choices=("params", "flops"), default="params", help="what an element's removal saves")
+    c.add_argument("--exclude", action="append", default=[],
+                   help="module name or re:PATTERN not to prune (repeatable)")
+    c.add_argument("--output-dir", required=True, help="where plan.json, model.safetensors and reports go")
+    c.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+
+    e = sub.add_parser("evaluate", help="evaluate a compressed directory or a dense checkpoint")
+    _common(e)
+    e.add_argument("--compressed", default=None, help="a directory written by `upop compress`")
+    e.add_argument("--pretrained", default=None, help="a dense checkpoint instead")
+    return parser
+
+
+def _run_config(args: argparse.Namespace, saved: dict[str, Any] | None = None) -> Any:
+    from upop.run import RunConfig
+
+    values = {f: getattr(args, f) for f in RunConfig.__dataclass_fields__}
+    if saved:  # evaluate: what the compressed run used, unless given again on the command line
+        defaults = build_parser().parse_args(["evaluate"]).__dict__
+        for key, value in saved.items():
+            if key in values and values[key] == defaults.get(key) and key not in ("device",):
+                values[key] = value
+    return RunConfig(**values)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        from upop import run
+        from upop.config import PruneConfig
+
+        if args.command == "train":
+            report = run.train(_run_config(args), args.epochs, args.lr, args.output_dir, args.overwrite)
+            _print(f"dense {args.model}: " + ", ".join(f"{k} {v:.2f}" for k, v in report["metrics"].items())
+                   + f"\nsaved to {args.output_dir}")
+        elif args.command == "compress":
+            prune = PruneConfig(p=args.p, interval=args.interval, w_attn=args.w_sp_attn, w_mlp=args.w_sp_mlp,
+                                cost=args.cost, exclude=tuple(args.exclude))
+            report = run.compress(_run_config(args), prune, args.pretrained, args.epochs_search, args.epochs,
+                                  args.lr_search, args.lr, args.output_dir, args.overwrite)
+            from upop.report import comparison_table
+
+            _print(comparison_table(report) + f"\nsaved to {args.output_dir}")
+        else:
+            saved = run.read_run_config(args.compressed).get("run", {}) if args.compressed else {}
+            result = run.evaluate(_run_config(args, saved), args.compressed, args.pretrained)
+            _print(json.dumps(result, indent=1))
+    except UPopError as e:
+        print(f"upop: error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        from upop.engine.dist import teardown
+
+        teardown()
+    return 0
+
+
+def _print(text: str) -> None:
+    import os
+
+    if os.environ.get("RANK", "0") == "0":
+        print(text)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

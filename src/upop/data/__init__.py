@@ -1,0 +1,1 @@
+"""Data: the built-in procedural shapes world and readers for real formats."""

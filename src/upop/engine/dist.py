@@ -1,0 +1,71 @@
+"""DDP set-up under torchrun (gloo on CPU, nccl on GPU) and the few collective helpers the engine needs."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def setup(device: str | None = None) -> DistInfo:
+    """Join the torchrun process group when WORLD_SIZE > 1; otherwise a single process. Idempotent."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() and device != "cpu"
+    dev = torch.device(f"cuda:{local}" if use_cuda else "cpu") if device in (None, "cuda", "cpu") else torch.device(device)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+    return DistInfo(rank, world, local, dev)
+
+
+def wrap(model: nn.Module, info: DistInfo) -> nn.Module:
+    """DDP-wrap ``model`` when running on several ranks."""
+    if not info.distributed:
+        return model
+    ids = [info.device.index] if info.device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def barrier(info: DistInfo) -> None:
+    if info.distributed:
+        dist.barrier()
+
+
+def all_equal(tensor: torch.Tensor, info: DistInfo) -> bool:
+    """Whether ``tensor`` is bitwise identical on every rank."""
+    if not info.distributed:
+        return True
+    gathered = [torch.empty_like(tensor) for _ in range(info.world_size)]
+    dist.all_gather(gathered, tensor)
+    return all(torch.equal(g, gathered[0]) for g in gathered)
+
+
+def teardown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,138 @@
+"""The Pruner over a short real search: budget met, masks kept out of optimizers, schedule applied, NaN steps
+skipped, state round trip, misuse rejected."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import build, hf_vit, images, logits, timm_vit
+
+import upop
+from upop.core.ranking import pi_at
+
+
+def _search(model, config, steps=None, example=None, optimizer_first=True):
+    x = images(8)
+    y = torch.arange(8) % 5
+    if optimizer_first:
+        opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    pruner = upop.Pruner(model, config, example_inputs=example)
+    if not optimizer_first:
+        opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(steps or config.total_steps):
+        loss = torch.nn.functional.cross_entropy(logits(model(x)), y) + pruner.sparsity_loss()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        pruner.step()
+    return pruner, opt
+
+
+@pytest.mark.parametrize("factory", [timm_vit, hf_vit])
+@pytest.mark.parametrize("cost", ["params", "flops"])
+@pytest.mark.parametrize("p", [0.3, 0.5, 0.75])
+def test_end_of_search_meets_the_budget_and_masks_are_exact(factory, cost, p):
+    model = build(factory, (4, 8, 3, 64))
+    pruner, _ = _search(model, upop.PruneConfig(p=p, total_steps=12, interval=5, cost=cost), example=images(2))
+    assert pruner.finished() and pruner.pi == p
+    assert abs(pruner.pruned_cost_fraction() - p) <= 0.01
+    for mask, chosen in zip(pruner.masks, pruner.chosen):
+        assert set(mask.detach().unique().tolist()) <= {0.0, 1.0}
+        assert torch.equal(mask.detach() == 0, chosen)
+        assert (mask == 1).sum() >= 1
+
+
+def test_masks_never_enter_the_optimizer_built_before_or_after():
+    for first in (True, False):
+        model = build(timm_vit, (3, 7, 2, 19))
+        pruner, opt = _search(model, upop.PruneConfig(p=0.5, total_steps=3), optimizer_first=first)
+        in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
+        assert not any(id(m) in in_opt for m in pruner.masks)
+        assert not any(id(m) in {id(p) for p in model.parameters()} for m in pruner.masks)
+
+
+def test_masks_follow_the_schedule_between_rankings():
+    model = build(timm_vit, (3, 7, 2, 19))
+    config = upop.PruneConfig(p=0.5, total_steps=20, interval=5)
+    pruner, _ = _search(model, config, steps=10)
+    pi = pi_at(10, 20, 0.5)
+    assert pruner.pi == pytest.approx(pi)
+    values = torch.cat([m.detach() for m in pruner.masks]).unique().tolist()
+    assert sorted(values) == pytest.approx(sorted([1 - pi / 0.5, 1.0]))
+
+
+def test_importance_accumulates_mask_gradients_and_sparsity_loss_value():
+    model = build(timm_vit, (3, 7, 2, 19))
+    config = upop.PruneConfig(p=0.5, total_steps=100, w_attn=0.5, w_mlp=0.25)
+    pruner = upop.Pruner(model, config)
+    n_attn = sum(s.size for s in pruner.structures if s.kind == "attn")
+    n_mlp = sum(s.size for s in pruner.structures if s.kind == "mlp")
+    assert pruner.sparsity_loss().item() == pytest.approx(0.5 * n_attn + 0.25 * n_mlp)
+    x = images(4)
+    logits(model(x)).sum().backward()
+    grads = [m.grad.clone() for m in pruner.masks]
+    pruner.step()
+    logits(model(x)).sum().backward()
+    pruner.step()
+    for acc, g in zip(pruner.importance, grads):
+        torch.testing.assert_close(acc, 2 * g)
+    assert all(m.grad is None for m in pruner.masks)
+
+
+def test_non_finite_mask_gradients_do_not_touch_the_importance():
+    model = build(timm_vit, (3, 7, 2, 19))
+    pruner = upop.Pruner(model, upop.PruneConfig(p=0.5, total_steps=100))
+    logits(model(images(4))).sum().backward()
+    pruner.step()
+    before = [a.clone() for a in pruner.importance]
+    bad = images(4)
+    bad[0, 0, 0, 0] = float("nan")
+    logits(model(bad)).sum().backward()
+    pruner.step()
+    assert pruner.skipped_steps == 1
+    assert all(torch.equal(a, b) for a, b in zip(pruner.importance, before))
+
+
+def test_state_dict_round_trip_continues_identically():
+    config = upop.PruneConfig(p=0.5, total_steps=8, interval=2)
+    model_a = build(timm_vit, (3, 7, 2, 19))
+    pruner_a, _ = _search(model_a, config, steps=4)
+    state = pruner_a.state_dict()
+    model_b = build(timm_vit, (3, 7, 2, 19), seed=5)
+    pruner_b = upop.Pruner(model_b, config)
+    pruner_b.load_state_dict(state)
+    assert pruner_b.step_count == 4
+    assert all(torch.equal(a, b) for a, b in zip(pruner_a.masks, pruner_b.masks))
+    assert all(torch.equal(a, b) for a, b in zip(pruner_a.importance, pruner_b.importance))
+
+
+def test_compress_before_the_end_is_refused_and_double_attach_too():
+    model = build(timm_vit, (3, 7, 2, 19))
+    pruner, _ = _search(model, upop.PruneConfig(p=0.5, total_steps=10), steps=3)
+    with pytest.raises(upop.UPopError, match="3 of 10 steps"):
+        pruner.compress()
+    with pytest.raises(upop.UPopError, match="already has a Pruner"):
+        upop.Pruner(model)
+
+
+def test_exclude_patterns_leave_structures_unpruned():
+    model = build(timm_vit, (3, 7, 2, 19))
+    pruner = upop.Pruner(model, upop.PruneConfig(p=0.5, total_steps=1, exclude=("re:blocks\\.0\\.", "blocks.1.mlp")))
+    assert [s.name for s in pruner.structures] == ["blocks.1.attn"]
+
+
+@pytest.mark.parametrize("p", [0.0, 1.0, -0.2, 1.5])
+def test_p_outside_the_open_interval_is_rejected(p):
+    with pytest.raises(upop.UPopError, match="strictly between 0 and 1"):
+        upop.PruneConfig(p=p)
+
+
+def test_config_round_trips_through_dict():
+    config = upop.PruneConfig(p=0.7, total_steps=9, interval=3, cost="flops", exclude=("re:head",))
+    assert upop.PruneConfig.from_dict({**config.to_dict(), "from_a_newer_version": 1}) == config
+
+
+def test_model_without_adapter_lists_what_is_supported():
+    with pytest.raises(upop.UPopError, match="no UPop adapter for a Sequential; supported: .*timm-vit"):
+        upop.Pruner(torch.nn.Sequential(torch.nn.Linear(3, 3)))
