@@ -11,21 +11,35 @@ from typing import Any
 from upop.errors import UPopError
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--task", default="classification", help="task plug-in (default: classification)")
-    p.add_argument("--model", default="vit-tiny",
-                   help="vit-tiny | vit-micro (built-in), timm:ARCH (e.g. timm:deit_small_patch16_224), hf:PATH")
-    p.add_argument("--data", default=None,
-                   help="dataset folder in the task's format (ImageNet-style root/train, root/val); "
-                        "default: the built-in shapes world")
-    p.add_argument("--image-size", type=int, default=None, help="input side in pixels (default: the model's)")
-    p.add_argument("--train-size", type=int, default=20000, help="built-in scenes in the training split")
-    p.add_argument("--val-size", type=int, default=2000, help="built-in scenes in the validation split")
-    p.add_argument("--data-seed", type=int, default=0, help="seed of the built-in world")
-    p.add_argument("--batch-size", type=int, default=128, help="batch size per rank")
-    p.add_argument("--seed", type=int, default=0, help="seed of initialisation and data order")
-    p.add_argument("--amp", action="store_true", help="bf16 autocast where supported, else fp16 with a grad scaler")
-    p.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
+def _common(p: argparse.ArgumentParser, fallback_to_saved: bool = False) -> None:
+    """The flags every job shares. With ``fallback_to_saved`` (evaluate), a flag not given is left out of the
+    namespace, so the value saved by the run that made the directory applies."""
+
+    def arg(*names: str, **kw: Any) -> None:
+        if fallback_to_saved:
+            kw["default"] = argparse.SUPPRESS
+        p.add_argument(*names, **kw)
+
+    arg("--task", default="classification", help="task plug-in (default: classification)")
+    arg(
+        "--model",
+        default="vit-tiny",
+        help="vit-tiny | vit-micro (built-in), timm:ARCH (e.g. timm:deit_small_patch16_224), hf:PATH",
+    )
+    arg(
+        "--data",
+        default=None,
+        help="dataset folder in the task's format (ImageNet-style root/train, root/val); "
+        "default: the built-in shapes world",
+    )
+    arg("--image-size", type=int, default=None, help="input side in pixels (default: the model's)")
+    arg("--train-size", type=int, default=20000, help="built-in scenes in the training split")
+    arg("--val-size", type=int, default=2000, help="built-in scenes in the validation split")
+    arg("--data-seed", type=int, default=0, help="seed of the built-in world")
+    arg("--batch-size", type=int, default=128, help="batch size per rank")
+    arg("--seed", type=int, default=0, help="seed of initialisation and data order")
+    arg("--amp", action="store_true", help="bf16 autocast where supported, else fp16 with a grad scaler")
+    arg("--device", default=None, help="cpu | cuda (default: cuda if available)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,27 +65,23 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--w-sp-attn", type=float, default=4.8e-3, help="L1 weight on attention masks")
     c.add_argument("--w-sp-mlp", type=float, default=2e-4, help="L1 weight on MLP masks")
     c.add_argument("--cost", choices=("params", "flops"), default="params", help="what an element's removal saves")
-    c.add_argument("--exclude", action="append", default=[],
-                   help="module name or re:PATTERN not to prune (repeatable)")
+    c.add_argument("--exclude", action="append", default=[], help="module name or re:PATTERN not to prune (repeatable)")
     c.add_argument("--output-dir", required=True, help="where plan.json, model.safetensors and reports go")
     c.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
 
     e = sub.add_parser("evaluate", help="evaluate a compressed directory or a dense checkpoint")
-    _common(e)
+    _common(e, fallback_to_saved=True)
     e.add_argument("--compressed", default=None, help="a directory written by `upop compress`")
     e.add_argument("--pretrained", default=None, help="a dense checkpoint instead")
     return parser
 
 
 def _run_config(args: argparse.Namespace, saved: dict[str, Any] | None = None) -> Any:
+    """RunConfig from the flags given, then the values ``saved`` beside a compressed dir, then the defaults."""
     from upop.run import RunConfig
 
-    values = {f: getattr(args, f) for f in RunConfig.__dataclass_fields__}
-    if saved:  # evaluate: what the compressed run used, unless given again on the command line
-        defaults = build_parser().parse_args(["evaluate"]).__dict__
-        for key, value in saved.items():
-            if key in values and values[key] == defaults.get(key) and key not in ("device",):
-                values[key] = value
+    values = {k: v for k, v in (saved or {}).items() if k in RunConfig.__dataclass_fields__}
+    values.update({f: getattr(args, f) for f in RunConfig.__dataclass_fields__ if hasattr(args, f)})
     return RunConfig(**values)
 
 
@@ -83,13 +93,31 @@ def main(argv: list[str] | None = None) -> int:
 
         if args.command == "train":
             report = run.train(_run_config(args), args.epochs, args.lr, args.output_dir, args.overwrite)
-            _print(f"dense {args.model}: " + ", ".join(f"{k} {v:.2f}" for k, v in report["metrics"].items())
-                   + f"\nsaved to {args.output_dir}")
+            _print(
+                f"dense {args.model}: "
+                + ", ".join(f"{k} {v:.2f}" for k, v in report["metrics"].items())
+                + f"\nsaved to {args.output_dir}"
+            )
         elif args.command == "compress":
-            prune = PruneConfig(p=args.p, interval=args.interval, w_attn=args.w_sp_attn, w_mlp=args.w_sp_mlp,
-                                cost=args.cost, exclude=tuple(args.exclude))
-            report = run.compress(_run_config(args), prune, args.pretrained, args.epochs_search, args.epochs,
-                                  args.lr_search, args.lr, args.output_dir, args.overwrite)
+            prune = PruneConfig(
+                p=args.p,
+                interval=args.interval,
+                w_attn=args.w_sp_attn,
+                w_mlp=args.w_sp_mlp,
+                cost=args.cost,
+                exclude=tuple(args.exclude),
+            )
+            report = run.compress(
+                _run_config(args),
+                prune,
+                args.pretrained,
+                args.epochs_search,
+                args.epochs,
+                args.lr_search,
+                args.lr,
+                args.output_dir,
+                args.overwrite,
+            )
             from upop.report import comparison_table
 
             _print(comparison_table(report) + f"\nsaved to {args.output_dir}")

@@ -67,10 +67,12 @@ def build_model(spec: str, num_classes: int, image_size: int | None = None) -> n
 
         if arg not in timm.list_models():
             raise UPopError(f"timm has no architecture {arg!r}")
-        kwargs: dict[str, Any] = {"num_classes": num_classes}
         if image_size:
-            kwargs["img_size"] = image_size
-        return timm.create_model(arg, pretrained=False, **kwargs)
+            try:
+                return timm.create_model(arg, pretrained=False, num_classes=num_classes, img_size=image_size)
+            except TypeError:
+                pass  # a family without a fixed input size (e.g. a CNN): no img_size argument
+        return timm.create_model(arg, pretrained=False, num_classes=num_classes)
     if kind == "hf" and arg:
         return _load_hf(Path(arg), num_classes)
     raise UPopError(f"unknown model {spec!r}; accepted: {model_names()}")

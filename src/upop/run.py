@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from upop.adapters import find_adapter
 from upop.config import PruneConfig
 from upop.core.plan import load_compressed, save_compressed
 from upop.core.profile import measure_latency, profile
@@ -163,6 +164,7 @@ def compress(
     setup = prepare(cfg)
     info, task, loaders = setup.info, setup.task, setup.loaders
     model = new_model(cfg, setup, pretrained)
+    find_adapter(model)  # fail before any work if the family is not supported
     with staged_output(output_dir, overwrite, info) as out:
         log = JsonlLog(out / "log.jsonl", info)
         example = task.example_inputs(next(iter(loaders[1])))

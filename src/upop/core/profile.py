@@ -32,7 +32,7 @@ def profile(model: nn.Module, example_inputs: Any) -> dict[str, int]:
     return {"params": sum(p.numel() for p in model.parameters()), "flops": int(counter.get_total_flops())}
 
 
-def measure_latency(model: nn.Module, example_inputs: Any, warmup: int = 3, iters: int = 10) -> float:
+def measure_latency(model: nn.Module, example_inputs: Any, warmup: int = 5, iters: int = 30) -> float:
     """Median wall-clock seconds of one forward of ``example_inputs`` in eval mode without gradients."""
     was_training = model.training
     model.eval()

@@ -1,0 +1,160 @@
+"""The CLI end to end on the built-in data (tiny sizes), and every bad input: one line, exit 2, no output left."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from upop.cli import main
+
+DATA = ["--train-size", "256", "--val-size", "64", "--batch-size", "32"]
+
+
+def _fail(capsys, argv, out_dir=None) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("upop: error: ")
+    if out_dir is not None:
+        assert not out_dir.exists()
+        assert not any(p.name.startswith(f".{out_dir.name}") for p in out_dir.parent.iterdir())
+    return err
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    out = tmp_path_factory.mktemp("base") / "micro"
+    assert main(["train", "--model", "vit-micro", "--epochs", "1", *DATA, "--output-dir", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def compressed(base, tmp_path_factory):
+    out = tmp_path_factory.mktemp("comp") / "micro-2x"
+    argv = ["compress", "--model", "vit-micro", "--pretrained", str(base / "model.safetensors"), "--p", "0.5",
+            "--epochs-search", "1", "--epochs", "1", "--interval", "2", *DATA, "--output-dir", str(out)]
+    assert main(argv) == 0
+    return out
+
+
+def test_compress_writes_plan_weights_reports_and_a_step_log(compressed, capsys):
+    for name in ("plan.json", "model.safetensors", "report.json", "report.md", "config.json", "log.jsonl"):
+        assert (compressed / name).is_file(), name
+    report = json.loads((compressed / "report.json").read_text())
+    assert abs(report["pruned_cost_fraction"] - 0.5) <= 0.01
+    assert report["compressed"]["params"] < report["dense"]["params"]
+    assert report["compressed"]["flops"] < report["dense"]["flops"]
+    records = [json.loads(line) for line in (compressed / "log.jsonl").read_text().splitlines()]
+    search = [r for r in records if r["phase"] == "search" and "pi" in r]
+    assert search and search[-1]["pi"] == 0.5
+    assert {"loss", "task_loss", "sparsity_loss", "kept_attn", "kept_mlp"} <= set(search[-1])
+    assert any(r["phase"] == "retrain" for r in records)
+
+
+def test_evaluate_a_compressed_dir_reproduces_the_reported_metric(compressed, capsys):
+    capsys.readouterr()
+    assert main(["evaluate", "--compressed", str(compressed)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    report = json.loads((compressed / "report.json").read_text())
+    assert result["metrics"] == pytest.approx(report["compressed"]["metrics"])
+    assert result["params"] == report["compressed"]["params"]
+
+
+def test_existing_output_dir_is_not_overwritten_without_the_flag(base, compressed, capsys):
+    before = (compressed / "plan.json").read_text()
+    argv = ["compress", "--model", "vit-micro", "--pretrained", str(base / "model.safetensors"), *DATA,
+            "--output-dir", str(compressed)]
+    assert "exists and is not empty" in _fail(capsys, argv)
+    assert (compressed / "plan.json").read_text() == before
+
+
+@pytest.mark.parametrize("p", ["0", "1", "1.5", "-0.1"])
+def test_p_outside_0_1(p, tmp_path, capsys):
+    out = tmp_path / "out"
+    err = _fail(capsys, ["compress", "--model", "vit-micro", "--p", p, *DATA, "--output-dir", str(out)], out)
+    assert "p must be a number strictly between 0 and 1" in err
+
+
+def _compress_with(pretrained, tmp_path, capsys, model="vit-micro"):
+    out = tmp_path / "out"
+    argv = ["compress", "--model", model, "--pretrained", str(pretrained), *DATA, "--output-dir", str(out)]
+    return _fail(capsys, argv, out)
+
+
+def test_pretrained_missing(tmp_path, capsys):
+    assert "does not exist" in _compress_with(tmp_path / "nope.safetensors", tmp_path, capsys)
+
+
+def test_pretrained_truncated(base, tmp_path, capsys):
+    for suffix, write in ((".safetensors", None), (".pth", torch.save)):
+        path = tmp_path / f"cut{suffix}"
+        if write is None:
+            data = (base / "model.safetensors").read_bytes()
+        else:
+            write({"w": torch.zeros(1000)}, path)
+            data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+        assert "is not a readable state dict" in _compress_with(path, tmp_path, capsys)
+
+
+def test_pretrained_of_another_model_names_the_keys(tmp_path, capsys):
+    from upop.models import build_model
+
+    path = tmp_path / "tiny.safetensors"
+    save_file(build_model("vit-tiny", 30).state_dict(), str(path))
+    err = _compress_with(path, tmp_path, capsys)
+    assert "is not a state dict of this VisionTransformer" in err and "wrong shape" in err and "cls_token" in err
+
+
+def test_release_checkpoint_under_model_key_loads_and_pickled_code_is_refused(base, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from upop.errors import UPopError
+    from upop.models import build_model, load_weights
+
+    state = load_file(str(base / "model.safetensors"))
+    path = tmp_path / "release.pth"
+    torch.save({"model": state, "epoch": 300}, path)  # the DeiT release layout
+    model = build_model("vit-micro", 30)
+    load_weights(model, path)
+    assert torch.equal(model.state_dict()["cls_token"], state["cls_token"])
+
+    evil = tmp_path / "evil.pth"
+    torch.save({"model": state, "payload": Payload()}, evil)
+    with pytest.raises(UPopError, match="not a readable state dict"):
+        load_weights(build_model("vit-micro", 30), evil)
+
+
+class Payload:
+    """An arbitrary object: loading it would need unpickling code."""
+
+
+def test_compressed_dir_of_another_model(compressed, capsys):
+    err = _fail(capsys, ["evaluate", "--compressed", str(compressed), "--model", "vit-tiny", "--image-size", "16"])
+    assert "another architecture" in err and "plan:" in err
+
+
+def test_dataset_folder_missing_or_empty(tmp_path, capsys):
+    out = tmp_path / "out"
+    err = _fail(capsys, ["train", "--model", "vit-micro", "--data", str(tmp_path / "none"), "--output-dir", str(out)], out)
+    assert "does not exist" in err
+    (tmp_path / "empty" / "train").mkdir(parents=True)
+    (tmp_path / "empty" / "val").mkdir(parents=True)
+    err = _fail(capsys, ["train", "--model", "vit-micro", "--data", str(tmp_path / "empty"), "--output-dir", str(out)],
+                out)
+    assert "has no usable images" in err
+
+
+def test_model_without_adapter_lists_the_supported_families(tmp_path, capsys):
+    out = tmp_path / "out"
+    err = _fail(capsys, ["compress", "--model", "timm:resnet18", "--image-size", "32", *DATA, "--output-dir",
+                         str(out)], out)
+    assert "no UPop adapter for a ResNet; supported: " in err and "timm-vit (" in err and "hf-vit (" in err
+
+
+def test_unknown_model_name(tmp_path, capsys):
+    err = _fail(capsys, ["train", "--model", "vit-huge-nope", "--output-dir", str(tmp_path / "o")])
+    assert "unknown model 'vit-huge-nope'; accepted: vit-tiny" in err
