@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 venv: $(VENV)/.installed
 
 test: venv
-	OMP_NUM_THREADS=2 $(PY) -m pytest tests
+	OMP_NUM_THREADS=2 $(PY) -m pytest -q --durations=8 tests
 
 # Trains a tiny ViT on the built-in shapes world once (cached in $(DEMO_BASE)), then compresses it 2x.
 demo: venv

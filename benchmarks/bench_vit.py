@@ -1,0 +1,140 @@
+"""`make bench`: dense vs UPop 2x and 4x on the built-in classification task (vit-tiny, CPU).
+
+Reports top-1 (after retraining, and right after the search), params, FLOPs, measured latency speedup next to the
+FLOPs reduction, and the time of a search step vs a plain training step. Latencies and step times are measured in
+the same process, interleaved over several rounds, and reported as ratios of medians (shared machines are noisy).
+Writes benchmarks/results.md and benchmarks/results.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import upop
+from upop import run
+from upop.models import build_model
+from upop.tasks import get_task
+
+HERE = Path(__file__).parent
+ROOT = HERE.parent
+
+
+def base_model(path: Path, epochs: int) -> Path:
+    if not (path / "model.safetensors").is_file():
+        run.train(run.RunConfig(model="vit-tiny"), epochs=epochs, lr=2e-3, output_dir=str(path))
+    return path / "model.safetensors"
+
+
+def interleaved_latency(models: dict, x: torch.Tensor, rounds: int) -> dict[str, float]:
+    times: dict[str, list[float]] = {k: [] for k in models}
+    for _ in range(rounds):
+        for name, model in models.items():
+            times[name].append(upop.measure_latency(model, x, warmup=2, iters=10))
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def step_times(steps: int, rounds: int, batch: int) -> dict[str, float]:
+    """Seconds per optimizer step: plain training vs UPop search (hooks, sparsity loss, Pruner.step)."""
+    task = get_task("classification")
+    x = torch.randn(batch, 3, 32, 32)
+    y = torch.randint(0, 30, (batch,))
+
+    def make(search: bool):
+        torch.manual_seed(0)
+        model = build_model("vit-tiny", 30).train()
+        pruner = upop.Pruner(model, upop.PruneConfig(p=0.5, total_steps=10**6)) if search else None
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+        def step():
+            loss = task.loss(model, (x, y))
+            if pruner is not None:
+                loss = loss + pruner.sparsity_loss()
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if pruner is not None:
+                pruner.step()
+
+        return step
+
+    runners = {"plain": make(False), "search": make(True)}
+    times: dict[str, list[float]] = {k: [] for k in runners}
+    for r in range(rounds + 1):
+        for name, step in runners.items():
+            start = time.perf_counter()
+            for _ in range(steps):
+                step()
+            if r:  # round 0 warms up
+                times[name].append((time.perf_counter() - start) / steps)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--base-epochs", type=int, default=15)
+    ap.add_argument("--epochs-search", type=int, default=2)
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--latency-batch", type=int, default=256)
+    ap.add_argument("--rounds", type=int, default=7)
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    runs = ROOT / "runs" / "bench"
+    pretrained = base_model(runs / "base", args.base_epochs)
+    cfg = run.RunConfig(model="vit-tiny")
+    reports = {}
+    for p in (0.5, 0.75):
+        reports[p] = run.compress(cfg, upop.PruneConfig(p=p), str(pretrained), args.epochs_search, args.epochs,
+                                  5e-4, 5e-4, str(runs / f"p{p}"), overwrite=True)
+    x = torch.randn(args.latency_batch, 3, 32, 32)
+    models = {"dense": build_model("vit-tiny", 30)}
+    for p in reports:
+        models[p] = upop.load_compressed(build_model("vit-tiny", 30), runs / f"p{p}")
+    latency = interleaved_latency(models, x, args.rounds)
+    flops = {k: upop.profile(m, x[:1])["flops"] for k, m in models.items()}
+    params = {k: upop.profile(m, x[:1])["params"] for k, m in models.items()}
+    steps = step_times(steps=20, rounds=args.rounds, batch=128)
+
+    dense_top1 = reports[0.5]["dense"]["metrics"]["top1"]
+    rows = [("model", "top-1", "top-1 before retraining", "params", "FLOPs/img", "FLOPs reduction",
+             "latency speedup", "speedup / FLOPs reduction")]
+    rows.append(("dense vit-tiny", f"{dense_top1:.2f}", "", f"{params['dense'] / 1e3:.1f}k",
+                 f"{flops['dense'] / 1e6:.2f}M", "1.00x", "1.00x", ""))
+    result = {"dense": {"top1": dense_top1, "params": params["dense"], "flops": flops["dense"],
+                        "latency_s": latency["dense"]}}
+    for p, rep in reports.items():
+        red = flops["dense"] / flops[p]
+        speed = latency["dense"] / latency[p]
+        name = {0.5: "UPop 2x (p=0.5)", 0.75: "UPop 4x (p=0.75)"}[p]
+        top1 = rep["compressed"]["metrics"]["top1"]
+        rows.append((name, f"{top1:.2f} ({100 * top1 / dense_top1:.1f}% of dense)",
+                     f"{rep['searched_metrics']['top1']:.2f}", f"{params[p] / 1e3:.1f}k", f"{flops[p] / 1e6:.2f}M",
+                     f"{red:.2f}x", f"{speed:.2f}x", f"{speed / red:.2f}"))
+        result[str(p)] = {"top1": top1, "top1_before_retraining": rep["searched_metrics"]["top1"],
+                          "params": params[p], "flops": flops[p], "latency_s": latency[p], "flops_reduction": red,
+                          "latency_speedup": speed, "kept": rep["kept"],
+                          "pruned_cost_fraction": rep["pruned_cost_fraction"]}
+    result["step_time_s"] = steps
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    table = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in rows]
+    table.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    ratio = steps["search"] / steps["plain"]
+    text = "\n".join(table) + (
+        f"\n\nSearch step {1000 * steps['search']:.1f} ms vs plain training step {1000 * steps['plain']:.1f} ms "
+        f"(batch 128): ratio {ratio:.3f}.\n"
+        f"Latency: batch {args.latency_batch}, median of {args.rounds} interleaved rounds of 10 forwards, "
+        f"{torch.get_num_threads()} CPU threads.\n"
+        f"Search {args.epochs_search} epochs + retraining {args.epochs} epochs on 20k built-in scenes; "
+        f"base model trained {args.base_epochs} epochs.\n")
+    (HERE / "results.md").write_text(text)
+    (HERE / "results.json").write_text(json.dumps(result, indent=1) + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

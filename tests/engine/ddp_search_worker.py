@@ -1,0 +1,43 @@
+"""Run under torchrun: a search through the real engine with DDP; each rank saves every mask update it made."""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from upop.config import PruneConfig
+from upop.core.pruner import Pruner
+from upop.engine import dist as D
+from upop.engine.loop import Phase, make_loaders, run_phase
+from upop.models import build_model
+from upop.tasks import DataConfig, get_task
+
+
+def main(out_dir: str) -> None:
+    info = D.setup("cpu")
+    torch.set_num_threads(1)
+    task = get_task("classification")
+    train, val = task.datasets(DataConfig(image_size=16, train_size=256, val_size=64))
+    loaders = make_loaders(train, val, 16, info, seed=0)
+    torch.manual_seed(0)
+    model = build_model("vit-micro", task.num_outputs(train))
+    pruner = Pruner(model, PruneConfig(p=0.5, total_steps=len(loaders[0]), interval=2))
+    updates = []
+    update = pruner.update_masks
+
+    def recording_update() -> None:
+        update()
+        updates.append(torch.cat([m.detach().clone() for m in pruner.masks]))
+
+    pruner.update_masks = recording_update
+    run_phase(D.wrap(model, info), task, loaders, info, Phase("search", 1, 1e-3), pruner=pruner)
+    torch.save({"masks": torch.stack(updates), "importance": torch.cat(pruner.importance),
+                "kept": [torch.tensor(s["kept"]) for s in pruner.plan().structures],
+                "weights": torch.cat([p.detach().reshape(-1) for p in model.parameters()])},
+               f"{out_dir}/rank{info.rank}.pt")
+    D.teardown()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
