@@ -16,7 +16,7 @@ import time
 import torch
 
 import upop
-from upop.engine.loop import amp_context
+from upop.engine.loop import amp_context, backward_and_step
 from upop.models import build_model
 
 
@@ -50,8 +50,11 @@ def main() -> None:
     size = model.patch_embed.img_size[0]
     x = torch.randn(args.batch, 3, size, size, device=device)
     y = torch.randint(0, 1000, (args.batch,), device=device)
-    out = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "model": args.model,
-           "batch": args.batch}
+    out = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "model": args.model,
+        "batch": args.batch,
+    }
     dense_fp32 = throughput(model, x, False, args.iters)
     dense_amp = throughput(model, x, True, args.iters)
 
@@ -62,17 +65,7 @@ def main() -> None:
     for _ in range(args.search_steps):
         with autocast():
             loss = torch.nn.functional.cross_entropy(model(x), y)
-        total = loss.float() + pruner.sparsity_loss()
-        if scaler is not None:
-            scaler.scale(total).backward()
-            scale = float(scaler.get_scale())
-            scaler.step(opt)
-            scaler.update()
-        else:
-            total.backward()
-            scale = 1.0
-            opt.step()
-        opt.zero_grad(set_to_none=True)
+        scale = backward_and_step(loss.float() + pruner.sparsity_loss(), opt, scaler)
         pruner.step(grad_scale=scale)
     out["search_nonfinite_steps"] = pruner.skipped_steps
     out["importance_finite"] = all(bool(torch.isfinite(a).all()) for a in pruner.importance)

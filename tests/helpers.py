@@ -13,18 +13,35 @@ def timm_vit(heads: int = 3, head_dim: int = 7, depth: int = 2, mlp_hidden: int 
     from timm.models.vision_transformer import VisionTransformer
 
     dim = heads * head_dim
-    return VisionTransformer(img_size=image, patch_size=4, embed_dim=dim, depth=depth, num_heads=heads,
-                             mlp_ratio=mlp_hidden / dim, qkv_bias=True, num_classes=5)
+    return VisionTransformer(
+        img_size=image,
+        patch_size=4,
+        embed_dim=dim,
+        depth=depth,
+        num_heads=heads,
+        mlp_ratio=mlp_hidden / dim,
+        qkv_bias=True,
+        num_classes=5,
+    )
 
 
-def hf_vit(heads: int = 3, head_dim: int = 7, depth: int = 2, mlp_hidden: int = 19, image: int = 16,
-           family: str = "vit") -> nn.Module:
+def hf_vit(
+    heads: int = 3, head_dim: int = 7, depth: int = 2, mlp_hidden: int = 19, image: int = 16, family: str = "vit"
+) -> nn.Module:
     from transformers import DeiTConfig, DeiTForImageClassification, ViTConfig, ViTForImageClassification
 
-    cfg_cls, model_cls = (ViTConfig, ViTForImageClassification) if family == "vit" else (
-        DeiTConfig, DeiTForImageClassification)
-    cfg = cfg_cls(hidden_size=heads * head_dim, num_hidden_layers=depth, num_attention_heads=heads,
-                  intermediate_size=mlp_hidden, image_size=image, patch_size=4, num_labels=5)
+    cfg_cls, model_cls = (
+        (ViTConfig, ViTForImageClassification) if family == "vit" else (DeiTConfig, DeiTForImageClassification)
+    )
+    cfg = cfg_cls(
+        hidden_size=heads * head_dim,
+        num_hidden_layers=depth,
+        num_attention_heads=heads,
+        intermediate_size=mlp_hidden,
+        image_size=image,
+        patch_size=4,
+        num_labels=5,
+    )
     return model_cls(cfg)
 
 

@@ -34,8 +34,24 @@ def base(tmp_path_factory):
 @pytest.fixture(scope="module")
 def compressed(base, tmp_path_factory):
     out = tmp_path_factory.mktemp("comp") / "micro-2x"
-    argv = ["compress", "--model", "vit-micro", "--pretrained", str(base / "model.safetensors"), "--p", "0.5",
-            "--epochs-search", "1", "--epochs", "1", "--interval", "2", *DATA, "--output-dir", str(out)]
+    argv = [
+        "compress",
+        "--model",
+        "vit-micro",
+        "--pretrained",
+        str(base / "model.safetensors"),
+        "--p",
+        "0.5",
+        "--epochs-search",
+        "1",
+        "--epochs",
+        "1",
+        "--interval",
+        "2",
+        *DATA,
+        "--output-dir",
+        str(out),
+    ]
     assert main(argv) == 0
     return out
 
@@ -65,8 +81,16 @@ def test_evaluate_a_compressed_dir_reproduces_the_reported_metric(compressed, ca
 
 def test_existing_output_dir_is_not_overwritten_without_the_flag(base, compressed, capsys):
     before = (compressed / "plan.json").read_text()
-    argv = ["compress", "--model", "vit-micro", "--pretrained", str(base / "model.safetensors"), *DATA,
-            "--output-dir", str(compressed)]
+    argv = [
+        "compress",
+        "--model",
+        "vit-micro",
+        "--pretrained",
+        str(base / "model.safetensors"),
+        *DATA,
+        "--output-dir",
+        str(compressed),
+    ]
     assert "exists and is not empty" in _fail(capsys, argv)
     assert (compressed / "plan.json").read_text() == before
 
@@ -139,19 +163,23 @@ def test_compressed_dir_of_another_model(compressed, capsys):
 
 def test_dataset_folder_missing_or_empty(tmp_path, capsys):
     out = tmp_path / "out"
-    err = _fail(capsys, ["train", "--model", "vit-micro", "--data", str(tmp_path / "none"), "--output-dir", str(out)], out)
+    err = _fail(
+        capsys, ["train", "--model", "vit-micro", "--data", str(tmp_path / "none"), "--output-dir", str(out)], out
+    )
     assert "does not exist" in err
     (tmp_path / "empty" / "train").mkdir(parents=True)
     (tmp_path / "empty" / "val").mkdir(parents=True)
-    err = _fail(capsys, ["train", "--model", "vit-micro", "--data", str(tmp_path / "empty"), "--output-dir", str(out)],
-                out)
+    err = _fail(
+        capsys, ["train", "--model", "vit-micro", "--data", str(tmp_path / "empty"), "--output-dir", str(out)], out
+    )
     assert "has no usable images" in err
 
 
 def test_model_without_adapter_lists_the_supported_families(tmp_path, capsys):
     out = tmp_path / "out"
-    err = _fail(capsys, ["compress", "--model", "timm:resnet18", "--image-size", "32", *DATA, "--output-dir",
-                         str(out)], out)
+    err = _fail(
+        capsys, ["compress", "--model", "timm:resnet18", "--image-size", "32", *DATA, "--output-dir", str(out)], out
+    )
     assert "no UPop adapter for a ResNet; supported: " in err and "timm-vit (" in err and "hf-vit (" in err
 
 

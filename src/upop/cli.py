@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a dense base model")
     _common(t)
-    t.add_argument("--epochs", type=int, default=6, help="training epochs")
+    t.add_argument("--epochs", type=int, default=10, help="training epochs")
     t.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (AdamW, warm-up + cosine)")
     t.add_argument("--output-dir", required=True, help="where model.safetensors and the reports go")
     t.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")

@@ -41,7 +41,9 @@ class PruneConfig:
 
     def __post_init__(self) -> None:
         if not (isinstance(self.p, (int, float)) and 0.0 < float(self.p) < 1.0):
-            raise UPopError(f"p must be a number strictly between 0 and 1 (the fraction of cost to remove), got {self.p!r}")
+            raise UPopError(
+                f"p must be a number strictly between 0 and 1 (the fraction of cost to remove), got {self.p!r}"
+            )
         if not (isinstance(self.total_steps, int) and self.total_steps >= 1):
             raise UPopError(f"total_steps must be a positive integer, got {self.total_steps!r}")
         if not (isinstance(self.interval, int) and self.interval >= 1):

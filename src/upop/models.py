@@ -57,8 +57,9 @@ def default_image_size(spec: str) -> int | None:
 def build_model(spec: str, num_classes: int, image_size: int | None = None) -> nn.Module:
     """A dense model with freshly initialised weights (nothing is downloaded).
 
-    ``spec``: a built-in name (``vit-tiny``), ``timm:ARCH`` (any timm architecture, e.g. ``timm:deit_small_patch16_224``)
-    or ``hf:PATH`` (a local HF transformers directory with config.json and weights, loaded with from_pretrained)."""
+    ``spec``: a built-in name (``vit-tiny``), ``timm:ARCH`` (any timm architecture, e.g.
+    ``timm:deit_small_patch16_224``) or ``hf:PATH`` (a local HF transformers directory with config.json and weights,
+    loaded with from_pretrained)."""
     if spec in BUILTIN_MODELS:
         return BUILTIN_MODELS[spec].build(num_classes, image_size)
     kind, _, arg = spec.partition(":")
@@ -137,8 +138,11 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
-    shapes = [f"{k} ({'x'.join(map(str, state[k].shape))} vs {'x'.join(map(str, own[k].shape))})"
-              for k in own if k in state and state[k].shape != own[k].shape]
+    shapes = [
+        f"{k} ({'x'.join(map(str, state[k].shape))} vs {'x'.join(map(str, own[k].shape))})"
+        for k in own
+        if k in state and state[k].shape != own[k].shape
+    ]
     if missing or unexpected or shapes:
         parts = []
         if missing:

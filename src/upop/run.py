@@ -71,8 +71,9 @@ def prepare(cfg: RunConfig) -> Setup:
     image_size = cfg.image_size or default_image_size(cfg.model)
     if image_size is None:
         image_size = model_image_size(build_model(cfg.model, 1))
-    data = DataConfig(root=cfg.data, image_size=image_size, train_size=cfg.train_size, val_size=cfg.val_size,
-                      seed=cfg.data_seed)
+    data = DataConfig(
+        root=cfg.data, image_size=image_size, train_size=cfg.train_size, val_size=cfg.val_size, seed=cfg.data_seed
+    )
     train, val = task.datasets(data)
     loaders = make_loaders(train, val, cfg.batch_size, info, cfg.seed)
     return Setup(info, task, loaders, task.num_outputs(train), image_size)
@@ -125,15 +126,38 @@ def train(cfg: RunConfig, epochs: int, lr: float, output_dir: str, overwrite: bo
     with staged_output(output_dir, overwrite, setup.info) as out:
         model = new_model(cfg, setup)
         log = JsonlLog(out / "log.jsonl", setup.info)
-        result = run_phase(D.wrap(model, setup.info), setup.task, setup.loaders, setup.info,
-                           Phase("train", epochs, lr, warmup_steps=min(200, epochs * len(setup.loaders[0]) // 10),
-                                 amp=cfg.amp, keep_best=True), log=log)
+        result = run_phase(
+            D.wrap(model, setup.info),
+            setup.task,
+            setup.loaders,
+            setup.info,
+            Phase(
+                "train",
+                epochs,
+                lr,
+                warmup_steps=min(200, epochs * len(setup.loaders[0]) // 10),
+                amp=cfg.amp,
+                keep_best=True,
+            ),
+            log=log,
+        )
         report = {"task": cfg.task, "model": cfg.model, "metrics": result["best"], "history": result["history"]}
         if setup.info.is_main:
-            save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()},
-                      str(out / "model.safetensors"))
-        _write_json(out / RUN_CONFIG_FILE, {"run": dataclasses.asdict(cfg), "num_outputs": setup.num_outputs,
-                                             "image_size": setup.image_size, "epochs": epochs, "lr": lr}, setup.info)
+            save_file(
+                {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()},
+                str(out / "model.safetensors"),
+            )
+        _write_json(
+            out / RUN_CONFIG_FILE,
+            {
+                "run": dataclasses.asdict(cfg),
+                "num_outputs": setup.num_outputs,
+                "image_size": setup.image_size,
+                "epochs": epochs,
+                "lr": lr,
+            },
+            setup.info,
+        )
         _write_json(out / "report.json", report, setup.info)
     return report
 
@@ -142,8 +166,12 @@ def _measure(model: torch.nn.Module, task: Any, loaders: tuple, info: D.DistInfo
     metrics = task.evaluate(model, loaders[1], info.device)
     stats = profile(model, example)
     batch = example.shape[0] if isinstance(example, torch.Tensor) else 1
-    return {"metrics": metrics, "params": stats["params"], "flops": stats["flops"] // batch,
-            "latency_ms": 1000 * measure_latency(model, example)}
+    return {
+        "metrics": metrics,
+        "params": stats["params"],
+        "flops": stats["flops"] // batch,
+        "latency_ms": 1000 * measure_latency(model, example),
+    }
 
 
 def compress(
@@ -172,31 +200,66 @@ def compress(
         dense = _measure(model, task, loaders, info, example)
         prune = dataclasses.replace(prune, total_steps=epochs_search * len(loaders[0]))
         pruner = Pruner(model, prune, example_inputs=example)
-        run_phase(D.wrap(model, info), task, loaders, info, Phase("search", epochs_search, lr_search, amp=cfg.amp),
-                  pruner=pruner, log=log, evaluate_each_epoch=False)
-        searched = task.evaluate(model, loaders[1], info.device)  # masks are exactly 0/1: this is the subnet
+        search = run_phase(
+            D.wrap(model, info),
+            task,
+            loaders,
+            info,
+            Phase("search", epochs_search, lr_search, amp=cfg.amp),
+            pruner=pruner,
+            log=log,
+            evaluate_each_epoch=False,
+        )
+        searched = search["last"]  # evaluated after the last step, masks exactly 0/1: the subnet before retraining
         kept = {"attn": pruner.kept_fraction("attn"), "mlp": pruner.kept_fraction("mlp")}
         pruned_cost, skipped = pruner.pruned_cost_fraction(), pruner.skipped_steps
         model = pruner.compress()
         if epochs > 0:
-            run_phase(D.wrap(model, info), task, loaders, info, Phase("retrain", epochs, lr, amp=cfg.amp, keep_best=True),
-                      log=log)
+            run_phase(
+                D.wrap(model, info),
+                task,
+                loaders,
+                info,
+                Phase("retrain", epochs, lr, amp=cfg.amp, keep_best=True),
+                log=log,
+            )
         compressed = _measure(model, task, loaders, info, example)
         report = {
-            "task": cfg.task, "model": cfg.model, "p": prune.p, "cost": prune.cost, "device": str(info.device),
+            "task": cfg.task,
+            "model": cfg.model,
+            "p": prune.p,
+            "cost": prune.cost,
+            "device": str(info.device),
             "latency_batch": int(example.shape[0]) if isinstance(example, torch.Tensor) else 1,
-            "dense": dense, "compressed": compressed, "searched_metrics": searched, "kept": kept,
-            "pruned_cost_fraction": pruned_cost, "nonfinite_search_steps": skipped,
-            "per_structure": [{"name": s["name"], "kind": s["kind"], "kept": len(s["kept"]), "size": s["size"]}
-                              for s in model._upop_plan.structures],
+            "dense": dense,
+            "compressed": compressed,
+            "searched_metrics": searched,
+            "kept": kept,
+            "pruned_cost_fraction": pruned_cost,
+            "nonfinite_search_steps": skipped,
+            "per_structure": [
+                {"name": s["name"], "kind": s["kind"], "kept": len(s["kept"]), "size": s["size"]}
+                for s in model._upop_plan.structures
+            ],
         }
         if info.is_main:
             save_compressed(model, out)
             (out / "report.md").write_text(comparison_table(report) + "\n")
-        _write_json(out / RUN_CONFIG_FILE, {"run": dataclasses.asdict(cfg), "prune": prune.to_dict(),
-                                             "num_outputs": setup.num_outputs, "image_size": setup.image_size,
-                                             "epochs_search": epochs_search, "epochs": epochs,
-                                             "lr_search": lr_search, "lr": lr, "pretrained": pretrained}, info)
+        _write_json(
+            out / RUN_CONFIG_FILE,
+            {
+                "run": dataclasses.asdict(cfg),
+                "prune": prune.to_dict(),
+                "num_outputs": setup.num_outputs,
+                "image_size": setup.image_size,
+                "epochs_search": epochs_search,
+                "epochs": epochs,
+                "lr_search": lr_search,
+                "lr": lr,
+                "pretrained": pretrained,
+            },
+            info,
+        )
         _write_json(out / "report.json", report, info)
     return report
 

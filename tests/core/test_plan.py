@@ -42,7 +42,9 @@ def test_save_load_round_trip_gives_identical_outputs(factory, tmp_path):
 def test_plan_of_another_architecture_names_the_first_mismatching_keys(tmp_path):
     _compressed(timm_vit, (3, 7, 2, 19), tmp_path)
     other = build(timm_vit, (3, 7, 2, 20))  # only the MLP width differs
-    with pytest.raises(upop.UPopError, match=r"another architecture .*: blocks\.0\.mlp\.fc1\.weight \(plan: 19x21, model: 20x21\)"):
+    with pytest.raises(
+        upop.UPopError, match=r"another architecture .*: blocks\.0\.mlp\.fc1\.weight \(plan: 19x21, model: 20x21\)"
+    ):
         upop.load_compressed(other, tmp_path / "out")
     with pytest.raises(upop.UPopError, match="no UPop adapter|another architecture"):
         upop.load_compressed(build(hf_vit, (3, 7, 2, 19)), tmp_path / "out")

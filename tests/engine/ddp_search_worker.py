@@ -32,10 +32,15 @@ def main(out_dir: str) -> None:
 
     pruner.update_masks = recording_update
     run_phase(D.wrap(model, info), task, loaders, info, Phase("search", 1, 1e-3), pruner=pruner)
-    torch.save({"masks": torch.stack(updates), "importance": torch.cat(pruner.importance),
-                "kept": [torch.tensor(s["kept"]) for s in pruner.plan().structures],
-                "weights": torch.cat([p.detach().reshape(-1) for p in model.parameters()])},
-               f"{out_dir}/rank{info.rank}.pt")
+    torch.save(
+        {
+            "masks": torch.stack(updates),
+            "importance": torch.cat(pruner.importance),
+            "kept": [torch.tensor(s["kept"]) for s in pruner.plan().structures],
+            "weights": torch.cat([p.detach().reshape(-1) for p in model.parameters()]),
+        },
+        f"{out_dir}/rank{info.rank}.pt",
+    )
     D.teardown()
 
 

@@ -37,8 +37,25 @@ def test_cli_compress_runs_under_torchrun(tmp_path):
     result = _torchrun(["-m", "upop.cli", "train", *common, "--epochs", "1", "--output-dir", str(base)], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     out = tmp_path / "out"
-    result = _torchrun(["-m", "upop.cli", "compress", *common, "--pretrained", str(base / "model.safetensors"),
-                        "--epochs-search", "1", "--epochs", "1", "--interval", "2", "--output-dir", str(out)], tmp_path)
+    result = _torchrun(
+        [
+            "-m",
+            "upop.cli",
+            "compress",
+            *common,
+            "--pretrained",
+            str(base / "model.safetensors"),
+            "--epochs-search",
+            "1",
+            "--epochs",
+            "1",
+            "--interval",
+            "2",
+            "--output-dir",
+            str(out),
+        ],
+        tmp_path,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert (out / "plan.json").is_file() and (out / "model.safetensors").is_file()
     assert "pruned share of prunable cost" in result.stdout

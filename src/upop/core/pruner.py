@@ -263,4 +263,3 @@ class Pruner:
                 h.remove()
         for i, s in enumerate(self.structures):
             s.tokens = seen.get(i, 0)
-

@@ -154,4 +154,3 @@ def class_names() -> list[str]:
 
 def num_classes() -> int:
     return len(SHAPES) * len(COLOURS)
-

@@ -32,7 +32,11 @@ def setup(device: str | None = None) -> DistInfo:
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = torch.cuda.is_available() and device != "cpu"
-    dev = torch.device(f"cuda:{local}" if use_cuda else "cpu") if device in (None, "cuda", "cpu") else torch.device(device)
+    dev = (
+        torch.device(f"cuda:{local}" if use_cuda else "cpu")
+        if device in (None, "cuda", "cpu")
+        else torch.device(device)
+    )
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():

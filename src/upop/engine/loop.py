@@ -38,10 +38,14 @@ class ShardSampler(Sampler[int]):
         return len(self.indices)
 
 
-def make_loaders(train: Dataset, val: Dataset, batch_size: int, info: DistInfo, seed: int) -> tuple[DataLoader, DataLoader]:
+def make_loaders(
+    train: Dataset, val: Dataset, batch_size: int, info: DistInfo, seed: int
+) -> tuple[DataLoader, DataLoader]:
     """``batch_size`` is per rank. The training order depends only on ``seed`` and the epoch."""
     if info.distributed:
-        sampler: Sampler = DistributedSampler(train, info.world_size, info.rank, shuffle=True, seed=seed, drop_last=True)
+        sampler: Sampler = DistributedSampler(
+            train, info.world_size, info.rank, shuffle=True, seed=seed, drop_last=True
+        )
     else:
         sampler = RandomSampler(train, generator=torch.Generator().manual_seed(seed))
     train_loader = DataLoader(train, batch_size=batch_size, sampler=sampler, drop_last=True)
@@ -84,6 +88,24 @@ def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup_s
         return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def backward_and_step(
+    loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None
+) -> float:
+    """Backward, optimizer step (through the fp16 scaler if any), zero grads. Returns the loss scale the gradients
+    carried (1.0 without a scaler), which ``Pruner.step`` divides out of the mask gradients."""
+    if scaler is None:
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return 1.0
+    scaler.scale(loss).backward()
+    scale = float(scaler.get_scale())
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return scale
 
 
 def to_device(batch: Any, device: torch.device) -> Any:
@@ -135,8 +157,13 @@ def run_phase(
     for epoch in range(phase.epochs):
         if isinstance(train_loader.sampler, DistributedSampler):
             train_loader.sampler.set_epoch(epoch)
-        bar = tqdm(train_loader, desc=f"{phase.name} {epoch + 1}/{phase.epochs}", disable=None if info.is_main else True,
-                   leave=False, dynamic_ncols=True)
+        bar = tqdm(
+            train_loader,
+            desc=f"{phase.name} {epoch + 1}/{phase.epochs}",
+            disable=None if info.is_main else True,
+            leave=False,
+            dynamic_ncols=True,
+        )
         start = time.perf_counter()
         for batch in bar:
             batch = to_device(batch, info.device)
@@ -144,28 +171,27 @@ def run_phase(
                 task_loss = task.loss(model, batch)
             sparsity = pruner.sparsity_loss() if pruner is not None else task_loss.new_zeros(())
             loss = task_loss.float() + sparsity
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                grad_scale = float(scaler.get_scale())
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                loss.backward()
-                grad_scale = 1.0
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            grad_scale = backward_and_step(loss, optimizer, scaler)
             scheduler.step()
             if pruner is not None:
                 pruner.step(grad_scale=grad_scale)
             step += 1
             if step % phase.log_every == 0 or step == total_steps:
-                record = {"phase": phase.name, "epoch": epoch + 1, "step": step, "loss": float(loss.detach()),
-                          "task_loss": float(task_loss.detach()), "sparsity_loss": float(sparsity.detach()),
-                          "lr": scheduler.get_last_lr()[0]}
+                record = {
+                    "phase": phase.name,
+                    "epoch": epoch + 1,
+                    "step": step,
+                    "loss": float(loss.detach()),
+                    "task_loss": float(task_loss.detach()),
+                    "sparsity_loss": float(sparsity.detach()),
+                    "lr": scheduler.get_last_lr()[0],
+                }
                 if pruner is not None:
                     record.update(pruner.log_record())
                 log.write(record)
-                bar.set_postfix(loss=f"{float(task_loss.detach()):.3f}", **({"pi": f"{pruner.pi:.3f}"} if pruner else {}))
+                bar.set_postfix(
+                    loss=f"{float(task_loss.detach()):.3f}", **({"pi": f"{pruner.pi:.3f}"} if pruner else {})
+                )
         epoch_seconds = time.perf_counter() - start
         if not evaluate_each_epoch and epoch + 1 < phase.epochs:
             continue

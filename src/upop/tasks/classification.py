@@ -51,14 +51,23 @@ def image_folder(root: Path, split: str, image_size: int, train: bool) -> Datase
 
     path = root / split
     if not path.is_dir():
-        raise UPopError(f"dataset folder {path} does not exist (expected {root}/train/<class>/* and {root}/val/<class>/*)")
+        raise UPopError(
+            f"dataset folder {path} does not exist (expected {root}/train/<class>/* and {root}/val/<class>/*)"
+        )
     norm = transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)
     if train:
-        tf = transforms.Compose([transforms.RandomResizedCrop(image_size), transforms.RandomHorizontalFlip(),
-                                 transforms.ToTensor(), norm])
+        tf = transforms.Compose(
+            [transforms.RandomResizedCrop(image_size), transforms.RandomHorizontalFlip(), transforms.ToTensor(), norm]
+        )
     else:
-        tf = transforms.Compose([transforms.Resize(int(image_size * 256 / 224)), transforms.CenterCrop(image_size),
-                                 transforms.ToTensor(), norm])
+        tf = transforms.Compose(
+            [
+                transforms.Resize(int(image_size * 256 / 224)),
+                transforms.CenterCrop(image_size),
+                transforms.ToTensor(),
+                norm,
+            ]
+        )
     try:
         return datasets.ImageFolder(str(path), transform=tf)
     except (FileNotFoundError, RuntimeError) as e:
@@ -94,8 +103,11 @@ class Classification(Task):
     @torch.no_grad()
     def evaluate(self, model: nn.Module, loader: Any, device: torch.device) -> dict[str, float]:
         num_classes = len(loader.dataset.classes)
-        metrics = {f"top{k}": MulticlassAccuracy(num_classes, top_k=k, average="micro").to(device)
-                   for k in (1, 5) if k <= num_classes}
+        metrics = {
+            f"top{k}": MulticlassAccuracy(num_classes, top_k=k, average="micro").to(device)
+            for k in (1, 5)
+            if k <= num_classes
+        }
         was_training = model.training
         model.eval()
         try:
