@@ -186,3 +186,39 @@ def test_model_without_adapter_lists_the_supported_families(tmp_path, capsys):
 def test_unknown_model_name(tmp_path, capsys):
     err = _fail(capsys, ["train", "--model", "vit-huge-nope", "--output-dir", str(tmp_path / "o")])
     assert "unknown model 'vit-huge-nope'; accepted: vit-tiny" in err
+
+
+def test_imagenet_style_folder_trains_and_compresses(tmp_path, capsys):
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    for split, n in (("train", 12), ("val", 4)):
+        for label, colour in enumerate(((255, 0, 0), (0, 0, 255))):
+            folder = tmp_path / "data" / split / f"class{label}"
+            folder.mkdir(parents=True)
+            for i in range(n):
+                noise = (torch.rand(20, 20, 3, generator=g) * 60).to(torch.uint8)
+                pixels = (torch.tensor(colour, dtype=torch.uint8) * 0.7).to(torch.uint8) + noise
+                Image.fromarray(pixels.numpy()).save(folder / f"{i}.png")
+    common = ["--model", "vit-micro", "--data", str(tmp_path / "data"), "--batch-size", "8"]
+    assert main(["train", *common, "--epochs", "1", "--output-dir", str(tmp_path / "base")]) == 0
+    config = json.loads((tmp_path / "base" / "config.json").read_text())
+    assert config["num_outputs"] == 2
+    report = json.loads((tmp_path / "base" / "report.json").read_text())
+    assert set(report["metrics"]) == {"top1"}  # top-5 is meaningless with two classes
+    argv = [
+        "compress",
+        *common,
+        "--pretrained",
+        str(tmp_path / "base" / "model.safetensors"),
+        "--epochs-search",
+        "1",
+        "--epochs",
+        "1",
+        "--interval",
+        "1",
+        "--output-dir",
+        str(tmp_path / "out"),
+    ]
+    assert main(argv) == 0
+    assert (tmp_path / "out" / "plan.json").is_file()

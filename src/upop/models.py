@@ -87,7 +87,13 @@ def _load_hf(path: Path, num_classes: int) -> nn.Module:
     config = AutoConfig.from_pretrained(str(path), local_files_only=True)
     kwargs: dict[str, Any] = {"local_files_only": True}
     if getattr(config, "num_labels", None) != num_classes:
-        kwargs.update(num_labels=num_classes, ignore_mismatched_sizes=True)
+        labels = {i: str(i) for i in range(num_classes)}  # a new head for this data set's classes
+        kwargs.update(
+            num_labels=num_classes,
+            id2label=labels,
+            label2id={v: k for k, v in labels.items()},
+            ignore_mismatched_sizes=True,
+        )
     has_weights = any(path.glob("*.safetensors")) or any(path.glob("*.bin"))
     if not has_weights:
         return AutoModelForImageClassification.from_config(config)
