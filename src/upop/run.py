@@ -210,7 +210,8 @@ def compress(
             log=log,
             evaluate_each_epoch=False,
         )
-        searched = search["last"]  # evaluated after the last step, masks exactly 0/1: the subnet before retraining
+        # evaluated after the last step, masks exactly 0/1: the subnet before retraining
+        searched = {k: v for k, v in search["last"].items() if k != "epoch"}
         kept = {"attn": pruner.kept_fraction("attn"), "mlp": pruner.kept_fraction("mlp")}
         pruned_cost, skipped = pruner.pruned_cost_fraction(), pruner.skipped_steps
         model = pruner.compress()

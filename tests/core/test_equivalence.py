@@ -16,8 +16,9 @@ def test_every_registered_adapter_has_test_models():
     assert every_adapter_has_models() == set()
 
 
-def _hooks(model):
-    return sum(len(m._forward_hooks) for m in model.modules())
+def _patched(model):
+    """Modules carrying anything beyond their class's behaviour: instance forwards and hooks."""
+    return sum(("forward" in vars(m)) + len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
 
 
 @pytest.mark.parametrize("adapter,factory,size", CASES, ids=CASE_IDS)
@@ -26,13 +27,13 @@ def test_masks_at_one_are_bitwise_identity_and_detach_restores(adapter, factory,
     x = images()
     reference = copy.deepcopy(model)
     before = logits(model(x))
-    hooks_before = _hooks(model)
+    patched_before = _patched(model)
     pruner = upop.Pruner(model, upop.PruneConfig(p=0.5, total_steps=10))
     assert pruner.adapter.name == adapter
-    assert _hooks(model) > hooks_before  # masks really are attached
+    assert _patched(model) > patched_before  # masks really are attached
     assert torch.equal(logits(model(x)), before)
     pruner.detach()
-    assert _hooks(model) == hooks_before
+    assert _patched(model) == patched_before
     assert torch.equal(logits(model(x)), logits(reference(x)))
     ref_state = reference.state_dict()
     assert all(torch.equal(v, ref_state[k]) for k, v in model.state_dict().items())
@@ -59,7 +60,7 @@ def test_exact_masks_equal_compressed_outputs(adapter, factory, size):
     compressed = pruner.compress(force=True)
     out = logits(compressed(x))
     assert sum(p.numel() for p in compressed.parameters()) < params_before
-    assert _hooks(compressed) == 0
+    assert _patched(compressed) == 0
     torch.testing.assert_close(out, masked, rtol=1e-5, atol=1e-5)
     # the compressed weights really are smaller: each kept element count matches the plan
     for s, entry in zip(pruner.structures, compressed._upop_plan.structures):
@@ -83,3 +84,20 @@ def test_timm_unfused_attention_path_keeps_the_original_scale():
         block.attn.fused_attn = False
     torch.testing.assert_close(model(x), masked, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(fused, masked, rtol=1e-5, atol=1e-5)
+
+
+def test_a_deep_copy_of_a_masked_model_computes_with_its_own_weights():
+    from helpers import timm_vit
+
+    torch.manual_seed(0)
+    model = timm_vit().eval()
+    pruner = upop.Pruner(model, upop.PruneConfig(p=0.5, total_steps=1))
+    pruner.set_choice(_random_choice(pruner, 1), 0.0)
+    twin = copy.deepcopy(model)
+    x = images()
+    before = model(x)
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.mul_(0.5)
+    assert torch.equal(model(x), before)  # changing the copy's weights leaves the original alone
+    assert not torch.equal(twin(x), before)

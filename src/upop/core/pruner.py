@@ -3,11 +3,14 @@ progressive schedule, and compresses the model. It is the only stateful part of 
 
 from __future__ import annotations
 
+import functools
 import math
+import types
 from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 
 from upop.adapters import find_adapter
@@ -21,22 +24,28 @@ from upop.errors import UPopError
 STATE_VERSION = 1
 
 
-def _mask_hook(mask: torch.Tensor, groups: int):
-    """Forward hook scaling the (groups, n) output rows of a linear by ``mask`` (n,). Multiplying by 1.0 is exact,
-    so masks at 1 leave the outputs bitwise unchanged."""
+def _masked_linear_forward(linear: nn.Linear, x: torch.Tensor, *, mask: torch.Tensor, groups: int) -> torch.Tensor:
+    """Forward of a row linear whose output rows, laid out (groups, n), are scaled by ``mask`` (n,).
 
-    def hook(module: nn.Module, inputs: Any, out: torch.Tensor) -> torch.Tensor:
-        m = mask.to(dtype=out.dtype, device=out.device)
-        if groups == 1:
-            return out * m
-        return (out.unflatten(-1, (groups, m.numel())) * m).flatten(-2)
+    The mask scales the weight rows and bias instead of the output: (x W^T + b) * m == x (W * m)^T + b * m, but the
+    extra work and memory are weight-sized rather than activation-sized, and the mask gradient comes from the weight
+    gradient the backward computes anyway. Multiplying by 1.0 is exact, so masks at 1 leave outputs bitwise unchanged.
+    """
+    m = mask.to(dtype=linear.weight.dtype, device=linear.weight.device)
+    m = m.repeat(groups) if groups > 1 else m
+    bias = linear.bias * m if linear.bias is not None else None
+    return F.linear(x, linear.weight * m.unsqueeze(1), bias)
 
-    return hook
+
+def _attach_mask(linear: nn.Linear, mask: torch.Tensor, groups: int) -> None:
+    # A method bound to the module (not a closure over it): a deep copy of the model binds to the copied module.
+    linear.forward = types.MethodType(functools.partial(_masked_linear_forward, mask=mask, groups=groups), linear)
 
 
 class Pruner:
     """UPop on ``model``, changed in place: one mask per attention module (length head_dim, shared by all heads and
-    by q, k, v) and per MLP (length hidden), applied by forward hooks (the model's source is not edited).
+    by q, k, v) and per MLP (length hidden), applied to the rows of the q/k/v (or fused qkv) and first MLP linears
+    (the model's source is not edited; ``detach`` restores it exactly).
 
     Use::
 
@@ -86,10 +95,16 @@ class Pruner:
         self.step_count = 0
         self.skipped_steps = 0  # steps whose mask gradients were not finite (not accumulated)
         self.pi = 0.0
-        self._handles: list[Any] = []
+        # Masks are attached by giving each row linear an instance-level forward (the class and the model's source
+        # are untouched); detach() deletes it, restoring the class's forward.
+        self._patched: list[nn.Linear] = []
         for structure, mask in zip(self.structures, self.masks):
             for slot in structure.rows:
-                self._handles.append(slot.module.register_forward_hook(_mask_hook(mask, slot.groups)))
+                if "forward" in vars(slot.module):
+                    self.detach()
+                    raise UPopError(f"{slot.path} already has an instance-level forward (another tool's patch)")
+                _attach_mask(slot.module, mask, slot.groups)
+                self._patched.append(slot.module)
         model._upop_pruner = self
 
     # ----------------------------------------------------------------------------------------------- search loop
@@ -180,9 +195,9 @@ class Pruner:
     # ------------------------------------------------------------------------------------------------ lifecycle
     def detach(self) -> nn.Module:
         """Remove the masks; the model is exactly as it was before the Pruner (weights are trained, not masked)."""
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
+        for linear in self._patched:
+            vars(linear).pop("forward", None)
+        self._patched.clear()
         self.model.__dict__.pop("_upop_pruner", None)
         return self.model
 
