@@ -42,7 +42,7 @@ def interleaved_latency(models: dict, x: torch.Tensor, rounds: int, iters: int =
     return {k: min(v) for k, v in times.items()}
 
 
-def deit_small_row(rounds: int) -> dict[str, float]:
+def deit_small_row(rounds: int, align_attn: int = 1, align_mlp: int = 1) -> dict[str, float]:
     """Real-size DeiT-Small (random weights, 197 tokens): dense vs a 2x plan from a 3-step search on random data.
     Latency and FLOPs only (no accuracy: nothing real to train on here)."""
     torch.manual_seed(0)
@@ -50,7 +50,8 @@ def deit_small_row(rounds: int) -> dict[str, float]:
     model = build_model("timm:deit_small_patch16_224", 1000)
     model.load_state_dict(dense.state_dict())
     x, y = torch.randn(8, 3, 224, 224), torch.randint(0, 1000, (8,))
-    pruner = upop.Pruner(model, upop.PruneConfig(p=0.5, total_steps=3, interval=1))
+    config = upop.PruneConfig(p=0.5, total_steps=3, interval=1, align_attn=align_attn, align_mlp=align_mlp)
+    pruner = upop.Pruner(model, config)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     for _ in range(3):
         (torch.nn.functional.cross_entropy(model(x), y) + pruner.sparsity_loss()).backward()
@@ -119,6 +120,7 @@ def measure(args: argparse.Namespace, runs: Path) -> None:
     params = {k: upop.profile(m, x[:1])["params"] for k, m in models.items()}
     steps = step_times(steps=10, rounds=3 * args.rounds, batch=128)
     deit = deit_small_row(args.rounds)
+    deit_aligned = deit_small_row(args.rounds, align_attn=8, align_mlp=32)
 
     dense_top1 = reports[0.5]["dense"]["metrics"]["top1"]
     rows = [
@@ -188,7 +190,20 @@ def measure(args: argparse.Namespace, runs: Path) -> None:
             f"{deit['latency_speedup'] / deit['flops_reduction']:.2f}",
         )
     )
+    rows.append(
+        (
+            "same, --align-attn 8 --align-mlp 32",
+            "-",
+            "-",
+            "",
+            "",
+            f"{deit_aligned['flops_reduction']:.2f}x",
+            f"{deit_aligned['latency_speedup']:.2f}x",
+            f"{deit_aligned['latency_speedup'] / deit_aligned['flops_reduction']:.2f}",
+        )
+    )
     result["deit_small"] = deit
+    result["deit_small_aligned"] = deit_aligned
     result["step_time_s"] = steps
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     table = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in rows]

@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a dense base model")
     _common(t)
-    t.add_argument("--epochs", type=int, default=10, help="training epochs")
+    t.add_argument("--epochs", type=int, default=12, help="training epochs")
     t.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (AdamW, warm-up + cosine)")
     t.add_argument("--output-dir", required=True, help="where model.safetensors and the reports go")
     t.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
@@ -65,6 +65,15 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--w-sp-attn", type=float, default=4.8e-3, help="L1 weight on attention masks")
     c.add_argument("--w-sp-mlp", type=float, default=2e-4, help="L1 weight on MLP masks")
     c.add_argument("--cost", choices=("params", "flops"), default="params", help="what an element's removal saves")
+    c.add_argument(
+        "--align-attn",
+        type=int,
+        default=1,
+        help="keep a multiple of this many head dims per attention module (e.g. 8; default 1)",
+    )
+    c.add_argument(
+        "--align-mlp", type=int, default=1, help="keep a multiple of this many neurons per MLP (e.g. 32; default 1)"
+    )
     c.add_argument("--exclude", action="append", default=[], help="module name or re:PATTERN not to prune (repeatable)")
     c.add_argument("--output-dir", required=True, help="where plan.json, model.safetensors and reports go")
     c.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
@@ -106,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
                 w_mlp=args.w_sp_mlp,
                 cost=args.cost,
                 exclude=tuple(args.exclude),
+                align_attn=args.align_attn,
+                align_mlp=args.align_mlp,
             )
             report = run.compress(
                 _run_config(args),

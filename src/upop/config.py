@@ -27,6 +27,9 @@ class PruneConfig:
             Pruner).
         exclude: module names (exact) or ``re:``-prefixed patterns; structures whose module name matches are not
             pruned and do not count in the budget.
+        align_attn / align_mlp: keep a multiple of this many head dimensions / MLP neurons per structure (1, the
+            paper's setting). E.g. 8 and 32 give widths that CPU and GPU kernels run at full speed, at a coarser
+            budget granularity.
         version: format version of this config, stored beside every output.
     """
 
@@ -37,6 +40,8 @@ class PruneConfig:
     w_mlp: float = 2e-4
     cost: str = "params"
     exclude: tuple[str, ...] = field(default_factory=tuple)
+    align_attn: int = 1
+    align_mlp: int = 1
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
@@ -51,6 +56,9 @@ class PruneConfig:
         for name in ("w_attn", "w_mlp"):
             if getattr(self, name) < 0:
                 raise UPopError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        for name in ("align_attn", "align_mlp"):
+            if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
+                raise UPopError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if self.cost not in COST_MODELS:
             raise UPopError(f"cost must be one of {', '.join(COST_MODELS)}, got {self.cost!r}")
         object.__setattr__(self, "exclude", tuple(self.exclude))

@@ -136,3 +136,20 @@ def test_config_round_trips_through_dict():
 def test_model_without_adapter_lists_what_is_supported():
     with pytest.raises(upop.UPopError, match="no UPop adapter for a Sequential; supported: .*timm-vit"):
         upop.Pruner(torch.nn.Sequential(torch.nn.Linear(3, 3)))
+
+
+def test_aligned_search_keeps_hardware_friendly_widths():
+    model = build(timm_vit, (2, 16, 2, 128))
+    config = upop.PruneConfig(p=0.5, total_steps=6, interval=2, align_attn=8, align_mlp=32)
+    pruner, _ = _search(model, config)
+    for s, c in zip(pruner.structures, pruner.chosen):
+        kept = int((~c).sum())
+        assert kept % (8 if s.kind == "attn" else 32) == 0 and kept > 0
+    model = pruner.compress()
+    assert all(b.attn.head_dim in (8, 16) for b in model.blocks)
+    assert all(b.mlp.fc1.out_features in (32, 64, 96, 128) for b in model.blocks)
+
+
+def test_align_must_be_positive():
+    with pytest.raises(upop.UPopError, match="align_mlp must be a positive integer"):
+        upop.PruneConfig(align_mlp=0)

@@ -65,3 +65,43 @@ def test_select_budget_is_closest_achievable():
         chosen = select(scores, costs, ratio)
         achieved = (chosen[0].sum() * 37 + chosen[1].sum() * 11).item() / total
         assert abs(achieved - ratio) <= 37 / total / 2 + 1e-12
+
+
+def test_aligned_selection_keeps_multiples_and_meets_the_budget_at_its_granularity():
+    g = torch.Generator().manual_seed(2)
+    sizes, align, costs = (
+        [64, 64, 37, 1536, 1536, 20],
+        [8, 8, 8, 32, 32, 32],
+        [1161.0, 1161.0, 900.0, 769.0, 769.0, 50.0],
+    )
+    scores = [torch.randn(n, generator=g) for n in sizes]
+    total = sum(n * c for n, c in zip(sizes, costs))
+    for ratio in (0.3, 0.5, 0.7):
+        chosen = select(scores, costs, ratio, align)
+        for c, a, n in zip(chosen, align, sizes):
+            kept = int((~c).sum())
+            assert kept >= min(a, n) and (kept % a == 0 or kept == n), (kept, a, n)
+        achieved = sum(int(c.sum()) * cost for c, cost in zip(chosen, costs)) / total
+        biggest_unit = max(a * c for a, c in zip(align, costs))
+        assert abs(achieved - ratio) <= biggest_unit / total / 2 + 1e-12
+        # within a structure the least important elements go first
+        for s, c in zip(scores, chosen):
+            if c.any() and (~c).any():
+                assert s[c].min() >= s[~c].min()
+
+
+def test_align_one_is_the_elementwise_ranking():
+    g = torch.Generator().manual_seed(3)
+    scores = [torch.randn(n, generator=g) for n in (16, 48, 5)]
+    for ratio in (0.2, 0.6):
+        a = select(scores, [3.0, 1.0, 7.0], ratio)
+        b = select(scores, [3.0, 1.0, 7.0], ratio, [1, 1, 1])
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+        # elementwise: every chosen element outranks every unchosen, unprotected one
+        flat_s, flat_c = torch.cat(scores), torch.cat(a)
+        protected = torch.zeros_like(flat_c)
+        offset = 0
+        for s in scores:
+            protected[offset + int(torch.argmin(s))] = True
+            offset += s.numel()
+        assert flat_s[flat_c].min() >= flat_s[~flat_c & ~protected].max()

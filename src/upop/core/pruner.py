@@ -148,7 +148,8 @@ class Pruner:
             idx = [i for i, s in enumerate(self.structures) if s.kind == kind]
             for i, z in zip(idx, standardise([self.importance[i].cpu() for i in idx])):
                 scores[i] = z
-        chosen = select(scores, self.costs, self.pi)
+        align = [self.config.align_attn if s.kind == "attn" else self.config.align_mlp for s in self.structures]
+        chosen = select(scores, self.costs, self.pi, align)
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             # all ranks hold the same averaged importance; broadcasting rank 0's decision makes identity certain
             flat = torch.cat(chosen).to(torch.uint8)

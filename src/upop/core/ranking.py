@@ -31,36 +31,65 @@ def standardise(scores: list[torch.Tensor]) -> list[torch.Tensor]:
     return [(s.double() - mean) / std for s in scores]
 
 
-def select(scores: list[torch.Tensor], costs: list[float], ratio: float) -> list[torch.Tensor]:
+def _units(score: torch.Tensor, align: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Split a structure into prunable units, least important first. Returns (element indices, their unit number,
+    number of units). With ``align`` a the kept count stays a multiple of a: the first unit is the n mod a least
+    important elements (if any), then blocks of a. The a most important elements belong to no unit: every structure
+    keeps at least one element (one aligned block)."""
+    n = score.numel()
+    a = max(1, min(align, n))
+    order = torch.sort(score, descending=True, stable=True).indices[: n - a]
+    r = n % a
+    position = torch.arange(order.numel())
+    unit = (position - r) // a + (1 if r else 0)
+    unit[:r] = 0
+    return order, unit, (1 if r else 0) + (n // a - 1)
+
+
+def select(
+    scores: list[torch.Tensor], costs: list[float], ratio: float, align: list[int] | None = None
+) -> list[torch.Tensor]:
     """Choose the elements to prune, over all structures in one ranking.
 
     Args:
         scores: per structure, standardised scores (n_i,); a larger score means less important.
         costs: per structure, the cost of one of its elements (what removing it saves).
         ratio: the fraction of the total cost (over all structures) to remove.
+        align: per structure, keep a multiple of this many elements (1, the paper's setting, by default). Larger
+            values give hardware-friendly widths (e.g. head_dim a multiple of 8) at a coarser budget granularity.
 
     Returns:
-        per structure, a bool tensor (n_i,) marking the chosen elements. The most important element of every
-        structure is never chosen. The prefix of the ranking is cut where its cumulative cost is closest to
-        ``ratio`` x total cost.
+        per structure, a bool tensor (n_i,) marking the chosen elements. Every structure keeps at least its most
+        important element (its ``align`` most important ones). Units (elements, or aligned blocks scored by their
+        mean) are ranked in one list by score, descending, and the prefix is cut where its cumulative cost is
+        closest to ``ratio`` x total cost.
     """
-    sizes = [s.numel() for s in scores]
-    flat = torch.cat([s.reshape(-1).double() for s in scores])
-    cost = torch.cat([torch.full((n,), float(c), dtype=torch.float64) for n, c in zip(sizes, costs)])
-    # Protect each structure's most important (lowest-score) element: every mask keeps at least one element.
-    protected = torch.zeros_like(flat, dtype=torch.bool)
-    offset = 0
-    for s in scores:
-        protected[offset + int(torch.argmin(s.reshape(-1)))] = True
-        offset += s.numel()
-    target = ratio * float(cost.sum())
-    candidates = (~protected).nonzero().squeeze(1)
-    # Sort by score, descending; ties broken by position so every rank and run orders identically.
-    order = candidates[torch.sort(flat[candidates], descending=True, stable=True).indices]
-    cumulative = torch.cumsum(cost[order], 0)
+    align = align or [1] * len(scores)
+    flat_scores = [s.reshape(-1).double() for s in scores]
+    members, unit_of, unit_cost_each, offset = [], [], [], 0
+    for i, (s, c, a) in enumerate(zip(flat_scores, costs, align)):
+        order, unit, count = _units(s, a)
+        members.append((i, order))
+        unit_of.append(unit + offset)
+        unit_cost_each.append(torch.full((count,), float(c), dtype=torch.float64))
+        offset += count
+    element_unit = torch.cat(unit_of)
+    element_score = torch.cat([flat_scores[i][order] for i, order in members])
+    size = torch.zeros(offset, dtype=torch.float64).index_add_(0, element_unit, torch.ones_like(element_score))
+    unit_score = torch.zeros(offset, dtype=torch.float64).index_add_(0, element_unit, element_score) / size
+    unit_cost = torch.cat(unit_cost_each) * size
+    target = ratio * sum(float(c) * s.numel() for s, c in zip(flat_scores, costs))
+    # Stable sort: ties keep structure order, then within-structure order, on every rank and run.
+    order = torch.sort(unit_score, descending=True, stable=True).indices
+    cumulative = torch.cumsum(unit_cost[order], 0)
     k = int((cumulative <= target).sum())  # the longest prefix not above the target...
     if k < len(order) and abs(float(cumulative[k]) - target) < abs((float(cumulative[k - 1]) if k else 0.0) - target):
-        k += 1  # ...or one more element when that lands closer to it
-    chosen = torch.zeros_like(flat, dtype=torch.bool)
-    chosen[order[:k]] = True
-    return list(torch.split(chosen, sizes))
+        k += 1  # ...or one more unit when that lands closer to it
+    taken = torch.zeros(offset, dtype=torch.bool)
+    taken[order[:k]] = True
+    chosen = []
+    for (i, order_i), unit in zip(members, unit_of):
+        c = torch.zeros(flat_scores[i].numel(), dtype=torch.bool)
+        c[order_i] = taken[unit]
+        chosen.append(c)
+    return chosen
