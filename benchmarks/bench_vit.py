@@ -19,7 +19,7 @@ import torch
 
 import upop
 from upop import run
-from upop.models import build_model
+from upop.models import build_model, load_weights
 from upop.tasks import get_task
 
 HERE = Path(__file__).parent
@@ -113,6 +113,7 @@ def measure(args: argparse.Namespace, runs: Path) -> None:
     reports = {p: json.loads((runs / f"p{p}" / "report.json").read_text()) for p in (0.5, 0.75)}
     x = torch.randn(args.latency_batch, 3, 32, 32)
     models = {"dense": build_model("vit-tiny", 30)}
+    load_weights(models["dense"], runs / "base" / "model.safetensors")  # the trained weights, as compressed
     for p in reports:
         models[p] = upop.load_compressed(build_model("vit-tiny", 30), runs / f"p{p}")
     latency = interleaved_latency(models, x, args.rounds)
