@@ -78,3 +78,21 @@ def logits(out) -> torch.Tensor:
 
 def every_adapter_has_models() -> set[str]:
     return set(registered_adapters()) - set(ADAPTER_MODELS)
+
+
+# CLI runs on a small slice of the built-in data; a later repetition of a flag overrides (argparse keeps the last)
+CLI_DATA = "--model vit-micro --train-size 256 --val-size 64 --batch-size 32".split()
+
+
+def compress_argv(pretrained, out, *extra: str) -> list[str]:
+    """`upop compress` of the built-in vit-micro for one search and one retraining epoch."""
+    return [
+        "compress",
+        *CLI_DATA,
+        "--pretrained",
+        str(pretrained),
+        *"--epochs-search 1 --epochs 1 --interval 2".split(),
+        *extra,
+        "--output-dir",
+        str(out),
+    ]

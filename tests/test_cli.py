@@ -6,11 +6,12 @@ import json
 
 import pytest
 import torch
+from helpers import CLI_DATA, compress_argv
 from safetensors.torch import save_file
 
 from upop.cli import main
 
-DATA = ["--train-size", "256", "--val-size", "64", "--batch-size", "32"]
+DATA = CLI_DATA[2:]  # the built-in data slice, without the model
 
 
 def _fail(capsys, argv, out_dir=None) -> str:
@@ -34,24 +35,7 @@ def base(tmp_path_factory):
 @pytest.fixture(scope="module")
 def compressed(base, tmp_path_factory):
     out = tmp_path_factory.mktemp("comp") / "micro-2x"
-    argv = [
-        "compress",
-        "--model",
-        "vit-micro",
-        "--pretrained",
-        str(base / "model.safetensors"),
-        "--p",
-        "0.5",
-        "--epochs-search",
-        "1",
-        "--epochs",
-        "1",
-        "--interval",
-        "2",
-        *DATA,
-        "--output-dir",
-        str(out),
-    ]
+    argv = compress_argv(base / "model.safetensors", out, "--p", "0.5")
     assert main(argv) == 0
     return out
 
@@ -81,16 +65,7 @@ def test_evaluate_a_compressed_dir_reproduces_the_reported_metric(compressed, ca
 
 def test_existing_output_dir_is_not_overwritten_without_the_flag(base, compressed, capsys):
     before = (compressed / "plan.json").read_text()
-    argv = [
-        "compress",
-        "--model",
-        "vit-micro",
-        "--pretrained",
-        str(base / "model.safetensors"),
-        *DATA,
-        "--output-dir",
-        str(compressed),
-    ]
+    argv = compress_argv(base / "model.safetensors", compressed)
     assert "exists and is not empty" in _fail(capsys, argv)
     assert (compressed / "plan.json").read_text() == before
 

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import torch
+from helpers import CLI_DATA, compress_argv
 
 WORKER = Path(__file__).with_name("ddp_search_worker.py")
 
@@ -33,29 +34,12 @@ def test_two_rank_search_takes_identical_decisions(tmp_path):
 
 def test_cli_compress_runs_under_torchrun(tmp_path):
     base = tmp_path / "base"
-    common = ["--model", "vit-micro", "--train-size", "256", "--val-size", "64", "--batch-size", "16"]
-    result = _torchrun(["-m", "upop.cli", "train", *common, "--epochs", "1", "--output-dir", str(base)], tmp_path)
+    argv = ["train", *CLI_DATA, "--batch-size", "16", "--epochs", "1", "--output-dir", str(base)]
+    result = _torchrun(["-m", "upop.cli", *argv], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     out = tmp_path / "out"
-    result = _torchrun(
-        [
-            "-m",
-            "upop.cli",
-            "compress",
-            *common,
-            "--pretrained",
-            str(base / "model.safetensors"),
-            "--epochs-search",
-            "1",
-            "--epochs",
-            "1",
-            "--interval",
-            "2",
-            "--output-dir",
-            str(out),
-        ],
-        tmp_path,
-    )
+    argv = compress_argv(base / "model.safetensors", out, "--batch-size", "16")
+    result = _torchrun(["-m", "upop.cli", *argv], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (out / "plan.json").is_file() and (out / "model.safetensors").is_file()
     assert "pruned share of prunable cost" in result.stdout

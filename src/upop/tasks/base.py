@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,32 +31,32 @@ class DataConfig:
     noise: float = 0.1
 
 
-class Task:
-    """A task provides exactly: ``name``, ``main_metric`` (the metric "best" refers to, higher is better),
-    ``datasets``, ``loss``, ``evaluate`` and ``example_inputs``."""
+class Task(abc.ABC):
+    """A task provides exactly: ``name``, ``main_metric`` (the metric "best" refers to, higher is better), and the
+    abstract methods below."""
 
     name: str = ""
     main_metric: str = ""
 
+    @abc.abstractmethod
     def datasets(self, data: DataConfig) -> tuple[Dataset, Dataset]:
         """(train, val) datasets yielding batches the task's ``loss`` understands after default collation."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def num_outputs(self, train: Dataset) -> int:
         """Size of the model's output head for this data (e.g. the number of classes)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
         """The task loss of ``model`` on one batch (already on the model's device)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def evaluate(self, model: nn.Module, loader: Any, device: torch.device) -> dict[str, float]:
         """Metrics over ``loader`` (summed over DDP ranks), each in percent where that is the convention."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def example_inputs(self, batch: Any) -> Any:
         """The model inputs of a batch (for profiling and FLOPs cost)."""
-        raise NotImplementedError
 
 
 _TASKS: dict[str, type[Task]] = {}
