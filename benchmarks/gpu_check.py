@@ -55,6 +55,7 @@ def main() -> None:
         "model": args.model,
         "batch": args.batch,
     }
+    dense_params = sum(p.numel() for p in model.parameters())
     dense_fp32 = throughput(model, x, False, args.iters)
     dense_amp = throughput(model, x, True, args.iters)
 
@@ -77,7 +78,7 @@ def main() -> None:
         "compressed_fp32": throughput(model, x, False, args.iters),
         "compressed_amp": throughput(model, x, True, args.iters),
     }
-    out["params"] = {"compressed": sum(p.numel() for p in model.parameters())}
+    out["params"] = {"dense": dense_params, "compressed": sum(p.numel() for p in model.parameters())}
     print(json.dumps(out, indent=1))
 
 

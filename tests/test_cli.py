@@ -197,3 +197,21 @@ def test_imagenet_style_folder_trains_and_compresses(tmp_path, capsys):
     ]
     assert main(argv) == 0
     assert (tmp_path / "out" / "plan.json").is_file()
+
+
+def test_hf_directory_through_compress_and_evaluate(tmp_path, capsys):
+    from helpers import hf_vit
+
+    torch.manual_seed(0)
+    hf_vit(heads=2, head_dim=8, depth=2, mlp_hidden=32, image=16).save_pretrained(tmp_path / "hf")
+    model = ["--model", f"hf:{tmp_path / 'hf'}"]  # the input size comes from the HF config (16)
+    argv = compress_argv(tmp_path / "none", tmp_path / "out", *model, "--cost", "flops")
+    argv.remove("--pretrained")
+    argv.remove(str(tmp_path / "none"))  # the weights come from the directory itself
+    assert main(argv) == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["model"].startswith("hf:") and report["cost"] == "flops"
+    assert report["compressed"]["flops"] < report["dense"]["flops"]
+    capsys.readouterr()
+    assert main(["evaluate", "--compressed", str(tmp_path / "out")]) == 0
+    assert json.loads(capsys.readouterr().out)["metrics"] == pytest.approx(report["compressed"]["metrics"])
