@@ -110,8 +110,10 @@ def staged_output(path: str | os.PathLike, overwrite: bool, info: D.DistInfo) ->
         raise
     D.barrier(info)
     if info.is_main:
-        if final.exists():
-            shutil.rmtree(final) if final.is_dir() else final.unlink()
+        if final.is_dir():
+            shutil.rmtree(final)
+        elif final.exists():
+            final.unlink()
         os.replace(staging, final)
 
 

@@ -44,5 +44,23 @@ def main(out_dir: str) -> None:
     D.teardown()
 
 
+def one_step_importance(out_dir: str) -> None:
+    """One search step on a fixed batch of 16, each rank taking its share: the accumulated importance must not depend
+    on the number of ranks (mask gradients are averaged, the L1 weights mean the same)."""
+    info = D.setup("cpu")
+    torch.manual_seed(0)
+    model = build_model("vit-micro", 5)
+    x = torch.randn(16, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    y = torch.arange(16) % 5
+    shard = slice(info.rank, None, info.world_size)
+    pruner = Pruner(model, PruneConfig(p=0.5, total_steps=10))
+    ddp = D.wrap(model, info)
+    loss = torch.nn.functional.cross_entropy(ddp(x[shard]), y[shard]) + pruner.sparsity_loss()
+    loss.backward()
+    pruner.step()
+    torch.save({"importance": torch.cat(pruner.importance)}, f"{out_dir}/importance{info.world_size}_{info.rank}.pt")
+    D.teardown()
+
+
 if __name__ == "__main__":
-    main(sys.argv[1])
+    (one_step_importance if len(sys.argv) > 2 and sys.argv[2] == "importance" else main)(sys.argv[1])

@@ -43,3 +43,20 @@ def test_cli_compress_runs_under_torchrun(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert (out / "plan.json").is_file() and (out / "model.safetensors").is_file()
     assert "pruned share of prunable cost" in result.stdout
+
+
+def test_importance_does_not_depend_on_the_number_of_ranks(tmp_path):
+    result = _torchrun([str(WORKER), str(tmp_path), "importance"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    single = subprocess.run(
+        [sys.executable, str(WORKER), str(tmp_path), "importance"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert single.returncode == 0, single.stderr[-3000:]
+    two = torch.load(tmp_path / "importance2_0.pt", weights_only=True)["importance"]
+    one = torch.load(tmp_path / "importance1_0.pt", weights_only=True)["importance"]
+    assert two.abs().sum() > 0
+    torch.testing.assert_close(two, one, rtol=1e-4, atol=1e-6)
