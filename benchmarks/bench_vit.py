@@ -2,7 +2,7 @@
 
 Reports top-1 (after retraining, and right after the search), params, FLOPs, measured latency speedup next to the
 FLOPs reduction, and the time of a search step vs a plain training step. Latencies and step times are measured in
-the same process, interleaved over several rounds, and reported as ratios of medians (shared machines are noisy).
+the same fresh process: speedups as medians of ratios of back-to-back runs (shared machines are noisy).
 Writes benchmarks/results.md and benchmarks/results.json.
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -26,23 +27,40 @@ HERE = Path(__file__).parent
 ROOT = HERE.parent
 
 
+# run directory suffix -> (row label, search configuration)
+VARIANTS = {
+    "0.5": ("UPop 2x (p=0.5)", upop.PruneConfig(p=0.5)),
+    "0.75": ("UPop 4x (p=0.75)", upop.PruneConfig(p=0.75)),
+    "0.5-aligned": ("UPop 2x, --align-attn 8 --align-mlp 32", upop.PruneConfig(p=0.5, align_attn=8, align_mlp=32)),
+}
+
+
 def base_model(path: Path, epochs: int) -> Path:
     if not (path / "model.safetensors").is_file():
         run.train(run.RunConfig(model="vit-tiny"), epochs=epochs, lr=2e-3, output_dir=str(path))
     return path / "model.safetensors"
 
 
-def interleaved_latency(models: dict, x: torch.Tensor, rounds: int, iters: int = 10) -> dict[str, float]:
-    """Per model, the fastest over ``rounds`` interleaved rounds of the median of ``iters`` forwards (noise on a shared
-    machine only ever adds time, so the minimum is the steadiest estimate)."""
-    times: dict[str, list[float]] = {k: [] for k in models}
-    for _ in range(rounds):
-        for name, model in models.items():
-            times[name].append(upop.measure_latency(model, x, warmup=2, iters=iters))
-    return {k: min(v) for k, v in times.items()}
+def paired_latency(models: dict, x: torch.Tensor, iters: int, warmup: int = 5) -> tuple[dict, dict]:
+    """Forwards of every model back to back, ``iters`` times (the order alternating). Returns (median seconds per
+    model, speedup of each model over models["dense"] as the median of the per-iteration ratios). Load from other
+    tenants drifts slowly, so ratios of adjacent forwards are far steadier than ratios of separate medians."""
+    times: dict = {k: [] for k in models}
+    for m in models.values():
+        m.eval()
+    with torch.inference_mode():
+        for i in range(warmup + iters):
+            for name, model in list(models.items())[:: 1 if i % 2 else -1]:
+                start = time.perf_counter()
+                model(x)
+                if i >= warmup:
+                    times[name].append(time.perf_counter() - start)
+    dense = times["dense"]
+    speedup = {k: statistics.median(d / t for d, t in zip(dense, v)) for k, v in times.items()}
+    return {k: statistics.median(v) for k, v in times.items()}, speedup
 
 
-def deit_small_row(rounds: int, align_attn: int = 1, align_mlp: int = 1) -> dict[str, float]:
+def deit_small_row(iters: int, align_attn: int = 1, align_mlp: int = 1) -> dict[str, float]:
     """Real-size DeiT-Small (random weights, 197 tokens): dense vs a 2x plan from a 3-step search on random data.
     Latency and FLOPs only (no accuracy: nothing real to train on here)."""
     torch.manual_seed(0)
@@ -60,12 +78,12 @@ def deit_small_row(rounds: int, align_attn: int = 1, align_mlp: int = 1) -> dict
         pruner.step()
     small = pruner.compress()
     xb = torch.randn(16, 3, 224, 224)
-    lat = interleaved_latency({"dense": dense, "small": small}, xb, rounds, iters=3)
+    latency, speedup = paired_latency({"dense": dense, "small": small}, xb, iters=iters, warmup=2)
     f = {k: upop.profile(m, xb[:1])["flops"] for k, m in (("dense", dense), ("small", small))}
     return {
         "flops_reduction": f["dense"] / f["small"],
-        "latency_speedup": lat["dense"] / lat["small"],
-        "dense_latency_s": lat["dense"],
+        "latency_speedup": speedup["small"],
+        "dense_latency_s": latency["dense"],
         "batch": 16,
     }
 
@@ -110,20 +128,20 @@ def step_times(steps: int, rounds: int, batch: int) -> dict[str, float]:
 
 def measure(args: argparse.Namespace, runs: Path) -> None:
     """Timing part, run in a fresh process: latency, FLOPs, step times; then the tables."""
-    reports = {p: json.loads((runs / f"p{p}" / "report.json").read_text()) for p in (0.5, 0.75)}
+    reports = {p: json.loads((runs / f"p{p}" / "report.json").read_text()) for p in VARIANTS}
     x = torch.randn(args.latency_batch, 3, 32, 32)
     models = {"dense": build_model("vit-tiny", 30)}
     load_weights(models["dense"], runs / "base" / "model.safetensors")  # the trained weights, as compressed
     for p in reports:
         models[p] = upop.load_compressed(build_model("vit-tiny", 30), runs / f"p{p}")
-    latency = interleaved_latency(models, x, args.rounds)
+    latency, speedups = paired_latency(models, x, iters=args.latency_iters)
     flops = {k: upop.profile(m, x[:1])["flops"] for k, m in models.items()}
     params = {k: upop.profile(m, x[:1])["params"] for k, m in models.items()}
     steps = step_times(steps=10, rounds=3 * args.rounds, batch=128)
-    deit = deit_small_row(args.rounds)
-    deit_aligned = deit_small_row(args.rounds, align_attn=8, align_mlp=32)
+    deit = deit_small_row(args.latency_iters // 3)
+    deit_aligned = deit_small_row(args.latency_iters // 3, align_attn=8, align_mlp=32)
 
-    dense_top1 = reports[0.5]["dense"]["metrics"]["top1"]
+    dense_top1 = reports["0.5"]["dense"]["metrics"]["top1"]
     rows = [
         (
             "model",
@@ -153,8 +171,8 @@ def measure(args: argparse.Namespace, runs: Path) -> None:
     }
     for p, rep in reports.items():
         red = flops["dense"] / flops[p]
-        speed = latency["dense"] / latency[p]
-        name = {0.5: "UPop 2x (p=0.5)", 0.75: "UPop 4x (p=0.75)"}[p]
+        speed = speedups[p]
+        name = VARIANTS[p][0]
         top1 = rep["compressed"]["metrics"]["top1"]
         rows.append(
             (
@@ -213,9 +231,9 @@ def measure(args: argparse.Namespace, runs: Path) -> None:
     text = "\n".join(table) + (
         f"\n\nSearch step {1000 * steps['search']:.1f} ms vs plain training step {1000 * steps['plain']:.1f} ms "
         f"(vit-tiny, batch 128, fastest of {3 * args.rounds} interleaved rounds of 10 steps): ratio {ratio:.3f}.\n"
-        f"Latency: vit-tiny at batch {args.latency_batch}, DeiT-Small at batch 16; per model the fastest of "
-        f"{args.rounds} interleaved rounds (median of 10, resp. 3, forwards each); {torch.get_num_threads()} CPU "
-        f"threads, in a fresh process.\n"
+        f"Latency speedup: median ratio of back-to-back forwards of the dense and the compressed model, "
+        f"{args.latency_iters} pairs for vit-tiny (batch {args.latency_batch}), {args.latency_iters // 3} for "
+        f"DeiT-Small (batch 16); {torch.get_num_threads()} CPU threads, in a fresh process.\n"
         f"Accuracy: search {args.epochs_search} epochs + retraining {args.epochs} epochs on 20k built-in scenes "
         f"(2k validation scenes); base model trained {args.base_epochs} epochs.\n"
     )
@@ -230,7 +248,8 @@ def main() -> None:
     ap.add_argument("--epochs-search", type=int, default=2)
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--latency-batch", type=int, default=256)
-    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--rounds", type=int, default=7, help="rounds of the step-time comparison")
+    ap.add_argument("--latency-iters", type=int, default=90, help="back-to-back forward pairs for latency")
     ap.add_argument("--measure-only", action="store_true", help="skip training; time the saved models")
     args = ap.parse_args()
     torch.set_num_threads(2)
@@ -240,10 +259,10 @@ def main() -> None:
         return
     pretrained = base_model(runs / "base", args.base_epochs)
     cfg = run.RunConfig(model="vit-tiny")
-    for p in (0.5, 0.75):
+    for p, (_, config) in VARIANTS.items():
         run.compress(
             cfg,
-            upop.PruneConfig(p=p),
+            config,
             str(pretrained),
             args.epochs_search,
             args.epochs,
