@@ -85,13 +85,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# CLI flag (argparse dest) -> DataConfig field
+_DATA_FLAGS = {
+    "data": "root",
+    "image_size": "image_size",
+    "train_size": "train_size",
+    "val_size": "val_size",
+    "data_seed": "seed",
+}
+
+
 def _run_config(args: argparse.Namespace, saved: dict[str, Any] | None = None) -> Any:
     """RunConfig from the flags given, then the values ``saved`` beside a compressed dir, then the defaults."""
     from upop.run import RunConfig
+    from upop.tasks import DataConfig
 
-    values = {k: v for k, v in (saved or {}).items() if k in RunConfig.__dataclass_fields__}
-    values.update({f: getattr(args, f) for f in RunConfig.__dataclass_fields__ if hasattr(args, f)})
-    return RunConfig(**values)
+    saved = saved or {}
+    data = dict(saved.get("data") or {})
+    data.update({name: getattr(args, flag) for flag, name in _DATA_FLAGS.items() if hasattr(args, flag)})
+    fields = [f for f in RunConfig.__dataclass_fields__ if f != "data"]
+    values = {k: v for k, v in saved.items() if k in fields}
+    values.update({f: getattr(args, f) for f in fields if hasattr(args, f)})
+    return RunConfig(**values, data=DataConfig(**data))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,7 +9,7 @@ import os
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,21 +38,17 @@ class RunConfig:
 
     task: str = "classification"
     model: str = "vit-tiny"
-    data: str | None = None
-    image_size: int | None = None
-    train_size: int = 20000
-    val_size: int = 2000
-    data_seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
     batch_size: int = 128
     seed: int = 0
     amp: bool = False
     device: str | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.data, dict):  # read back from config.json
+            object.__setattr__(self, "data", DataConfig(**self.data))
         if self.batch_size < 1:
             raise UPopError(f"batch size must be a positive integer, got {self.batch_size}")
-        if self.image_size is not None and self.image_size < 8:
-            raise UPopError(f"image size must be at least 8, got {self.image_size}")
 
 
 @dataclass
@@ -68,20 +64,17 @@ def prepare(cfg: RunConfig) -> Setup:
     """Process group, task, data and loaders for ``cfg``."""
     info = D.setup(cfg.device)
     task = get_task(cfg.task)
-    image_size = cfg.image_size or default_image_size(cfg.model)
+    image_size = cfg.data.image_size or default_image_size(cfg.model)
     if image_size is None:
         image_size = model_image_size(build_model(cfg.model, 1))
-    data = DataConfig(
-        root=cfg.data, image_size=image_size, train_size=cfg.train_size, val_size=cfg.val_size, seed=cfg.data_seed
-    )
-    train, val = task.datasets(data)
+    train, val = task.datasets(dataclasses.replace(cfg.data, image_size=image_size))
     loaders = make_loaders(train, val, cfg.batch_size, info, cfg.seed)
     return Setup(info, task, loaders, task.num_outputs(train), image_size)
 
 
 def new_model(cfg: RunConfig, setup: Setup, pretrained: str | None = None) -> torch.nn.Module:
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    model = build_model(cfg.model, setup.num_outputs, cfg.image_size)
+    model = build_model(cfg.model, setup.num_outputs, cfg.data.image_size)
     if pretrained:
         load_weights(model, pretrained)
     return model.to(setup.info.device)
@@ -283,7 +276,7 @@ def evaluate(cfg: RunConfig, compressed: str | None = None, pretrained: str | No
         raise UPopError("evaluate needs exactly one of --compressed DIR or --pretrained FILE")
     setup = prepare(cfg)
     if compressed is not None:
-        model = load_compressed(build_model(cfg.model, setup.num_outputs, cfg.image_size), compressed)
+        model = load_compressed(build_model(cfg.model, setup.num_outputs, cfg.data.image_size), compressed)
         model = model.to(setup.info.device)
     else:
         model = new_model(cfg, setup, pretrained)

@@ -17,18 +17,26 @@ class DataConfig:
 
     Attributes:
         root: a dataset folder in the task's real format, or None for the built-in generator.
-        image_size: side of the square input images.
+        image_size: side of the square input images (None: the model's own input size, resolved by the job).
         train_size / val_size: number of built-in scenes per split (ignored for a folder).
         seed: the built-in world's seed (train uses seed, val seed + 1).
         noise: pixel noise of the built-in world.
     """
 
     root: str | None = None
-    image_size: int = 32
+    image_size: int | None = None
     train_size: int = 20000
     val_size: int = 2000
     seed: int = 0
     noise: float = 0.1
+
+    def __post_init__(self) -> None:
+        from upop.errors import UPopError
+
+        if self.image_size is not None and self.image_size < 8:
+            raise UPopError(f"image size must be at least 8, got {self.image_size}")
+        if self.train_size < 1 or self.val_size < 1:
+            raise UPopError(f"built-in split sizes must be positive, got {self.train_size} and {self.val_size}")
 
 
 class Task(abc.ABC):
