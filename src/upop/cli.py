@@ -42,6 +42,37 @@ def _common(p: argparse.ArgumentParser, fallback_to_saved: bool = False) -> None
     arg("--device", default=None, help="cpu | cuda (default: cuda if available)")
 
 
+def _run_flags(p: argparse.ArgumentParser, what: str) -> None:
+    """Output, checkpoint and resume flags of the jobs that train (train, compress)."""
+    p.add_argument("--output-dir", required=True, help=f"where {what} and the reports go")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the interrupted run in --output-dir from its newest good checkpoint (starts it if there is "
+        "none: use the same command for the first start and every restart, e.g. under torchrun --max-restarts)",
+    )
+    p.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=500,
+        help="steps between checkpoints, besides every epoch end (0: only those)",
+    )
+    p.add_argument("--keep-checkpoints", type=int, default=2, help="how many of the newest checkpoints to keep")
+    p.add_argument(
+        "--max-nonfinite",
+        type=float,
+        default=0.1,
+        help="stop when more than this share of a phase's steps have non-finite loss or gradients (default 0.1)",
+    )
+
+
+def _checkpointing(args: argparse.Namespace) -> Any:
+    from upop.run import Checkpointing
+
+    return Checkpointing(args.checkpoint_every, args.keep_checkpoints, args.resume)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="upop", description="Unified and Progressive Pruning for vision Transformers")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -50,8 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(t)
     t.add_argument("--epochs", type=int, default=12, help="training epochs")
     t.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (AdamW, warm-up + cosine)")
-    t.add_argument("--output-dir", required=True, help="where model.safetensors and the reports go")
-    t.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    _run_flags(t, "model.safetensors")
 
     c = sub.add_parser("compress", help="search, compress, retrain, evaluate, save")
     _common(c)
@@ -75,8 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--align-mlp", type=int, default=1, help="keep a multiple of this many neurons per MLP (e.g. 32; default 1)"
     )
     c.add_argument("--exclude", action="append", default=[], help="module name or re:PATTERN not to prune (repeatable)")
-    c.add_argument("--output-dir", required=True, help="where plan.json, model.safetensors and reports go")
-    c.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    _run_flags(c, "plan.json, model.safetensors")
 
     e = sub.add_parser("evaluate", help="evaluate a compressed directory or a dense checkpoint")
     _common(e, fallback_to_saved=True)
@@ -116,7 +145,15 @@ def main(argv: list[str] | None = None) -> int:
         from upop.config import PruneConfig
 
         if args.command == "train":
-            report = run.train(_run_config(args), args.epochs, args.lr, args.output_dir, args.overwrite)
+            report = run.train(
+                _run_config(args),
+                args.epochs,
+                args.lr,
+                args.output_dir,
+                args.overwrite,
+                _checkpointing(args),
+                args.max_nonfinite,
+            )
             _print(
                 f"dense {args.model}: "
                 + ", ".join(f"{k} {v:.2f}" for k, v in report["metrics"].items())
@@ -143,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
                 args.lr,
                 args.output_dir,
                 args.overwrite,
+                _checkpointing(args),
+                args.max_nonfinite,
             )
             from upop.report import comparison_table
 

@@ -116,10 +116,12 @@ class Pruner:
             total = total + weight * mask.abs().sum()
         return total
 
-    def step(self, grad_scale: float = 1.0) -> None:
+    def step(self, grad_scale: float = 1.0, skip: bool = False) -> None:
         """Call once after every optimizer step: accumulate the mask gradients of this step (averaged over ranks);
         every ``interval`` steps and at the last step, re-rank all elements and set the masks to the schedule.
-        ``grad_scale``: the loss scale of an fp16 grad scaler, divided out of the mask gradients."""
+        ``grad_scale``: the loss scale of an fp16 grad scaler, divided out of the mask gradients. ``skip``: the
+        training step was not taken (non-finite loss or gradients); its mask gradients are not accumulated either.
+        Skipped steps, and steps whose mask gradients are not finite, are counted in ``skipped_steps``."""
         grads = torch.cat(
             [m.grad.reshape(-1).float() if m.grad is not None else torch.zeros_like(m).reshape(-1) for m in self.masks]
         )
@@ -130,7 +132,7 @@ class Pruner:
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(grads, op=dist.ReduceOp.SUM)
             grads /= dist.get_world_size()
-        if torch.isfinite(grads).all():
+        if not skip and torch.isfinite(grads).all():
             for acc, g in zip(self.importance, torch.split(grads, [s.size for s in self.structures])):
                 acc += g
         else:
