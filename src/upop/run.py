@@ -137,6 +137,8 @@ class RunDir:
                 raise UPopError(f"the run in {self.path} was started with other settings: {diff}")
             if (self.path / "report.json").is_file():
                 self.done = json.loads((self.path / "report.json").read_text())
+                if info.is_main:
+                    print(f"upop: {self.path} is already complete (it has report.json); nothing to resume", flush=True)
         elif occupied and not overwrite:
             raise UPopError(
                 f"output directory {self.path} exists and is not empty; pass --overwrite to replace it "
