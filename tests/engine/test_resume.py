@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from helpers import CLI_DATA
 from safetensors.torch import load_file
 
@@ -133,3 +134,19 @@ def test_two_ranks_elastic_restart_after_a_rank_is_killed(tmp_path):
     assert result.returncode == 0, f"kill at step {kill_at}: {result.stderr[-3000:]}"
     assert ("resuming from" in result.stdout) == (kill_at >= 3), f"kill at step {kill_at}"
     assert_same_result(ref, out)
+
+
+def test_base_training_killed_and_resumed_gives_the_same_weights(tmp_path):
+    train = ["train", *CLI_DATA, "--epochs", "2", "--checkpoint-every", "3"]
+
+    def run(out: Path, kill_at: int, *extra: str) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, str(WORKER), str(kill_at), "0", *train, "--output-dir", str(out), *extra]
+        return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+
+    assert run(tmp_path / "ref", 0).returncode == 0
+    assert run(tmp_path / "run", 11).returncode == -9
+    resumed = run(tmp_path / "run", 0, "--resume")
+    assert resumed.returncode == 0 and "resuming from" in resumed.stdout, resumed.stderr[-2000:]
+    a, b = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("ref", "run"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert _log(tmp_path / "ref") == _log(tmp_path / "run")

@@ -119,7 +119,7 @@ def _all_ok(ok: bool, info: DistInfo) -> bool:
 class Checkpointer:
     """Writes checkpoints under ``root`` every ``every`` steps (0: only at epoch ends) and keeps the newest ``keep``.
 
-    ``write`` is the function that puts bytes into a file; tests replace it to simulate a crash or a full disk."""
+    ``write`` puts bytes into a file (default: ``write_file``); tests replace it to simulate a crash or a full disk."""
 
     def __init__(
         self,
@@ -127,11 +127,15 @@ class Checkpointer:
         info: DistInfo,
         every: int = 500,
         keep: int = 2,
-        write: Callable[[Path, bytes], None] = write_file,
+        write: Callable[[Path, bytes], None] | None = None,
         say: Callable[[str], None] | None = None,
     ) -> None:
-        self.root, self.info, self.every, self.keep, self.write = Path(root), info, every, keep, write
+        self.root, self.info, self.every, self.keep = Path(root), info, every, keep
+        self._writer = write
         self.say = say or (lambda msg: print(f"upop: {msg}", flush=True) if info.is_main else None)
+
+    def write(self, path: Path, data: bytes) -> None:
+        (self._writer or write_file)(path, data)
 
     @staticmethod
     def dirname(key: tuple[int, int], phase: str) -> str:

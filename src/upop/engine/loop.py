@@ -9,6 +9,7 @@ import json
 import math
 import os
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -249,7 +250,9 @@ def run_phase(
             sparsity = pruner.sparsity_loss() if pruner is not None else task_loss.new_zeros(())
             loss = task_loss.float() + sparsity
             grad_scale, taken = backward_and_step(loss, optimizer, scaler)
-            scheduler.step()
+            with warnings.catch_warnings():  # a skipped first optimizer step makes the scheduler warn; it is meant
+                warnings.simplefilter("ignore", UserWarning)
+                scheduler.step()
             if pruner is not None:
                 pruner.step(grad_scale=grad_scale, skip=not taken)
             loop["step"] += 1
