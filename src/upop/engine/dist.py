@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -40,8 +41,31 @@ def setup(device: str | None = None) -> DistInfo:
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        if "TORCHELASTIC_RESTART_COUNT" in os.environ:
+            dist.init_process_group(backend=backend, store=_attempt_store(rank, world), rank=rank, world_size=world)
+        else:
+            dist.init_process_group(backend=backend)
     return DistInfo(rank, world, local, dev)
+
+
+def _attempt_store(rank: int, world: int) -> dist.Store:
+    """The rendezvous store under torchrun, with keys prefixed by the restart attempt.
+
+    After ``torchrun --max-restarts`` restarts the workers, the store still holds the previous attempt's addresses
+    under the default keys, and the new group tries to connect to ranks that no longer exist (gloo: "Connection
+    refused"). A prefix per attempt gives every attempt fresh keys."""
+    attempt = os.environ["TORCHELASTIC_RESTART_COUNT"]
+    agent_serves = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        world,
+        is_master=rank == 0 and not agent_serves,
+        timeout=timedelta(minutes=10),
+        wait_for_workers=False,
+    )
+    return dist.PrefixStore(f"upop/attempt_{attempt}", store)
 
 
 def wrap(model: nn.Module, info: DistInfo) -> nn.Module:
