@@ -37,6 +37,9 @@ class BlockSpec:
         heads: attention heads of the block (None for an MLP).
         resize: ``resize(block, old, new)`` keeps the block's own attributes true after slicing.
         check: returns a reason why masking this block would not match slicing it (or None when it is fine).
+        at: the structure is this child of the matched block (e.g. "mlp" of a residual block holding attention and
+            MLP); rows/cols are then relative to it. A row may also name a 2-D weight parameter (a packed projection
+            such as ``in_proj_weight``); its bias is the parameter named with "bias" for "weight".
     """
 
     kind: str
@@ -47,6 +50,7 @@ class BlockSpec:
     heads: Callable[[nn.Module], int] | None = None
     resize: Callable[[nn.Module, int, int], None] | None = None
     check: Callable[[nn.Module], str | None] | None = None
+    at: str = ""
 
     def resolved_types(self) -> tuple[type, ...]:
         out = []
@@ -65,8 +69,18 @@ class Adapter:
     """A model family. Give ``name``, ``description`` and ``blocks`` to the constructor, or subclass and override
     ``matches``/``structures`` for a family whose blocks a table cannot describe."""
 
-    def __init__(self, name: str, description: str, blocks: tuple[BlockSpec, ...]) -> None:
-        self.name, self.description, self.blocks = name, description, tuple(blocks)
+    def __init__(
+        self,
+        name: str,
+        description: str,
+        blocks: tuple[BlockSpec, ...],
+        towers: tuple[tuple[str, str], ...] = (("", "vision"),),
+    ) -> None:
+        """``towers``: (module-name prefix, tower name) pairs, first match wins: which tower each structure is in."""
+        self.name, self.description, self.blocks, self.towers = name, description, tuple(blocks), tuple(towers)
+
+    def tower_of(self, name: str) -> str:
+        return next((tower for prefix, tower in self.towers if name.startswith(prefix)), "other")
 
     def matches(self, model: nn.Module) -> bool:
         types = tuple(t for spec in self.blocks for t in spec.resolved_types())
@@ -79,7 +93,9 @@ class Adapter:
         for name, module in model.named_modules():
             for spec, types in resolved:
                 if types and isinstance(module, types):
-                    found.append(self._structure(name, module, spec))
+                    target = module.get_submodule(spec.at) if spec.at else module
+                    path = ".".join(p for p in (name, spec.at) if p)
+                    found.append(self._structure(path, target, spec))
         return found
 
     def _structure(self, name: str, module: nn.Module, spec: BlockSpec) -> Structure:
@@ -91,13 +107,19 @@ class Adapter:
         def slots(pairs):
             out = []
             for child, groups in pairs:
-                linear = module.get_submodule(child)
-                if not isinstance(linear, nn.Linear):
+                g = int(groups(module) if callable(groups) else groups)
+                path = f"{name}.{child}" if name else child
+                owner_name, _, attr = child.rpartition(".")
+                owner = module.get_submodule(owner_name) if owner_name else module
+                target = getattr(owner, attr, None)
+                if isinstance(target, nn.Linear):
+                    out.append(Slot(path, target, g))
+                elif isinstance(target, nn.Parameter) and target.dim() == 2 and "weight" in attr:
+                    out.append(Slot(path, owner, g, attr, attr.replace("weight", "bias")))
+                else:
                     raise UPopError(
-                        f"{name}.{child} is a {type(linear).__name__}, the {self.name} adapter expects Linear"
+                        f"{path} is a {type(target).__name__}, the {self.name} adapter expects a Linear or a 2-D weight"
                     )
-                g = groups(module) if callable(groups) else groups
-                out.append(Slot(f"{name}.{child}" if name else child, linear, int(g)))
             return out
 
         return Structure(
@@ -109,6 +131,7 @@ class Adapter:
             heads=int(spec.heads(module)) if spec.heads else 0,
             module=module,
             resize=spec.resize,
+            tower=self.tower_of(name),
         )
 
 

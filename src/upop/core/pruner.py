@@ -10,7 +10,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from upop.adapters import find_adapter
@@ -18,28 +17,41 @@ from upop.config import PruneConfig
 from upop.core.plan import Plan, fingerprint
 from upop.core.profile import call_model
 from upop.core.ranking import pi_at, select, selected_value, standardise
-from upop.core.structure import Structure, slice_structure
+from upop.core.structure import Slot, Structure, slice_structure
 from upop.errors import UPopError
 
 STATE_VERSION = 1
 
 
-def _masked_linear_forward(linear: nn.Linear, x: torch.Tensor, *, mask: torch.Tensor, groups: int) -> torch.Tensor:
-    """Forward of a row linear whose output rows, laid out (groups, n), are scaled by ``mask`` (n,).
+def _masked_forward(module: nn.Module, *args: Any, mask: torch.Tensor, slot: Slot, **kwargs: Any) -> Any:
+    """Forward of a module whose projection ``slot`` (output rows laid out (groups, n)) is scaled by ``mask`` (n,).
 
     The mask scales the weight rows and bias instead of the output: (x W^T + b) * m == x (W * m)^T + b * m, but the
     extra work and memory are weight-sized rather than activation-sized, and the mask gradient comes from the weight
-    gradient the backward computes anyway. Multiplying by 1.0 is exact, so masks at 1 leave outputs bitwise unchanged.
+    gradient the backward computes anyway. The masked tensors stand in for the parameters during the class's own
+    forward (so a packed ``in_proj_weight`` is masked the same way as a Linear's weight). Multiplying by 1.0 is exact,
+    so masks at 1 leave outputs bitwise unchanged.
     """
-    m = mask.to(dtype=linear.weight.dtype, device=linear.weight.device)
-    m = m.repeat(groups) if groups > 1 else m
-    bias = linear.bias * m if linear.bias is not None else None
-    return F.linear(x, linear.weight * m.unsqueeze(1), bias)
+    params = module._parameters
+    weight, bias = params[slot.weight_name], params.get(slot.bias_name)
+    m = mask.to(dtype=weight.dtype, device=weight.device)
+    m = m.repeat(slot.groups) if slot.groups > 1 else m
+    params[slot.weight_name] = weight * m.unsqueeze(1)
+    if bias is not None:
+        params[slot.bias_name] = bias * m
+    try:
+        return type(module).forward(module, *args, **kwargs)
+    finally:
+        params[slot.weight_name] = weight
+        if bias is not None:
+            params[slot.bias_name] = bias
 
 
-def _attach_mask(linear: nn.Linear, mask: torch.Tensor, groups: int) -> None:
+def _attach_mask(slot: Slot, mask: torch.Tensor) -> None:
     # A method bound to the module (not a closure over it): a deep copy of the model binds to the copied module.
-    linear.forward = types.MethodType(functools.partial(_masked_linear_forward, mask=mask, groups=groups), linear)
+    # The slot is copied without its module so that the bound method does not keep the original alive.
+    bare = Slot(slot.path, None, slot.groups, slot.weight_name, slot.bias_name)  # type: ignore[arg-type]
+    slot.module.forward = types.MethodType(functools.partial(_masked_forward, mask=mask, slot=bare), slot.module)
 
 
 class Pruner:
@@ -103,7 +115,7 @@ class Pruner:
                 if "forward" in vars(slot.module):
                     self.detach()
                     raise UPopError(f"{slot.path} already has an instance-level forward (another tool's patch)")
-                _attach_mask(slot.module, mask, slot.groups)
+                _attach_mask(slot, mask)
                 self._patched.append(slot.module)
         model._upop_pruner = self
 

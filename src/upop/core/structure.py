@@ -4,7 +4,9 @@ A structure of size n owns, in each of its *row* linears, the output rows laid o
 a fused qkv projection, heads for a separate q, k or v projection, 1 for an MLP's first layer), and in each of its
 *column* linears the input columns laid out as (G, n) (heads for an attention output projection, 1 for an MLP's
 second layer). Element j of the mask scales row/column j of every group. This one layout covers fused qkv (timm),
-separate q/k/v (HF ViT/DeiT, CLIP, BLIP, BERT), cross-attention (rows of another input width) and MLP pairs.
+separate q/k/v (HF ViT/DeiT, CLIP, BLIP, BERT), packed ``in_proj_weight`` (``nn.MultiheadAttention``: a row "linear"
+that is a weight/bias pair of parameters of the attention module itself), cross-attention (rows of another input
+width) and MLP pairs.
 """
 
 from __future__ import annotations
@@ -22,11 +24,40 @@ KINDS = ("attn", "mlp")
 
 @dataclass
 class Slot:
-    """A linear layer of a structure. ``path`` is its name in the model, ``groups`` the G of the (G, n) layout."""
+    """A weight matrix (out, in) and its bias of a structure: by default a Linear's ``weight`` and ``bias``; for a
+    packed projection, the parameters ``weight``/``bias`` names of ``module`` (e.g. ``in_proj_weight``). ``path`` is
+    its name in the model, ``groups`` the G of the (G, n) layout."""
 
     path: str
-    module: nn.Linear
+    module: nn.Module
     groups: int
+    weight_name: str = "weight"
+    bias_name: str = "bias"
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return getattr(self.module, self.weight_name)
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.module, self.bias_name, None)
+
+    @property
+    def out_features(self) -> int:
+        return int(self.weight.shape[0])
+
+    @property
+    def in_features(self) -> int:
+        return int(self.weight.shape[1])
+
+    def set(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        """Replace the weight (and bias) by new parameters; a Linear's feature counts follow."""
+        old = self.weight
+        setattr(self.module, self.weight_name, nn.Parameter(weight.clone(), requires_grad=old.requires_grad))
+        if bias is not None:
+            setattr(self.module, self.bias_name, nn.Parameter(bias.clone(), requires_grad=self.bias.requires_grad))
+        if isinstance(self.module, nn.Linear):
+            self.module.out_features, self.module.in_features = weight.shape
 
 
 @dataclass
@@ -44,6 +75,7 @@ class Structure:
         resize: adapter callback ``resize(module, old_size, new_size)`` that makes the block's own bookkeeping true
             after slicing (head_dim, all_head_size, softmax scale...).
         tokens: tokens per sample seen by the row linears at the profiling input (set when a FLOPs cost is asked).
+        tower: the tower the structure is in ("vision", "text", ...), for per-tower reports and restrictions.
     """
 
     name: str
@@ -55,28 +87,29 @@ class Structure:
     module: nn.Module | None = None
     resize: Callable[[nn.Module, int, int], None] | None = None
     tokens: int = 0
+    tower: str = "vision"
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"structure kind must be one of {KINDS}, got {self.kind!r}")
         for slot in self.rows:
-            if slot.module.out_features != slot.groups * self.size:
+            if slot.out_features != slot.groups * self.size:
                 raise UPopError(
-                    f"{self.name}: {slot.path} has {slot.module.out_features} outputs, not {slot.groups} x {self.size}"
+                    f"{self.name}: {slot.path} has {slot.out_features} outputs, not {slot.groups} x {self.size}"
                 )
         for slot in self.cols:
-            if slot.module.in_features != slot.groups * self.size:
+            if slot.in_features != slot.groups * self.size:
                 raise UPopError(
-                    f"{self.name}: {slot.path} has {slot.module.in_features} inputs, not {slot.groups} x {self.size}"
+                    f"{self.name}: {slot.path} has {slot.in_features} inputs, not {slot.groups} x {self.size}"
                 )
 
     def element_params(self) -> int:
         """Parameters one element owns: its rows (with bias) in every row linear, its columns in every column linear."""
         n = 0
         for slot in self.rows:
-            n += slot.groups * (slot.module.in_features + (slot.module.bias is not None))
+            n += slot.groups * (slot.in_features + (slot.bias is not None))
         for slot in self.cols:
-            n += slot.groups * slot.module.out_features
+            n += slot.groups * slot.out_features
         return n
 
     def element_flops(self) -> int:
@@ -86,9 +119,9 @@ class Structure:
             raise UPopError(f"{self.name}: no token count; a FLOPs cost needs example inputs given to the Pruner")
         macs = 0
         for slot in self.rows:
-            macs += slot.groups * slot.module.in_features * self.tokens
+            macs += slot.groups * slot.in_features * self.tokens
         for slot in self.cols:
-            macs += slot.groups * slot.module.out_features * self.tokens
+            macs += slot.groups * slot.out_features * self.tokens
         macs += self.heads * 2 * self.tokens * self.tokens
         return 2 * macs
 
@@ -96,21 +129,18 @@ class Structure:
         return self.element_params() if cost == "params" else self.element_flops()
 
 
-def slice_rows(linear: nn.Linear, groups: int, size: int, keep: torch.Tensor) -> None:
-    """Keep output rows ``keep`` of every group of ``linear`` (laid out as (groups, size)), in place."""
-    w = linear.weight.detach().unflatten(0, (groups, size))[:, keep].flatten(0, 1)
-    linear.weight = nn.Parameter(w.clone(), requires_grad=linear.weight.requires_grad)
-    if linear.bias is not None:
-        b = linear.bias.detach().unflatten(0, (groups, size))[:, keep].flatten(0, 1)
-        linear.bias = nn.Parameter(b.clone(), requires_grad=linear.bias.requires_grad)
-    linear.out_features = w.shape[0]
+def slice_rows(slot: Slot, size: int, keep: torch.Tensor) -> None:
+    """Keep output rows ``keep`` of every group of ``slot`` (laid out as (groups, size)), in place."""
+    w = slot.weight.detach().unflatten(0, (slot.groups, size))[:, keep].flatten(0, 1)
+    b = slot.bias
+    b = b.detach().unflatten(0, (slot.groups, size))[:, keep].flatten(0, 1) if b is not None else None
+    slot.set(w, b)
 
 
-def slice_cols(linear: nn.Linear, groups: int, size: int, keep: torch.Tensor) -> None:
-    """Keep input columns ``keep`` of every group of ``linear`` (laid out as (groups, size)), in place."""
-    w = linear.weight.detach().unflatten(1, (groups, size))[:, :, keep].flatten(1, 2)
-    linear.weight = nn.Parameter(w.clone(), requires_grad=linear.weight.requires_grad)
-    linear.in_features = w.shape[1]
+def slice_cols(slot: Slot, size: int, keep: torch.Tensor) -> None:
+    """Keep input columns ``keep`` of every group of ``slot`` (laid out as (groups, size)), in place."""
+    w = slot.weight.detach().unflatten(1, (slot.groups, size))[:, :, keep].flatten(1, 2)
+    slot.set(w, None)
 
 
 def slice_structure(structure: Structure, keep: torch.Tensor) -> None:
@@ -123,9 +153,9 @@ def slice_structure(structure: Structure, keep: torch.Tensor) -> None:
         raise UPopError(f"{structure.name}: kept indices must lie in [0, {structure.size}), got {keep.tolist()}")
     old = structure.size
     for slot in structure.rows:
-        slice_rows(slot.module, slot.groups, old, keep)
+        slice_rows(slot, old, keep)
     for slot in structure.cols:
-        slice_cols(slot.module, slot.groups, old, keep)
+        slice_cols(slot, old, keep)
     structure.size = int(keep.numel())
     if structure.resize is not None and structure.module is not None:
         structure.resize(structure.module, old, structure.size)
