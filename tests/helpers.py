@@ -49,10 +49,91 @@ def hf_deit(**kw) -> nn.Module:
     return hf_vit(family="deit", **kw)
 
 
+class DualEncoderUnderTest(nn.Module):
+    """Calls a two-tower CLIP model as ``model(images)``, so that every property test can feed it images: the text
+    tower reads token ids derived from the batch (fixed per batch size, with padding and a causal mask), and the
+    output concatenates the image and text embeddings. The CLIP model is the child ``clip``."""
+
+    def __init__(self, clip: nn.Module, vocab: int, length: int = 7) -> None:
+        super().__init__()
+        self.clip, self.vocab, self.length = clip, vocab, length
+
+    def tokens(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        g = torch.Generator().manual_seed(n)
+        ids = torch.randint(3, self.vocab - 1, (n, self.length), generator=g)
+        lengths = torch.randint(2, self.length + 1, (n,), generator=g)
+        pos = torch.arange(self.length)
+        ids[pos >= lengths[:, None]] = 0  # padding
+        ids[torch.arange(n), lengths - 1] = self.vocab - 1  # end-of-text: the highest id, at the end
+        return ids, (pos < lengths[:, None]).long()
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        ids, attention = self.tokens(images.shape[0])
+        if hasattr(self.clip, "get_image_features"):  # HF
+            img = self.clip.get_image_features(pixel_values=images).pooler_output
+            txt = self.clip.get_text_features(input_ids=ids, attention_mask=attention).pooler_output
+        else:  # open_clip
+            img, txt = self.clip.encode_image(images), self.clip.encode_text(ids)
+        return torch.cat([img, txt], dim=-1)
+
+
+def hf_clip(heads: int = 3, head_dim: int = 7, depth: int = 2, mlp_hidden: int = 19, image: int = 16) -> nn.Module:
+    """HF CLIPModel; the text tower is wider per head and has another MLP width than the vision tower."""
+    from transformers import CLIPConfig, CLIPModel
+
+    vocab = 50
+    text = dict(
+        vocab_size=vocab,
+        hidden_size=2 * (head_dim + 1),
+        num_attention_heads=2,
+        num_hidden_layers=depth,
+        intermediate_size=mlp_hidden + 3,
+        max_position_embeddings=16,
+        eos_token_id=vocab - 1,
+        pad_token_id=0,
+        bos_token_id=1,
+    )
+    vision = dict(
+        hidden_size=heads * head_dim,
+        num_attention_heads=heads,
+        num_hidden_layers=depth,
+        intermediate_size=mlp_hidden,
+        image_size=image,
+        patch_size=4,
+    )
+    config = CLIPConfig(text_config=text, vision_config=vision, projection_dim=12)
+    return DualEncoderUnderTest(CLIPModel(config), vocab)
+
+
+def open_clip_model(
+    heads: int = 3, head_dim: int = 7, depth: int = 2, mlp_hidden: int = 19, image: int = 16
+) -> nn.Module:
+    """open_clip CLIP (nn.MultiheadAttention with packed in_proj); the text tower has another width and MLP ratio."""
+    from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+
+    vocab = 50
+    width = heads * head_dim
+    vision = CLIPVisionCfg(
+        layers=depth, width=width, head_width=head_dim, mlp_ratio=mlp_hidden / width, patch_size=4, image_size=image
+    )
+    text_width = 2 * (head_dim + 1)
+    text = CLIPTextCfg(
+        context_length=7,
+        vocab_size=vocab,
+        width=text_width,
+        heads=2,
+        layers=depth,
+        mlp_ratio=(mlp_hidden + 3) / text_width,
+    )
+    return DualEncoderUnderTest(CLIP(embed_dim=12, vision_cfg=vision, text_cfg=text), vocab)
+
+
 # adapter name -> model factories (each takes heads, head_dim, depth, mlp_hidden, image)
 ADAPTER_MODELS = {
     "timm-vit": [timm_vit],
     "hf-vit": [hf_vit, hf_deit],
+    "hf-clip": [hf_clip],
+    "open-clip": [open_clip_model],
 }
 
 # (heads, head_dim, depth, mlp_hidden): odd head dims, one head, odd widths

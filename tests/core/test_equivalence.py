@@ -66,7 +66,7 @@ def test_exact_masks_equal_compressed_outputs(adapter, factory, size):
     for s, entry in zip(pruner.structures, compressed._upop_plan.structures):
         assert s.size == len(entry["kept"])
         for slot in s.rows:
-            assert slot.module.out_features == slot.groups * len(entry["kept"])
+            assert slot.out_features == slot.groups * len(entry["kept"])
 
 
 def test_timm_unfused_attention_path_keeps_the_original_scale():
