@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 import time
@@ -22,6 +21,9 @@ import upop
 from upop import run
 from upop.models import build_model, load_weights
 from upop.tasks import get_task
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import paired_latency  # noqa: E402
 
 HERE = Path(__file__).parent
 ROOT = HERE.parent
@@ -39,25 +41,6 @@ def base_model(path: Path, epochs: int) -> Path:
     if not (path / "model.safetensors").is_file():
         run.train(run.RunConfig(model="vit-tiny"), epochs=epochs, lr=2e-3, output_dir=str(path))
     return path / "model.safetensors"
-
-
-def paired_latency(models: dict, x: torch.Tensor, iters: int, warmup: int = 5) -> tuple[dict, dict]:
-    """Forwards of every model back to back, ``iters`` times (the order alternating). Returns (median seconds per
-    model, speedup of each model over models["dense"] as the median of the per-iteration ratios). Load from other
-    tenants drifts slowly, so ratios of adjacent forwards are far steadier than ratios of separate medians."""
-    times: dict = {k: [] for k in models}
-    for m in models.values():
-        m.eval()
-    with torch.inference_mode():
-        for i in range(warmup + iters):
-            for name, model in list(models.items())[:: 1 if i % 2 else -1]:
-                start = time.perf_counter()
-                model(x)
-                if i >= warmup:
-                    times[name].append(time.perf_counter() - start)
-    dense = times["dense"]
-    speedup = {k: statistics.median(d / t for d, t in zip(dense, v)) for k, v in times.items()}
-    return {k: statistics.median(v) for k, v in times.items()}, speedup
 
 
 def deit_small_row(iters: int, align_attn: int = 1, align_mlp: int = 1) -> dict[str, float]:

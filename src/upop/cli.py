@@ -20,18 +20,21 @@ def _common(p: argparse.ArgumentParser, fallback_to_saved: bool = False) -> None
             kw["default"] = argparse.SUPPRESS
         p.add_argument(*names, **kw)
 
-    arg("--task", default="classification", help="task plug-in (default: classification)")
+    arg("--task", default="classification", help="classification | retrieval (default: classification)")
     arg(
         "--model",
         default="vit-tiny",
-        help="vit-tiny | vit-micro (built-in), timm:ARCH (e.g. timm:deit_small_patch16_224), hf:PATH",
+        help="vit-tiny | vit-micro | clip-tiny | clip-micro (built-in), timm:ARCH (e.g. timm:deit_small_patch16_224), "
+        "hf:PATH, open_clip:ARCH:WEIGHTS (ARCH: an open_clip name or a model-config JSON)",
     )
     arg(
         "--data",
         default=None,
-        help="dataset folder in the task's format (ImageNet-style root/train, root/val); "
+        help="dataset folder in the task's format (classification: ImageNet-style root/train, root/val; retrieval: "
+        "Karpathy-format root/*train.json and root/*val.json); "
         "default: the built-in shapes world",
     )
+    arg("--image-root", default=None, help="folder the annotation files' image paths are relative to (default: --data)")
     arg("--image-size", type=int, default=None, help="input side in pixels (default: the model's)")
     arg("--train-size", type=int, default=20000, help="built-in scenes in the training split")
     arg("--val-size", type=int, default=2000, help="built-in scenes in the validation split")
@@ -104,6 +107,15 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--align-mlp", type=int, default=1, help="keep a multiple of this many neurons per MLP (e.g. 32; default 1)"
     )
+    c.add_argument(
+        "--allocation",
+        choices=("unified", "uniform"),
+        default="unified",
+        help="unified: one budget ranked over every structure of every tower (UPop); uniform: p in each structure",
+    )
+    c.add_argument(
+        "--towers", default=None, help="prune only these towers, comma-separated (e.g. vision or text; default: all)"
+    )
     c.add_argument("--exclude", action="append", default=[], help="module name or re:PATTERN not to prune (repeatable)")
     _run_flags(c, "plan.json, model.safetensors")
 
@@ -117,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
 # CLI flag (argparse dest) -> DataConfig field
 _DATA_FLAGS = {
     "data": "root",
+    "image_root": "image_root",
     "image_size": "image_size",
     "train_size": "train_size",
     "val_size": "val_size",
@@ -169,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
                 exclude=tuple(args.exclude),
                 align_attn=args.align_attn,
                 align_mlp=args.align_mlp,
+                allocation=args.allocation,
+                towers=tuple(t for t in (args.towers or "").split(",") if t),
             )
             report = run.compress(
                 _run_config(args),

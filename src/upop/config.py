@@ -11,6 +11,7 @@ from upop.errors import UPopError
 
 CONFIG_VERSION = 1
 COST_MODELS = ("params", "flops")
+ALLOCATIONS = ("unified", "uniform")
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,10 @@ class PruneConfig:
         align_attn / align_mlp: keep a multiple of this many head dimensions / MLP neurons per structure (1, the
             paper's setting). E.g. 8 and 32 give widths that CPU and GPU kernels run at full speed, at a coarser
             budget granularity.
+        allocation: "unified" (default, UPop): one ranking over every structure of every tower decides where the
+            budget goes; "uniform": the same fraction p removed from each structure separately, ranked within it (the
+            hand-picked-ratio baseline UPop is compared with).
+        towers: prune only the structures of these towers (e.g. ("vision",)); empty = every tower.
         version: format version of this config, stored beside every output.
     """
 
@@ -42,6 +47,8 @@ class PruneConfig:
     exclude: tuple[str, ...] = field(default_factory=tuple)
     align_attn: int = 1
     align_mlp: int = 1
+    allocation: str = "unified"
+    towers: tuple[str, ...] = field(default_factory=tuple)
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
@@ -61,7 +68,10 @@ class PruneConfig:
                 raise UPopError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if self.cost not in COST_MODELS:
             raise UPopError(f"cost must be one of {', '.join(COST_MODELS)}, got {self.cost!r}")
+        if self.allocation not in ALLOCATIONS:
+            raise UPopError(f"allocation must be one of {', '.join(ALLOCATIONS)}, got {self.allocation!r}")
         object.__setattr__(self, "exclude", tuple(self.exclude))
+        object.__setattr__(self, "towers", tuple(self.towers))
         for pattern in self.exclude:
             if pattern.startswith("re:"):
                 try:
@@ -84,6 +94,7 @@ class PruneConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["exclude"] = list(self.exclude)
+        d["towers"] = list(self.towers)
         return d
 
     @classmethod
@@ -91,6 +102,7 @@ class PruneConfig:
         """Build from ``to_dict`` output; unknown keys (from newer versions) are ignored."""
         known = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in d.items() if k in known}
-        if "exclude" in kwargs:
-            kwargs["exclude"] = tuple(kwargs["exclude"])
+        for key in ("exclude", "towers"):
+            if key in kwargs:
+                kwargs[key] = tuple(kwargs[key])
         return cls(**kwargs)

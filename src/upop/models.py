@@ -3,6 +3,7 @@ of a state dict from a local file."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,14 +40,66 @@ class BuiltinViT:
         )
 
 
-BUILTIN_MODELS: dict[str, BuiltinViT] = {
+@dataclass(frozen=True)
+class BuiltinCLIP:
+    """An HF CLIPModel config small enough to train on 2 CPU cores, with the word-level tokenizer of the built-in
+    captions. The two towers have different widths."""
+
+    image_size: int
+    patch_size: int
+    vision_width: int
+    vision_heads: int
+    text_width: int
+    text_heads: int
+    depth: int
+    embed_dim: int = 64
+    kind: str = "dual_encoder"
+
+    def build(self, num_classes: int, image_size: int | None = None) -> nn.Module:
+        from transformers import CLIPConfig, CLIPModel
+
+        from upop.data.captions import WordTokenizer
+
+        tokenizer = WordTokenizer()
+        text = dict(
+            vocab_size=tokenizer.vocab_size,
+            hidden_size=self.text_width,
+            num_attention_heads=self.text_heads,
+            num_hidden_layers=self.depth,
+            intermediate_size=4 * self.text_width,
+            max_position_embeddings=tokenizer.context_length,
+            pad_token_id=tokenizer.pad_id,
+            bos_token_id=tokenizer.bos_id,
+            eos_token_id=tokenizer.eos_id,
+        )
+        vision = dict(
+            hidden_size=self.vision_width,
+            num_attention_heads=self.vision_heads,
+            num_hidden_layers=self.depth,
+            intermediate_size=4 * self.vision_width,
+            image_size=image_size or self.image_size,
+            patch_size=self.patch_size,
+        )
+        model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=self.embed_dim))
+        model.upop_tokenizer = tokenizer
+        return model
+
+
+BUILTIN_MODELS: dict[str, BuiltinViT | BuiltinCLIP] = {
     "vit-tiny": BuiltinViT(image_size=32, patch_size=8, embed_dim=64, depth=4, num_heads=2),
     "vit-micro": BuiltinViT(image_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0),
+    "clip-tiny": BuiltinCLIP(
+        image_size=32, patch_size=8, vision_width=64, vision_heads=2, text_width=48, text_heads=2, depth=3
+    ),
+    "clip-micro": BuiltinCLIP(
+        image_size=16, patch_size=4, vision_width=32, vision_heads=2, text_width=24, text_heads=2, depth=2, embed_dim=16
+    ),
 }
+MODEL_KINDS = {"classifier": "an image classifier", "dual_encoder": "a dual (image-text) encoder"}
 
 
 def model_names() -> str:
-    return ", ".join([*BUILTIN_MODELS, "timm:ARCH", "hf:PATH"])
+    return ", ".join([*BUILTIN_MODELS, "timm:ARCH", "hf:PATH", "open_clip:ARCH:WEIGHTS"])
 
 
 def default_image_size(spec: str) -> int | None:
@@ -54,15 +107,31 @@ def default_image_size(spec: str) -> int | None:
     return BUILTIN_MODELS[spec].image_size if spec in BUILTIN_MODELS else None
 
 
-def build_model(spec: str, num_classes: int, image_size: int | None = None) -> nn.Module:
-    """A dense model with freshly initialised weights (nothing is downloaded).
+def build_model(spec: str, num_classes: int, image_size: int | None = None, kind: str = "classifier") -> nn.Module:
+    """A dense model with freshly initialised weights (nothing is downloaded), of the ``kind`` the task needs.
 
-    ``spec``: a built-in name (``vit-tiny``), ``timm:ARCH`` (any timm architecture, e.g.
-    ``timm:deit_small_patch16_224``) or ``hf:PATH`` (a local HF transformers directory with config.json and weights,
-    loaded with from_pretrained)."""
+    ``spec``: a built-in name (``vit-tiny``, ``clip-tiny``), ``timm:ARCH`` (any timm architecture, e.g.
+    ``timm:deit_small_patch16_224``), ``hf:PATH`` (a local HF transformers directory with config.json and weights,
+    loaded with from_pretrained; a CLIPModel for dual encoders, with its tokenizer files) or, for dual encoders,
+    ``open_clip:ARCH:WEIGHTS`` (an open_clip architecture name or model-config JSON, and a local state dict in
+    open_clip/OpenAI format; ``open_clip:ARCH`` alone builds random weights)."""
     if spec in BUILTIN_MODELS:
-        return BUILTIN_MODELS[spec].build(num_classes, image_size)
-    kind, _, arg = spec.partition(":")
+        builtin = BUILTIN_MODELS[spec]
+        own = getattr(builtin, "kind", "classifier")
+        if own != kind:
+            raise UPopError(f"{spec} is {MODEL_KINDS[own]}; this task needs {MODEL_KINDS[kind]}")
+        return builtin.build(num_classes, image_size)
+    family, _, arg = spec.partition(":")
+    if kind == "dual_encoder":
+        if family == "hf" and arg:
+            return _load_hf_clip(Path(arg))
+        if family == "open_clip" and arg:
+            return _load_open_clip(arg)
+        raise UPopError(
+            f"model {spec!r} is not a dual encoder; accepted: clip-tiny, clip-micro, hf:PATH (CLIPModel), "
+            "open_clip:ARCH:WEIGHTS"
+        )
+    kind, arg = family, arg
     if kind == "timm" and arg:
         import timm
 
@@ -100,12 +169,86 @@ def _load_hf(path: Path, num_classes: int) -> nn.Module:
     return AutoModelForImageClassification.from_pretrained(str(path), **kwargs)
 
 
+def _load_hf_clip(path: Path) -> nn.Module:
+    from transformers import AutoConfig, AutoTokenizer, CLIPModel
+
+    if not (path / "config.json").is_file():
+        raise UPopError(f"{path} is not an HF model directory (no config.json)")
+    config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    if config.model_type != "clip":
+        raise UPopError(f"{path} holds a {config.model_type!r} model; the retrieval task needs a CLIP model")
+    has_weights = any(path.glob("*.safetensors")) or any(path.glob("*.bin"))
+    model = CLIPModel.from_pretrained(str(path), local_files_only=True) if has_weights else CLIPModel(config)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError, TypeError) as e:
+        raise UPopError(f"{path} has no usable tokenizer files ({str(e).splitlines()[0][:120]})") from None
+    length = min(int(getattr(tokenizer, "model_max_length", 77) or 77), config.text_config.max_position_embeddings)
+
+    def tokenize(texts: list[str]) -> dict[str, torch.Tensor]:
+        return dict(tokenizer(texts, padding="max_length", truncation=True, max_length=length, return_tensors="pt"))
+
+    model.upop_tokenizer = tokenize
+    return model
+
+
+def _load_open_clip(arg: str) -> nn.Module:
+    """``ARCH[:WEIGHTS]``: ARCH an open_clip model name or a model-config JSON file ({"embed_dim", "vision_cfg",
+    "text_cfg"}); WEIGHTS a local state dict (open_clip or OpenAI key format), read without executing pickled code."""
+    import open_clip
+
+    arch, _, weights = arg.partition(":")
+    if arch.endswith(".json"):
+        try:
+            cfg = json.loads(Path(arch).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise UPopError(f"cannot read the open_clip model config {arch}: {e}") from None
+        try:
+            model = open_clip.model.CLIP(**cfg)
+        except TypeError as e:
+            raise UPopError(f"{arch} is not an open_clip model config: {e}") from None
+        tokenizer = _open_clip_tokenizer(model, arch)
+    else:
+        if arch not in open_clip.list_models():
+            raise UPopError(f"open_clip has no architecture {arch!r} (give a name from open_clip.list_models())")
+        model = open_clip.create_model(arch, pretrained=None)
+        tokenizer = open_clip.get_tokenizer(arch)
+    if weights:
+        load_weights(model, weights)
+    model.upop_tokenizer = tokenizer
+    return model
+
+
+def _open_clip_tokenizer(model: nn.Module, arch: str) -> Any:
+    """The tokenizer of a CLIP built from a config file: open_clip's BPE tokenizer for its vocabulary size, the
+    built-in word tokenizer for the shapes-world vocabulary (e.g. a tiny open_clip trained on the built-in data)."""
+    from open_clip.tokenizer import SimpleTokenizer
+
+    from upop.data.captions import VOCAB, WordTokenizer
+
+    vocab, context = model.vocab_size, model.context_length
+    if vocab == len(VOCAB):
+        return WordTokenizer(context_length=context)
+    bpe = SimpleTokenizer(context_length=context)
+    if vocab < len(bpe.encoder):
+        raise UPopError(
+            f"{arch}: a text vocabulary of {vocab} fits neither open_clip's tokenizer ({len(bpe.encoder)} tokens) "
+            f"nor the built-in captions' ({len(VOCAB)} words)"
+        )
+    return bpe
+
+
 def model_image_size(model: nn.Module) -> int:
     """The square input size a built model expects."""
     pe = getattr(model, "patch_embed", None)
     if pe is not None and getattr(pe, "img_size", None):
         return int(pe.img_size[0])
+    visual = getattr(model, "visual", None)  # open_clip
+    if visual is not None and getattr(visual, "image_size", None):
+        size = visual.image_size
+        return int(size[0] if isinstance(size, (tuple, list)) else size)
     config = getattr(model, "config", None)
+    config = getattr(config, "vision_config", config)  # CLIP: the vision tower's
     if config is not None and getattr(config, "image_size", None):
         size = config.image_size
         return int(size[0] if isinstance(size, (tuple, list)) else size)

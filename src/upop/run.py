@@ -24,7 +24,7 @@ from upop.engine.checkpoint import Checkpointer, Snapshot, atomic_write
 from upop.engine.loop import JsonlLog, Phase, make_loaders, run_phase
 from upop.errors import UPopError
 from upop.models import build_model, default_image_size, load_weights, model_image_size
-from upop.report import comparison_table
+from upop.report import comparison_table, heatmap_png, kept_by_tower
 from upop.tasks import get_task
 from upop.tasks.base import DataConfig
 
@@ -65,7 +65,7 @@ def prepare(cfg: RunConfig) -> Setup:
     task = get_task(cfg.task)
     image_size = cfg.data.image_size or default_image_size(cfg.model)
     if image_size is None:
-        image_size = model_image_size(build_model(cfg.model, 1))
+        image_size = model_image_size(build_model(cfg.model, 1, kind=task.model_kind))
     train, val = task.datasets(dataclasses.replace(cfg.data, image_size=image_size))
     loaders = make_loaders(train, val, cfg.batch_size, info, cfg.seed)
     return Setup(info, task, loaders, task.num_outputs(train), image_size)
@@ -73,7 +73,7 @@ def prepare(cfg: RunConfig) -> Setup:
 
 def new_model(cfg: RunConfig, setup: Setup, pretrained: str | None = None) -> torch.nn.Module:
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    model = build_model(cfg.model, setup.num_outputs, cfg.data.image_size)
+    model = build_model(cfg.model, setup.num_outputs, cfg.data.image_size, kind=setup.task.model_kind)
     if pretrained:
         load_weights(model, pretrained)
     return model.to(setup.info.device)
@@ -243,10 +243,23 @@ def train(
     return report
 
 
+def _example(task: Any, loaders: tuple, model: torch.nn.Module, info: D.DistInfo) -> Any:
+    example = task.example_inputs(next(iter(loaders[1])), model)
+    return example.to(info.device) if isinstance(example, torch.Tensor) else example
+
+
+def batch_size_of(example: Any) -> int:
+    """The batch size of model inputs (a tensor, or the first tensor of a tuple or dict)."""
+    if isinstance(example, torch.Tensor):
+        return int(example.shape[0])
+    values = example.values() if isinstance(example, dict) else example
+    return next(int(v.shape[0]) for v in values if isinstance(v, torch.Tensor))
+
+
 def _measure(model: torch.nn.Module, task: Any, loaders: tuple, info: D.DistInfo, example: Any) -> dict[str, Any]:
     metrics = task.evaluate(model, loaders[1], info.device)
     stats = profile(model, example)
-    batch = example.shape[0] if isinstance(example, torch.Tensor) else 1
+    batch = batch_size_of(example)
     return {
         "metrics": metrics,
         "params": stats["params"],
@@ -292,8 +305,7 @@ def compress(
     out = RunDir(output_dir, config, overwrite, ckpt, info)
     if out.done is not None:
         return out.done
-    example = task.example_inputs(next(iter(loaders[1])))
-    example = example.to(info.device) if isinstance(example, torch.Tensor) else example
+    example = _example(task, loaders, model, info)
     retrain_from = out.resume_from(1)
     if retrain_from is None:
         search_from = out.resume_from(0)
@@ -345,7 +357,7 @@ def compress(
         "p": prune.p,
         "cost": prune.cost,
         "device": str(info.device),
-        "latency_batch": int(example.shape[0]) if isinstance(example, torch.Tensor) else 1,
+        "latency_batch": batch_size_of(example),
         "dense": dense,
         "compressed": compressed,
         "searched_metrics": searched["metrics"],
@@ -354,11 +366,21 @@ def compress(
         "nonfinite_search_steps": searched["nonfinite_mask_steps"],
         "nonfinite_steps": {"search": searched["nonfinite_steps"], "retrain": retrain["nonfinite_steps"]},
         "per_structure": [
-            {"name": s["name"], "kind": s["kind"], "kept": len(s["kept"]), "size": s["size"]}
+            {
+                "name": s["name"],
+                "kind": s["kind"],
+                "tower": s.get("tower", "vision"),
+                "kept": len(s["kept"]),
+                "size": s["size"],
+            }
             for s in model._upop_plan.structures
         ],
     }
-    out.finish(report, {"report.md": (comparison_table(report) + "\n").encode()}, lambda d: save_compressed(model, d))
+    report["kept_by_tower"] = kept_by_tower(report["per_structure"])
+    files = {"report.md": (comparison_table(report) + "\n").encode()}
+    if info.is_main:
+        files["kept.png"] = heatmap_png(report["per_structure"], f"{cfg.model}, p={prune.p} ({prune.allocation})")
+    out.finish(report, files, lambda d: save_compressed(model, d))
     return report
 
 
@@ -378,10 +400,10 @@ def evaluate(cfg: RunConfig, compressed: str | None = None, pretrained: str | No
         raise UPopError("evaluate needs exactly one of --compressed DIR or --pretrained FILE")
     setup = prepare(cfg)
     if compressed is not None:
-        model = load_compressed(build_model(cfg.model, setup.num_outputs, cfg.data.image_size), compressed)
+        dense = build_model(cfg.model, setup.num_outputs, cfg.data.image_size, kind=setup.task.model_kind)
+        model = load_compressed(dense, compressed)
         model = model.to(setup.info.device)
     else:
         model = new_model(cfg, setup, pretrained)
-    example = setup.task.example_inputs(next(iter(setup.loaders[1])))
-    example = example.to(setup.info.device) if isinstance(example, torch.Tensor) else example
+    example = _example(setup.task, setup.loaders, model, setup.info)
     return _measure(model, setup.task, setup.loaders, setup.info, example)

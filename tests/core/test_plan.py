@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from helpers import build, hf_vit, images, logits, timm_vit
+from helpers import build, hf_clip, hf_vit, images, logits, open_clip_model, timm_vit
 
 import upop
 
@@ -23,7 +23,7 @@ def _compressed(factory, size, tmp_path, seed=0):
     return model
 
 
-@pytest.mark.parametrize("factory", [timm_vit, hf_vit])
+@pytest.mark.parametrize("factory", [timm_vit, hf_vit, hf_clip, open_clip_model])
 def test_save_load_round_trip_gives_identical_outputs(factory, tmp_path):
     size = (3, 7, 2, 19)
     model = _compressed(factory, size, tmp_path)

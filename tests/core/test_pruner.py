@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import build, hf_vit, images, logits, timm_vit
+from helpers import build, hf_clip, hf_vit, images, logits, open_clip_model, timm_vit
 
 import upop
 from upop.core.ranking import pi_at
@@ -29,7 +29,7 @@ def _search(model, config, steps=None, example=None, optimizer_first=True):
     return pruner, opt
 
 
-@pytest.mark.parametrize("factory", [timm_vit, hf_vit])
+@pytest.mark.parametrize("factory", [timm_vit, hf_vit, hf_clip, open_clip_model])
 @pytest.mark.parametrize("cost", ["params", "flops"])
 @pytest.mark.parametrize("p", [0.3, 0.5, 0.75])
 def test_end_of_search_meets_the_budget_and_masks_are_exact(factory, cost, p):
@@ -153,3 +153,28 @@ def test_aligned_search_keeps_hardware_friendly_widths():
 def test_align_must_be_positive():
     with pytest.raises(upop.UPopError, match="align_mlp must be a positive integer"):
         upop.PruneConfig(align_mlp=0)
+
+
+@pytest.mark.parametrize("factory", [hf_clip, open_clip_model])
+def test_one_budget_spans_both_towers_and_uniform_allocation_prunes_each_structure_alike(factory):
+    model = build(factory, (4, 8, 3, 64))
+    unified, _ = _search(model, upop.PruneConfig(p=0.5, total_steps=12, interval=5))
+    assert {s.tower for s in unified.structures} == {"vision", "text"}
+    assert abs(unified.pruned_cost_fraction() - 0.5) <= 0.01
+    per_structure = [float(c.float().mean()) for c in unified.chosen]
+    assert max(per_structure) - min(per_structure) > 0.2  # the unified budget is not spread evenly
+    unified.detach()
+    model = build(factory, (4, 8, 3, 64))
+    uniform, _ = _search(model, upop.PruneConfig(p=0.5, total_steps=12, interval=5, allocation="uniform"))
+    for s, c in zip(uniform.structures, uniform.chosen):
+        assert abs(float(c.float().mean()) - 0.5) <= 0.5 / s.size + 1e-9, s.name  # p of every structure
+    assert abs(uniform.pruned_cost_fraction() - 0.5) <= 0.02
+
+
+def test_towers_restrict_pruning_to_one_tower_and_unknown_towers_are_named():
+    model = build(hf_clip, (2, 4, 2, 16))
+    pruner = upop.Pruner(model, upop.PruneConfig(p=0.5, towers=("vision",)))
+    assert pruner.structures and all(s.tower == "vision" and "vision_model" in s.name for s in pruner.structures)
+    pruner.detach()
+    with pytest.raises(upop.UPopError, match="no tower 'audio'; its towers: text, vision"):
+        upop.Pruner(model, upop.PruneConfig(p=0.5, towers=("audio",)))

@@ -76,11 +76,13 @@ class Adapter:
         blocks: tuple[BlockSpec, ...],
         towers: tuple[tuple[str, str], ...] = (("", "vision"),),
     ) -> None:
-        """``towers``: (module-name prefix, tower name) pairs, first match wins: which tower each structure is in."""
+        """``towers``: (module-name prefix, tower name) pairs, first match wins: which tower each structure is in. A
+        prefix matches at the start of the name or after any dot (the model may be wrapped in a parent module)."""
         self.name, self.description, self.blocks, self.towers = name, description, tuple(blocks), tuple(towers)
 
     def tower_of(self, name: str) -> str:
-        return next((tower for prefix, tower in self.towers if name.startswith(prefix)), "other")
+        dotted = "." + name
+        return next((tower for prefix, tower in self.towers if not prefix or "." + prefix in dotted), "other")
 
     def matches(self, model: nn.Module) -> bool:
         types = tuple(t for spec in self.blocks for t in spec.resolved_types())

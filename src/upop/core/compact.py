@@ -51,7 +51,9 @@ class CompactMultiheadAttention(nn.MultiheadAttention):
             if mask is not None:
                 scores = scores + mask
             elif is_causal:
-                scores = scores.masked_fill(torch.ones(lq, lk, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+                scores = scores.masked_fill(
+                    torch.ones(lq, lk, dtype=torch.bool, device=q.device).triu(1), float("-inf")
+                )
             weights = F.dropout(scores.softmax(-1), dropout, self.training)
             out = weights @ v
         else:

@@ -90,8 +90,15 @@ class Pruner:
         self.config = config or PruneConfig()
         self.adapter = find_adapter(model, adapter)
         self.fingerprint = fingerprint(model)
+        found = self.adapter.structures(model)
+        towers = sorted({s.tower for s in found})
+        unknown = [t for t in self.config.towers if t not in towers]
+        if unknown:
+            raise UPopError(f"this {type(model).__name__} has no tower {unknown[0]!r}; its towers: {', '.join(towers)}")
         self.structures: list[Structure] = [
-            s for s in self.adapter.structures(model) if not self.config.excludes(s.name)
+            s
+            for s in found
+            if not self.config.excludes(s.name) and (not self.config.towers or s.tower in self.config.towers)
         ]
         if not self.structures:
             raise UPopError(f"no prunable structure left in the {type(model).__name__} (all excluded or none found)")
@@ -163,7 +170,10 @@ class Pruner:
             for i, z in zip(idx, standardise([self.importance[i].cpu() for i in idx])):
                 scores[i] = z
         align = [self.config.align_attn if s.kind == "attn" else self.config.align_mlp for s in self.structures]
-        chosen = select(scores, self.costs, self.pi, align)
+        if self.config.allocation == "uniform":  # the same ratio in every structure, ranked within it
+            chosen = [select([z], [c], self.pi, [a])[0] for z, c, a in zip(scores, self.costs, align)]
+        else:
+            chosen = select(scores, self.costs, self.pi, align)
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             # all ranks hold the same averaged importance; broadcasting rank 0's decision makes identity certain
             flat = torch.cat(chosen).to(torch.uint8)
@@ -222,7 +232,13 @@ class Pruner:
             adapter=self.adapter.name,
             fingerprint=self.fingerprint,
             structures=[
-                {"name": s.name, "kind": s.kind, "size": s.size, "kept": (~c).nonzero().squeeze(1).tolist()}
+                {
+                    "name": s.name,
+                    "kind": s.kind,
+                    "tower": s.tower,
+                    "size": s.size,
+                    "kept": (~c).nonzero().squeeze(1).tolist(),
+                }
                 for s, c in zip(self.structures, self.chosen)
             ],
             config=self.config.to_dict(),

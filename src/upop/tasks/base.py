@@ -17,6 +17,7 @@ class DataConfig:
 
     Attributes:
         root: a dataset folder in the task's real format, or None for the built-in generator.
+        image_root: where the images named by annotation files are (default: ``root``), for tasks that have them.
         image_size: side of the square input images (None: the model's own input size, resolved by the job).
         train_size / val_size: number of built-in scenes per split (ignored for a folder).
         seed: the built-in world's seed (train uses seed, val seed + 1).
@@ -24,6 +25,7 @@ class DataConfig:
     """
 
     root: str | None = None
+    image_root: str | None = None
     image_size: int | None = None
     train_size: int = 20000
     val_size: int = 2000
@@ -45,6 +47,7 @@ class Task(abc.ABC):
 
     name: str = ""
     main_metric: str = ""
+    model_kind: str = "classifier"  # what ``upop.models.build_model`` builds for it: "classifier" | "dual_encoder"
 
     @abc.abstractmethod
     def datasets(self, data: DataConfig) -> tuple[Dataset, Dataset]:
@@ -63,8 +66,8 @@ class Task(abc.ABC):
         """Metrics over ``loader`` (summed over DDP ranks), each in percent where that is the convention."""
 
     @abc.abstractmethod
-    def example_inputs(self, batch: Any) -> Any:
-        """The model inputs of a batch (for profiling and FLOPs cost)."""
+    def example_inputs(self, batch: Any, model: nn.Module | None = None) -> Any:
+        """The inputs of ``model`` for a batch of the validation loader (for profiling and FLOPs cost)."""
 
 
 _TASKS: dict[str, type[Task]] = {}

@@ -119,5 +119,5 @@ class Classification(Task):
             model.train(was_training)
         return {name: 100.0 * float(metric.compute()) for name, metric in metrics.items()}
 
-    def example_inputs(self, batch: Any) -> Any:
+    def example_inputs(self, batch: Any, model: nn.Module | None = None) -> Any:
         return batch[0]

@@ -1,0 +1,298 @@
+"""Image-text retrieval (CLIP-style dual encoders): symmetric contrastive loss with the model's own temperature,
+and R@1/5/10 in both directions on the full similarity matrix with several captions per image (Karpathy protocol).
+
+Data: the built-in shapes world with templated captions (``upop.data.captions``), or Karpathy-split annotation files
+as used for COCO and Flickr30K: ``DIR/*train.json`` and ``DIR/*val.json`` (or ``*test.json``), each a JSON list of
+``{"image": relative path, "caption": str or [str, ...]}``; images are read from ``--image-root`` (default ``DIR``).
+
+Models are reached through ``model(...)`` (so DDP sees every training forward) and, for evaluation, through their
+encoders. Two conventions are understood: HF ``CLIPModel`` (``get_image_features``/``get_text_features``, forward
+with ``pixel_values, input_ids, attention_mask``) and open_clip ``CLIP`` (``encode_image``/``encode_text``, forward
+with ``image, text``). Captions are tokenised by the tokenizer the model was built with (``model.upop_tokenizer``).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from upop.data.captions import CAPTIONS_PER_SCENE, scene_captions
+from upop.data.shapes import ShapesWorld
+from upop.engine.dist import unwrap
+from upop.errors import UPopError
+from upop.tasks.base import DataConfig, Task, register_task
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+KS = (1, 5, 10)
+
+
+# ------------------------------------------------------------------------------------------------------------ data
+class RetrievalPairs(Dataset):
+    """Training pairs: one (image, caption) per caption."""
+
+    def __init__(self, images: Callable[[int], torch.Tensor], captions: list[str], txt2img: torch.Tensor) -> None:
+        self.images, self.captions, self.txt2img = images, captions, txt2img
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, str]:
+        return self.images(int(self.txt2img[i])), self.captions[i]
+
+
+class RetrievalImages(Dataset):
+    """Evaluation split: the images (items), and every caption with the image it belongs to (``txt2img``)."""
+
+    def __init__(
+        self, images: Callable[[int], torch.Tensor], n_images: int, captions: list[str], txt2img: torch.Tensor
+    ) -> None:
+        self.images, self.n_images, self.captions, self.txt2img = images, n_images, captions, txt2img
+
+    def __len__(self) -> int:
+        return self.n_images
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.images(i)
+
+
+def _normalise(x: torch.Tensor) -> torch.Tensor:
+    mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)
+    std = torch.tensor(CLIP_STD).view(3, 1, 1)
+    return (x - mean) / std
+
+
+def shapes_split(n: int, seed: int, image_size: int, noise: float) -> tuple[Callable, list[str], torch.Tensor]:
+    """Rendered images (kept as uint8), captions and caption->image index of ``n`` built-in scenes."""
+    world = ShapesWorld(n, seed=seed, image_size=image_size, noise=noise)
+    chunks = []
+    for start in range(0, n, 4096):
+        x, _ = world.render(torch.arange(start, min(n, start + 4096)))
+        chunks.append((x * 255).round().to(torch.uint8))
+    pixels = torch.cat(chunks)
+    captions = [c for i in range(n) for c in scene_captions(world, i)]
+    txt2img = torch.arange(n).repeat_interleave(CAPTIONS_PER_SCENE)
+    return (lambda i: _normalise(pixels[i].float() / 255)), captions, txt2img
+
+
+def read_karpathy(path: Path) -> tuple[list[str], list[str], torch.Tensor]:
+    """(image paths in first-seen order, captions, caption->image index) of a Karpathy-format annotation file."""
+    try:
+        entries = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError) as e:
+        raise UPopError(f"cannot read the annotation file {path}: {e}") from None
+    except json.JSONDecodeError as e:
+        raise UPopError(f"annotation file {path} is not valid JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(entries, list) or not entries:
+        raise UPopError(f"annotation file {path} must be a non-empty JSON list of {{'image', 'caption'}} entries")
+    images: dict[str, int] = {}
+    captions: list[str] = []
+    owner: list[int] = []
+    for n, entry in enumerate(entries):
+        caption = entry.get("caption") if isinstance(entry, dict) else None
+        image = entry.get("image") if isinstance(entry, dict) else None
+        texts = [caption] if isinstance(caption, str) else caption
+        if (
+            not isinstance(image, str)
+            or not isinstance(texts, list)
+            or not texts
+            or not all(isinstance(t, str) for t in texts)
+        ):
+            raise UPopError(
+                f"annotation file {path}, entry {n}: expected {{'image': relative path, 'caption': str or list of "
+                f"str}}, got {json.dumps(entry)[:120]}"
+            )
+        index = images.setdefault(image, len(images))
+        captions.extend(texts)
+        owner.extend([index] * len(texts))
+    return list(images), captions, torch.tensor(owner)
+
+
+def _annotation(root: Path, split: tuple[str, ...]) -> Path:
+    for name in split:
+        found = sorted(root.glob(f"*{name}.json"))
+        if len(found) > 1:
+            raise UPopError(f"{root} holds several *{name}.json files ({', '.join(p.name for p in found)}); keep one")
+        if found:
+            return found[0]
+    raise UPopError(
+        f"{root} has no *{split[0]}.json annotation file (Karpathy format: a list of image/caption entries)"
+    )
+
+
+def folder_split(
+    root: Path, image_root: Path, split: tuple[str, ...], image_size: int
+) -> tuple[Callable, int, list[str], torch.Tensor]:
+    from PIL import Image
+    from torchvision import transforms
+
+    annotation = _annotation(root, split)
+    paths, captions, txt2img = read_karpathy(annotation)
+    missing = [p for p in paths if not (image_root / p).is_file()]
+    if missing:
+        raise UPopError(
+            f"{len(missing)} image(s) named in {annotation} do not exist under {image_root}, e.g. {missing[0]}"
+        )
+    tf = transforms.Compose(
+        [
+            transforms.Resize(image_size, interpolation=transforms.InterpolationMode.BICUBIC),
+            transforms.CenterCrop(image_size),
+            transforms.ToTensor(),
+            transforms.Normalize(CLIP_MEAN, CLIP_STD),
+        ]
+    )
+
+    def load(i: int) -> torch.Tensor:
+        try:
+            with Image.open(image_root / paths[i]) as im:
+                return tf(im.convert("RGB"))
+        except OSError as e:
+            raise UPopError(f"cannot read the image {image_root / paths[i]}: {e}") from None
+
+    return load, len(paths), captions, txt2img
+
+
+# ------------------------------------------------------------------------------------------------------ the model
+def _is_hf(model: nn.Module) -> bool:
+    return hasattr(unwrap(model), "get_image_features")
+
+
+def _features(out: Any) -> torch.Tensor:
+    return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+
+def tokenize(model: nn.Module, captions: list[str], device: torch.device) -> dict[str, torch.Tensor]:
+    tokenizer = getattr(unwrap(model), "upop_tokenizer", None)
+    if tokenizer is None:
+        raise UPopError(f"this {type(unwrap(model)).__name__} carries no tokenizer; build it with upop.models")
+    tokens = tokenizer(list(captions))
+    if isinstance(tokens, torch.Tensor):
+        tokens = {"input_ids": tokens}
+    return {k: v.to(device) for k, v in tokens.items() if k in ("input_ids", "attention_mask")}
+
+
+def model_inputs(model: nn.Module, images: torch.Tensor, tokens: dict[str, torch.Tensor]) -> Any:
+    """The forward inputs of both towers, in the model's own convention."""
+    if _is_hf(model):
+        return {"pixel_values": images, **tokens}
+    return (images, tokens["input_ids"])
+
+
+def embed_pair(model: nn.Module, images: torch.Tensor, tokens: dict[str, torch.Tensor]) -> tuple[Any, Any, Any]:
+    """(normalised image embeddings, normalised text embeddings, logit scale) through ``model``'s forward."""
+    if _is_hf(model):
+        out = model(**model_inputs(model, images, tokens))
+        return out.image_embeds, out.text_embeds, unwrap(model).logit_scale.exp()
+    out = model(*model_inputs(model, images, tokens))
+    if isinstance(out, dict):
+        return out["image_features"], out["text_features"], out["logit_scale"]
+    return out[0], out[1], out[2]
+
+
+def encode_images(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    m = unwrap(model)
+    x = _features(m.get_image_features(pixel_values=images)) if _is_hf(m) else m.encode_image(images)
+    return F.normalize(x.float(), dim=-1)
+
+
+def encode_texts(model: nn.Module, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
+    m = unwrap(model)
+    x = _features(m.get_text_features(**tokens)) if _is_hf(m) else m.encode_text(tokens["input_ids"])
+    return F.normalize(x.float(), dim=-1)
+
+
+# ---------------------------------------------------------------------------------------------------- the metric
+def recall_at_k(sims: torch.Tensor, txt2img: torch.Tensor, ks: tuple[int, ...] = KS) -> dict[str, float]:
+    """Karpathy-protocol recall (percent) from an (images x captions) similarity matrix.
+
+    Image -> text: an image is a hit at K if any of its captions is among the K captions scoring highest for it (its
+    rank is the number of captions scoring strictly higher than its best own caption). Text -> image: a caption is a
+    hit at K if its image is among the K images scoring highest for it. Computed in row blocks on tensors, so 5k
+    images x 25k captions needs no Python loop over pairs."""
+    n_img, n_txt = sims.shape
+    txt2img = txt2img.to(sims.device)
+    i2t_rank = torch.empty(n_img, dtype=torch.long, device=sims.device)
+    t2i_rank = torch.empty(n_txt, dtype=torch.long, device=sims.device)
+    own = sims[txt2img, torch.arange(n_txt, device=sims.device)]  # score of each caption with its own image
+    best_own = torch.full((n_img,), float("-inf"), device=sims.device).scatter_reduce(0, txt2img, own, "amax")
+    for start in range(0, n_img, 1024):
+        block = sims[start : start + 1024]
+        i2t_rank[start : start + 1024] = (block > best_own[start : start + 1024, None]).sum(1)
+    for start in range(0, n_txt, 4096):
+        block = sims[:, start : start + 4096]
+        t2i_rank[start : start + 4096] = (block > own[None, start : start + 4096]).sum(0)
+    out = {}
+    for k in ks:
+        out[f"i2t_r{k}"] = 100.0 * float((i2t_rank < k).float().mean())
+    for k in ks:
+        out[f"t2i_r{k}"] = 100.0 * float((t2i_rank < k).float().mean())
+    out["r_mean"] = sum(out.values()) / len(out)
+    return out
+
+
+@register_task
+class Retrieval(Task):
+    name = "retrieval"
+    main_metric = "r_mean"
+    model_kind = "dual_encoder"
+
+    def datasets(self, data: DataConfig) -> tuple[Dataset, Dataset]:
+        if data.root is None:
+            load, captions, owner = shapes_split(data.train_size, data.seed, data.image_size, data.noise)
+            train = RetrievalPairs(load, captions, owner)
+            load, captions, owner = shapes_split(data.val_size, data.seed + 1, data.image_size, data.noise)
+            return train, RetrievalImages(load, data.val_size, captions, owner)
+        root = Path(data.root)
+        if not root.is_dir():
+            raise UPopError(f"dataset folder {root} does not exist")
+        image_root = Path(data.image_root) if data.image_root else root
+        load, n, captions, owner = folder_split(root, image_root, ("train",), data.image_size)
+        train = RetrievalPairs(load, captions, owner)
+        load, n, captions, owner = folder_split(root, image_root, ("val", "test"), data.image_size)
+        return train, RetrievalImages(load, n, captions, owner)
+
+    def num_outputs(self, train: Dataset) -> int:
+        return 0  # a dual encoder has no task head
+
+    def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        images, captions = batch
+        img, txt, scale = embed_pair(model, images, tokenize(model, captions, images.device))
+        logits = scale.clamp(max=100) * img.float() @ txt.float().T
+        labels = torch.arange(len(images), device=images.device)
+        return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, loader: Any, device: torch.device) -> dict[str, float]:
+        """On every rank, the whole split (the similarity matrix needs every image and caption)."""
+        data: RetrievalImages = loader.dataset
+        was_training = model.training
+        model.eval()
+        try:
+            img = torch.cat(
+                [encode_images(model, x.to(device)) for x in DataLoader(data, batch_size=loader.batch_size or 64)]
+            )
+            step = loader.batch_size or 64
+            txt = torch.cat(
+                [
+                    encode_texts(model, tokenize(model, data.captions[i : i + step], device))
+                    for i in range(0, len(data.captions), step)
+                ]
+            )
+        finally:
+            model.train(was_training)
+        return recall_at_k(img @ txt.T, data.txt2img)
+
+    def example_inputs(self, batch: Any, model: nn.Module | None = None) -> Any:
+        images = batch if isinstance(batch, torch.Tensor) else batch[0]
+        if model is None:
+            raise UPopError("retrieval example inputs need the model (its tokenizer and calling convention)")
+        data_captions = ["a"] * len(images) if isinstance(batch, torch.Tensor) else list(batch[1])
+        device = next(model.parameters()).device
+        return model_inputs(model, images.to(device), tokenize(model, data_captions, device))
