@@ -27,6 +27,7 @@ demo: venv
 
 bench: venv
 	$(PY) benchmarks/bench_vit.py
+	$(PY) benchmarks/bench_clip.py
 
 lint: venv
 	$(VENV)/bin/ruff check src tests benchmarks

@@ -60,3 +60,18 @@ def test_importance_does_not_depend_on_the_number_of_ranks(tmp_path):
     one = torch.load(tmp_path / "importance1_0.pt", weights_only=True)["importance"]
     assert two.abs().sum() > 0
     torch.testing.assert_close(two, one, rtol=1e-4, atol=1e-6)
+
+
+def test_cli_retrieval_compress_runs_under_torchrun(tmp_path):
+    out = tmp_path / "clip"
+    argv = [
+        "compress",
+        *"--task retrieval --model clip-micro --train-size 128 --val-size 32 --batch-size 16".split(),
+        *"--epochs-search 1 --epochs 1 --interval 2".split(),
+        "--output-dir",
+        str(out),
+    ]
+    result = _torchrun(["-m", "upop.cli", *argv], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (out / "plan.json").is_file() and (out / "kept.png").is_file()
+    assert "kept text attention dims" in result.stdout

@@ -185,15 +185,17 @@ def model_inputs(model: nn.Module, images: torch.Tensor, tokens: dict[str, torch
     return (images, tokens["input_ids"])
 
 
-def embed_pair(model: nn.Module, images: torch.Tensor, tokens: dict[str, torch.Tensor]) -> tuple[Any, Any, Any]:
-    """(normalised image embeddings, normalised text embeddings, logit scale) through ``model``'s forward."""
+def pair_logits(model: nn.Module, images: torch.Tensor, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(images x texts) similarity logits, scaled by the model's own temperature, through ``model``'s forward (so a
+    DDP wrapper synchronises every parameter the loss used)."""
     if _is_hf(model):
-        out = model(**model_inputs(model, images, tokens))
-        return out.image_embeds, out.text_embeds, unwrap(model).logit_scale.exp()
+        return model(**model_inputs(model, images, tokens)).logits_per_image
     out = model(*model_inputs(model, images, tokens))
     if isinstance(out, dict):
-        return out["image_features"], out["text_features"], out["logit_scale"]
-    return out[0], out[1], out[2]
+        img, txt, scale = out["image_features"], out["text_features"], out["logit_scale"]
+    else:
+        img, txt, scale = out[0], out[1], out[2]
+    return scale * img @ txt.T
 
 
 def encode_images(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
@@ -263,8 +265,7 @@ class Retrieval(Task):
 
     def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
         images, captions = batch
-        img, txt, scale = embed_pair(model, images, tokenize(model, captions, images.device))
-        logits = scale.clamp(max=100) * img.float() @ txt.float().T
+        logits = pair_logits(model, images, tokenize(model, captions, images.device)).float()
         labels = torch.arange(len(images), device=images.device)
         return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
 
