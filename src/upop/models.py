@@ -150,6 +150,9 @@ def build_model(spec: str, num_classes: int, image_size: int | None = None, kind
 
 def _load_hf(path: Path, num_classes: int) -> nn.Module:
     from transformers import AutoConfig, AutoModelForImageClassification
+    from transformers.utils.logging import disable_progress_bar
+
+    disable_progress_bar()  # one line per error on stderr, no loading bars
 
     if not (path / "config.json").is_file():
         raise UPopError(f"{path} is not an HF model directory (no config.json)")
@@ -171,18 +174,20 @@ def _load_hf(path: Path, num_classes: int) -> nn.Module:
 
 def _load_hf_clip(path: Path) -> nn.Module:
     from transformers import AutoConfig, AutoTokenizer, CLIPModel
+    from transformers.utils.logging import disable_progress_bar
 
     if not (path / "config.json").is_file():
         raise UPopError(f"{path} is not an HF model directory (no config.json)")
     config = AutoConfig.from_pretrained(str(path), local_files_only=True)
     if config.model_type != "clip":
         raise UPopError(f"{path} holds a {config.model_type!r} model; the retrieval task needs a CLIP model")
-    has_weights = any(path.glob("*.safetensors")) or any(path.glob("*.bin"))
-    model = CLIPModel.from_pretrained(str(path), local_files_only=True) if has_weights else CLIPModel(config)
-    try:
+    try:  # before the weights: a directory without a tokenizer fails fast
         tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError, TypeError) as e:
         raise UPopError(f"{path} has no usable tokenizer files ({str(e).splitlines()[0][:120]})") from None
+    disable_progress_bar()  # one line per error on stderr, no loading bars
+    has_weights = any(path.glob("*.safetensors")) or any(path.glob("*.bin"))
+    model = CLIPModel.from_pretrained(str(path), local_files_only=True) if has_weights else CLIPModel(config)
     length = min(int(getattr(tokenizer, "model_max_length", 77) or 77), config.text_config.max_position_embeddings)
 
     def tokenize(texts: list[str]) -> dict[str, torch.Tensor]:
