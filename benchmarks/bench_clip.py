@@ -128,19 +128,21 @@ def measure(args: argparse.Namespace, runs: Path) -> None:
 
 
 def seed_study(args: argparse.Namespace, runs: Path) -> None:
-    """Unified vs uniform at 4x over several seeds (data order of search and retraining): one seed's difference of a
-    point is within run-to-run noise at this size."""
+    """Unified vs uniform at 4x over several seeds (data order of search and retraining), with
+    ``--study-epochs-search`` search epochs: one seed's difference of a point is within run-to-run noise at this
+    size. Runs already in ``runs/bench-clip`` are reused."""
     torch.set_num_threads(2)
     rows = []
+    search = args.study_epochs_search
     for seed in args.seeds:
         row = {"seed": seed}
         for allocation in ("unified", "uniform"):
-            name = f"p0.75-{allocation}" if seed == 0 else f"p0.75-{allocation}-seed{seed}"
-            if seed != 0 or not (runs / name / "report.json").is_file():
+            name = f"study-search{search}-p0.75-{allocation}-seed{seed}"
+            if not (runs / name / "report.json").is_file():
                 cfg = dataclasses.replace(CFG, seed=seed)
                 config = upop.PruneConfig(p=0.75, allocation=allocation)
                 base = str(runs / "base" / "model.safetensors")
-                run.compress(cfg, config, base, args.epochs_search, args.epochs, 5e-4, 5e-4, str(runs / name), True)
+                run.compress(cfg, config, base, search, args.epochs, 5e-4, 5e-4, str(runs / name), True)
             r = json.loads((runs / name / "report.json").read_text())
             row[allocation] = r["compressed"]["metrics"]["r_mean"]
             row[f"{allocation}_searched"] = r["searched_metrics"]["r_mean"]
@@ -161,8 +163,8 @@ def seed_study(args: argparse.Namespace, runs: Path) -> None:
         f"| mean | {mean['unified']:.2f} | {mean['uniform']:.2f} | {mean['unified_searched']:.2f} | "
         f"{mean['uniform_searched']:.2f} |"
     )
-    (HERE / "results_clip_seeds.json").write_text(json.dumps(rows, indent=1) + "\n")
-    (HERE / "results_clip_seeds.md").write_text("\n".join(lines) + "\n")
+    (HERE / f"results_clip_seeds_search{search}.json").write_text(json.dumps(rows, indent=1) + "\n")
+    (HERE / f"results_clip_seeds_search{search}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
@@ -177,6 +179,7 @@ def main() -> None:
     parser.add_argument(
         "--seeds", type=lambda v: [int(x) for x in v.split(",")], default=[0, 1, 2], help="seeds of the 4x study"
     )
+    parser.add_argument("--study-epochs-search", type=int, default=6, help="search epochs of the 4x seed study")
     args = parser.parse_args()
     runs = ROOT / "runs" / "bench-clip"
     if args.measure_only:
