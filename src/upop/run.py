@@ -16,11 +16,12 @@ from safetensors.torch import save
 
 from upop.adapters import find_adapter
 from upop.config import PruneConfig
+from upop.core.files import atomic_write
 from upop.core.plan import Plan, apply_plan, load_compressed, save_compressed
 from upop.core.profile import measure_latency, profile
 from upop.core.pruner import Pruner
 from upop.engine import dist as D
-from upop.engine.checkpoint import Checkpointer, Snapshot, atomic_write
+from upop.engine.checkpoint import Checkpointer, Snapshot
 from upop.engine.loop import JsonlLog, Phase, make_loaders, run_phase
 from upop.errors import UPopError
 from upop.models import build_model, default_image_size, load_weights, model_image_size

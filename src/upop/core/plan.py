@@ -6,16 +6,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 
+from upop.core.files import atomic_write
 from upop.errors import UPopError
 
 PLAN_FORMAT = "upop-plan"
@@ -106,20 +106,6 @@ def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
     return model
 
 
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save_compressed(model: nn.Module, directory: str | os.PathLike) -> Path:
     """Write ``directory``/plan.json and ``directory``/model.safetensors for a model returned by
     ``Pruner.compress`` or ``load_compressed``. Each file is written atomically."""
@@ -133,13 +119,8 @@ def save_compressed(model: nn.Module, directory: str | os.PathLike) -> Path:
     except OSError as e:
         raise UPopError(f"cannot create the output directory {out}: {e.strerror}") from None
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    _atomic_write(out / WEIGHTS_FILE, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
-
-    def write_plan(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            json.dump(plan.to_dict(), f, indent=1, sort_keys=True)
-
-    _atomic_write(out / PLAN_FILE, write_plan)
+    atomic_write(out / WEIGHTS_FILE, save(state, metadata={"format": "pt"}))
+    atomic_write(out / PLAN_FILE, json.dumps(plan.to_dict(), indent=1, sort_keys=True).encode())
     return out
 
 

@@ -33,40 +33,13 @@ import torch.distributed as dist
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
+from upop.core.files import fsync_dir, write_file
 from upop.engine.dist import DistInfo, barrier
 from upop.errors import UPopError
 
 MANIFEST = "manifest.json"
 FORMAT = "upop-checkpoint"
 VERSION = 1
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_file(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` and fsync it (the caller makes the directory visible atomically)."""
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Replace ``path`` by ``data`` atomically: a temporary file beside it, fsync, rename, fsync the directory."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write_file(tmp, data)
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _sha256(data: bytes) -> str:
