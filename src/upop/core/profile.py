@@ -8,7 +8,28 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+
+
+def _cpu_flash_flops(query_shape, key_shape, value_shape, *args: Any, **kwargs: Any) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def _cpu_flash_backward_flops(grad_out_shape, query_shape, key_shape, value_shape, *args: Any, **kwargs: Any) -> int:
+    return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+
+# torch's counter has formulas for the CUDA attention kernels but none for the CPU one that fused attention (timm)
+# and HF's "sdpa" dispatch to on CPU, so q @ k^T and attn @ v would go uncounted there. The same formulas as CUDA's.
+ATTENTION_FORMULAS = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_flash_flops,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_flash_backward_flops,
+}
+
+
+def flop_counter() -> FlopCounterMode:
+    """torch's FlopCounterMode, also counting attention on CPU."""
+    return FlopCounterMode(display=False, custom_mapping=ATTENTION_FORMULAS)
 
 
 def call_model(model: nn.Module, inputs: Any) -> Any:
@@ -21,11 +42,12 @@ def call_model(model: nn.Module, inputs: Any) -> Any:
 
 
 def profile(model: nn.Module, example_inputs: Any) -> dict[str, int]:
-    """{"params": parameter count, "flops": forward FLOPs at ``example_inputs`` (2 per multiply-add, whole batch)}."""
+    """{"params": parameter count, "flops": forward FLOPs at ``example_inputs`` (2 per multiply-add, whole batch),
+    attention matmuls included on every device}."""
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        with torch.no_grad(), flop_counter() as counter:
             call_model(model, example_inputs)
     finally:
         model.train(was_training)
