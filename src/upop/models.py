@@ -4,6 +4,7 @@ of a state dict from a local file."""
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -273,10 +274,15 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
             state: Any = load_file(str(path))
         else:
-            state = torch.load(str(path), map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # torch warns about pickle protocols on its way to refusing a file
+                warnings.simplefilter("ignore")
+                state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, bad header, pickled objects refused by weights_only...
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UPopError(f"checkpoint {path} is not a readable state dict ({first[:160]})") from None
+        raise UPopError(
+            f"checkpoint {path} is not a readable state dict: {_why_unreadable(path, e)}; UPop reads tensors only "
+            "(.safetensors, or a torch file holding a plain state dict, read with weights_only=True; pickled code is "
+            "never executed)"
+        ) from None
     for key in ("model", "state_dict", "model_state"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -284,6 +290,24 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UPopError(f"checkpoint {path} does not hold a state dict of tensors")
     return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def _why_unreadable(path: Path, error: Exception) -> str:
+    """What a file that neither safetensors nor ``torch.load(weights_only=True)`` could read is, from its first
+    bytes (torch's own message is long, multi-line and colour-coded)."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if not head:
+        return "the file is empty"
+    if path.suffix == ".safetensors":
+        return "its safetensors header is missing or damaged (truncated?)"
+    if head.startswith(b"PK\x03\x04"):  # torch's zip format
+        if "weights_only" in str(error) or "Unsupported global" in str(error) or "Unsupported operand" in str(error):
+            return "it holds pickled Python objects besides tensors"
+        return "the torch file is truncated or damaged"
+    if head[:1] == b"\x80":  # a bare pickle stream (torch's legacy format or pickle.dump)
+        return "it is a pickle of Python objects, not a state dict of tensors"
+    return "it is neither a safetensors file nor a torch checkpoint"
 
 
 def load_weights(model: nn.Module, path: str | Path) -> None:
