@@ -59,7 +59,7 @@ def main() -> None:
     dense_fp32 = throughput(model, x, False, args.iters)
     dense_amp = throughput(model, x, True, args.iters)
 
-    pruner = upop.Pruner(model, upop.PruneConfig(p=0.5, total_steps=args.search_steps, interval=10))
+    pruner = upop.Pruner(model, upop.PruneConfig(p=0.5, total_steps=args.search_steps))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     autocast, scaler = amp_context(device, True)
     model.train()

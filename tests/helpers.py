@@ -162,7 +162,7 @@ def every_adapter_has_models() -> set[str]:
 
 
 # CLI runs on a small slice of the built-in data; a later repetition of a flag overrides (argparse keeps the last)
-CLI_DATA = "--model vit-micro --train-size 256 --val-size 64 --batch-size 32".split()
+CLI_DATA = "--model vit-micro --train-size 256 --val-size 64 --batch-size 16".split()
 
 
 def compress_argv(pretrained, out, *extra: str) -> list[str]:
@@ -172,7 +172,7 @@ def compress_argv(pretrained, out, *extra: str) -> list[str]:
         *CLI_DATA,
         "--pretrained",
         str(pretrained),
-        *"--epochs-search 1 --epochs 1 --interval 2".split(),
+        *"--epochs-search 1 --epochs 1".split(),
         *extra,
         "--output-dir",
         str(out),

@@ -36,9 +36,30 @@ def _common(p: argparse.ArgumentParser, fallback_to_saved: bool = False) -> None
     )
     arg("--image-root", default=None, help="folder the annotation files' image paths are relative to (default: --data)")
     arg("--image-size", type=int, default=None, help="input side in pixels (default: the model's)")
-    arg("--train-size", type=int, default=20000, help="built-in scenes in the training split")
-    arg("--val-size", type=int, default=2000, help="built-in scenes in the validation split")
-    arg("--data-seed", type=int, default=0, help="seed of the built-in world")
+    arg("--train-size", type=int, default=20000, help="built-in scenes in the training split (default 20000)")
+    arg("--val-size", type=int, default=2000, help="built-in scenes in the report split (default 2000)")
+    arg(
+        "--data-seed",
+        type=int,
+        default=0,
+        help="seed of the built-in world and of the selection split carved from train (default 0)",
+    )
+    arg(
+        "--select-size",
+        type=int,
+        default=None,
+        help="samples in the selection split that picks the best epoch, never the reported one (classification: "
+        "carved from train, stratified; default 5%% of train, at most 10000; retrieval: the built-in selection "
+        "scenes (default --val-size) or *val.json; 0: no selection, keep the last epoch)",
+    )
+    arg(
+        "--augment",
+        choices=("auto", "none", "light", "deit"),
+        default="auto",
+        help="training augmentation of classification images (timm transforms): none; light = RandomResizedCrop "
+        "scale 0.5-1 + flip; deit = the DeiT recipe (RandAugment, random erasing, Mixup/CutMix, label smoothing "
+        "0.1); auto (default) = none on the built-in world, light on image folders",
+    )
     arg("--batch-size", type=int, default=128, help="batch size per rank")
     arg("--seed", type=int, default=0, help="seed of initialisation and data order")
     arg("--amp", action="store_true", help="bf16 autocast where supported, else fp16 with a grad scaler")
@@ -70,6 +91,15 @@ def _run_flags(p: argparse.ArgumentParser, what: str) -> None:
     )
 
 
+def _interval(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {text!r}") from None
+
+
 def _checkpointing(args: argparse.Namespace) -> Any:
     from upop.run import Checkpointing
 
@@ -93,10 +123,37 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--epochs-search", type=int, default=2, help="search epochs (T = epochs x steps per epoch)")
     c.add_argument("--epochs", type=int, default=2, help="retraining epochs of the compressed model")
     c.add_argument("--lr-search", type=float, default=5e-4, help="learning rate of the weights during search")
+    c.add_argument(
+        "--lr-schedule-search",
+        choices=("constant", "cosine"),
+        default="constant",
+        help="LR schedule of the search: constant (default, the reference's) or cosine decay",
+    )
     c.add_argument("--lr", type=float, default=5e-4, help="peak learning rate of retraining (cosine)")
-    c.add_argument("--interval", type=int, default=50, help="re-rank every N search steps")
-    c.add_argument("--w-sp-attn", type=float, default=4.8e-3, help="L1 weight on attention masks")
-    c.add_argument("--w-sp-mlp", type=float, default=2e-4, help="L1 weight on MLP masks")
+    c.add_argument(
+        "--interval",
+        type=_interval,
+        default="auto",
+        help="re-rank every N search steps; auto (default) = min(50, T // 10): at least 10 re-rankings. An interval "
+        "giving fewer than min(10, T) re-rankings is refused",
+    )
+    weights_note = (
+        "; kept for the paper's scripts: it does not change the ranking (the masks are not optimised, so the penalty "
+        "adds the same constant to every mask gradient of a kind, which the per-kind standardisation removes)"
+    )
+    c.add_argument("--w-sp-attn", type=float, default=4.8e-3, help="L1 weight on attention masks" + weights_note)
+    c.add_argument("--w-sp-mlp", type=float, default=2e-4, help="L1 weight on MLP masks" + weights_note)
+    c.add_argument(
+        "--distill",
+        action="store_true",
+        help="retrain with knowledge distillation from the dense model (KL on the logits, mixed into the loss)",
+    )
+    c.add_argument(
+        "--distill-weight", type=float, default=0.5, help="with --distill: alpha of (1-alpha) task + alpha KD (0.5)"
+    )
+    c.add_argument(
+        "--distill-temperature", type=float, default=2.0, help="with --distill: the softmax temperature (2.0)"
+    )
     c.add_argument("--cost", choices=("params", "flops"), default="params", help="what an element's removal saves")
     c.add_argument(
         "--align-attn",
@@ -134,6 +191,8 @@ _DATA_FLAGS = {
     "train_size": "train_size",
     "val_size": "val_size",
     "data_seed": "seed",
+    "select_size": "select_size",
+    "augment": "augment",
 }
 
 
@@ -153,66 +212,84 @@ def _run_config(args: argparse.Namespace, saved: dict[str, Any] | None = None) -
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from upop.engine import signals
+
     try:
-        from upop import run
-        from upop.config import PruneConfig
-
-        if args.command == "train":
-            report = run.train(
-                _run_config(args),
-                args.epochs,
-                args.lr,
-                args.output_dir,
-                args.overwrite,
-                _checkpointing(args),
-                args.max_nonfinite,
-            )
-            _print(
-                f"dense {args.model}: "
-                + ", ".join(f"{k} {v:.2f}" for k, v in report["metrics"].items())
-                + f"\nsaved to {args.output_dir}"
-            )
-        elif args.command == "compress":
-            prune = PruneConfig(
-                p=args.p,
-                interval=args.interval,
-                w_attn=args.w_sp_attn,
-                w_mlp=args.w_sp_mlp,
-                cost=args.cost,
-                exclude=tuple(args.exclude),
-                align_attn=args.align_attn,
-                align_mlp=args.align_mlp,
-                allocation=args.allocation,
-                towers=tuple(t for t in (args.towers or "").split(",") if t),
-            )
-            report = run.compress(
-                _run_config(args),
-                prune,
-                args.pretrained,
-                args.epochs_search,
-                args.epochs,
-                args.lr_search,
-                args.lr,
-                args.output_dir,
-                args.overwrite,
-                _checkpointing(args),
-                args.max_nonfinite,
-            )
-            from upop.report import comparison_table
-
-            _print(comparison_table(report) + f"\nsaved to {args.output_dir}")
-        else:
-            saved = run.read_run_config(args.compressed).get("run", {}) if args.compressed else {}
-            result = run.evaluate(_run_config(args, saved), args.compressed, args.pretrained)
-            _print(json.dumps(result, indent=1))
+        with signals.stop_on_signals():
+            _run(args)
     except UPopError as e:
         print(f"upop: error: {e}", file=sys.stderr)
         return 2
+    except signals.Interrupted as e:
+        print(
+            f"upop: stopped by {e.name} at {e.where}; rerun the same command with --resume to continue",
+            file=sys.stderr,
+        )
+        return e.exit_code
     finally:
         from upop.engine.dist import teardown
 
         teardown()
     return 0
+
+
+def _run(args: argparse.Namespace) -> None:
+    from upop import run
+    from upop.config import PruneConfig
+    from upop.report import comparison_table, report_header
+
+    if args.command == "train":
+        report = run.train(
+            _run_config(args),
+            args.epochs,
+            args.lr,
+            args.output_dir,
+            args.overwrite,
+            _checkpointing(args),
+            args.max_nonfinite,
+        )
+        _print(
+            f"dense {args.model} (report split, epoch {report['selected_epoch']}): "
+            + ", ".join(f"{k} {v:.2f}" for k, v in report["metrics"].items())
+            + f"\nsaved to {args.output_dir}"
+        )
+    elif args.command == "compress":
+        prune = PruneConfig(
+            p=args.p,
+            interval=args.interval,
+            w_attn=args.w_sp_attn,
+            w_mlp=args.w_sp_mlp,
+            cost=args.cost,
+            exclude=tuple(args.exclude),
+            align_attn=args.align_attn,
+            align_mlp=args.align_mlp,
+            allocation=args.allocation,
+            towers=tuple(t for t in (args.towers or "").split(",") if t),
+        )
+        recipe = run.Recipe(
+            epochs_search=args.epochs_search,
+            epochs=args.epochs,
+            lr_search=args.lr_search,
+            lr=args.lr,
+            search_schedule=args.lr_schedule_search,
+            distill=args.distill_weight if args.distill else 0.0,
+            temperature=args.distill_temperature,
+        )
+        report = run.compress(
+            _run_config(args),
+            prune,
+            args.pretrained,
+            recipe,
+            args.output_dir,
+            args.overwrite,
+            _checkpointing(args),
+            args.max_nonfinite,
+        )
+        _print(report_header(report) + "\n\n" + comparison_table(report) + f"\nsaved to {args.output_dir}")
+    else:
+        saved = run.read_run_config(args.compressed).get("run", {}) if args.compressed else {}
+        result = run.evaluate(_run_config(args, saved), args.compressed, args.pretrained)
+        _print(json.dumps(result, indent=1))
 
 
 def _print(text: str) -> None:

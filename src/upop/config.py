@@ -12,6 +12,8 @@ from upop.errors import UPopError
 CONFIG_VERSION = 1
 COST_MODELS = ("params", "flops")
 ALLOCATIONS = ("unified", "uniform")
+MIN_RERANKINGS = 10  # a search re-ranks at least this often (or at every step when it is shorter)
+MAX_AUTO_INTERVAL = 50  # the paper's interval, for long searches
 
 
 @dataclass(frozen=True)
@@ -21,9 +23,16 @@ class PruneConfig:
     Attributes:
         p: target fraction of the total prunable cost to remove, in (0, 1). 0.5 = "2x" on the prunable part.
         total_steps: T, the number of search steps (optimizer steps) over which pi(t) rises from 0 to p.
-        interval: re-rank every ``interval`` steps (and always at the last step).
+        interval: re-rank every ``interval`` steps (and always at the last step). "auto" (default):
+            min(50, T // 10), at least 1, so every search re-ranks at least 10 times (every step when T < 20). An
+            explicit interval that re-ranks fewer than min(10, T) times is refused: pi would jump to p in a few
+            steps, which is one-shot pruning, not progressive.
         w_attn / w_mlp: weights of the L1 penalty on attention / MLP masks (the paper's w_sp_attn, w_sp_mlp). They are
             per rank: the mask gradients are averaged over ranks, so the same weights mean the same on any world size.
+            They do not change which elements are chosen: the masks are not optimised, so the penalty adds the same
+            constant w * sign(m) = w to the gradient of every mask element of a kind, and the per-kind
+            standardisation of the ranking removes any constant. They are kept for compatibility with the paper's
+            scripts and show in the logged loss.
         cost: what an element's removal saves: "params" (default) or "flops" (at the example input size given to the
             Pruner).
         exclude: module names (exact) or ``re:``-prefixed patterns; structures whose module name matches are not
@@ -40,7 +49,7 @@ class PruneConfig:
 
     p: float = 0.5
     total_steps: int = 1000
-    interval: int = 50
+    interval: int | str = "auto"
     w_attn: float = 4.8e-3
     w_mlp: float = 2e-4
     cost: str = "params"
@@ -58,8 +67,9 @@ class PruneConfig:
             )
         if not (isinstance(self.total_steps, int) and self.total_steps >= 1):
             raise UPopError(f"total_steps must be a positive integer, got {self.total_steps!r}")
-        if not (isinstance(self.interval, int) and self.interval >= 1):
-            raise UPopError(f"interval must be a positive integer, got {self.interval!r}")
+        if self.interval != "auto":
+            if isinstance(self.interval, bool) or not (isinstance(self.interval, int) and self.interval >= 1):
+                raise UPopError(f"interval must be a positive integer or 'auto', got {self.interval!r}")
         for name in ("w_attn", "w_mlp"):
             if getattr(self, name) < 0:
                 raise UPopError(f"{name} must be >= 0, got {getattr(self, name)!r}")
@@ -80,6 +90,33 @@ class PruneConfig:
                     raise UPopError(f"exclude pattern {pattern!r} is not a valid regular expression: {e}") from None
         if self.version != CONFIG_VERSION:
             raise UPopError(f"PruneConfig version {self.version} is not supported (this UPop reads {CONFIG_VERSION})")
+
+    def check_schedule(self) -> None:
+        """Refuse an explicit interval that re-ranks fewer than min(10, T) times over ``total_steps`` (checked by the
+        Pruner and by the compress job, once T is known)."""
+        needed = min(MIN_RERANKINGS, self.total_steps)
+        if self.rerankings() < needed:
+            raise UPopError(
+                f"the search has T = {self.total_steps} steps; re-ranking every {self.interval} steps ranks only "
+                f"{self.rerankings()} time(s), so pi would jump towards p in one shot; use an interval of at most "
+                f"{max(1, self.total_steps // needed)} or 'auto' (at least {needed} re-rankings)"
+            )
+
+    def rank_interval(self) -> int:
+        """The interval in steps between re-rankings ("auto" resolved for ``total_steps``)."""
+        if self.interval == "auto":
+            return max(1, min(MAX_AUTO_INTERVAL, self.total_steps // MIN_RERANKINGS))
+        return int(self.interval)
+
+    def rank_steps(self) -> list[int]:
+        """The steps t in 1..T at which the Pruner re-ranks: every ``rank_interval()`` steps and the last."""
+        every = self.rank_interval()
+        steps = list(range(every, self.total_steps + 1, every))
+        return steps if steps and steps[-1] == self.total_steps else [*steps, self.total_steps]
+
+    def rerankings(self) -> int:
+        every = self.rank_interval()
+        return self.total_steps // every + (1 if self.total_steps % every else 0)
 
     def excludes(self, name: str) -> bool:
         """Whether the structure at module ``name`` is excluded from pruning."""

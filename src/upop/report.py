@@ -15,14 +15,87 @@ def _human(n: float) -> str:
     return f"{n:.0f}"
 
 
+def speed_ratio(dense_ms: float, compressed_ms: float) -> str:
+    """ "1.34x faster" or "1.85x slower" (never "0.54x faster")."""
+    if compressed_ms <= dense_ms:
+        return f"{dense_ms / compressed_ms:.2f}x faster"
+    return f"{compressed_ms / dense_ms:.2f}x slower"
+
+
+def _split_text(about: dict[str, Any]) -> str:
+    size = about.get("size", about.get("images"))
+    parts = [about.get("source", "?")]
+    if size is not None:
+        parts.append(f"{size} {'images' if 'images' in about else 'samples'}")
+    if "captions" in about:
+        parts.append(f"{about['captions']} captions")
+    if "seed" in about:
+        parts.append(f"seed {about['seed']}, indices sha256 {about['indices_sha256']}")
+    return ", ".join(parts)
+
+
+def report_header(report: dict[str, Any]) -> str:
+    """What produced a compress report: model, data and splits, selection, pruning settings, recipe, machine."""
+    splits, recipe, prune = report.get("splits", {}), report.get("recipe", {}), report.get("prune", {})
+    data = report.get("data", {})
+    source = data.get("root") or (
+        f"built-in shapes world ({data.get('train_size')} train / {data.get('val_size')} val scenes, "
+        f"seed {data.get('seed')}, noise {data.get('noise')})"
+    )
+    select = report.get("selection", {})
+    chosen = report.get("compressed", {}).get("epoch")
+    if recipe.get("epochs"):
+        how = (
+            f"retraining epoch {chosen} of {recipe['epochs']}, chosen by {select.get('metric')} on the select split"
+            if select.get("split")
+            else f"the last retraining epoch ({recipe['epochs']}; no selection split)"
+        )
+    else:
+        how = "no retraining: the searched subnet"
+    distill = (
+        f"distillation from the dense model (weight {recipe['distill']}, temperature {recipe['temperature']})"
+        if recipe.get("distill")
+        else "no distillation"
+    )
+    lines = [
+        f"# UPop: {report.get('model')} on {report.get('task')}, p = {report.get('p')}",
+        "",
+        f"- data: {source}; training augmentation {splits.get('train', {}).get('augment', 'none')}",
+        f"- train split: {_split_text(splits.get('train', {}))}",
+        f"- select split: {_split_text(splits['select']) if 'select' in splits else 'none'}",
+        f"- report split: {_split_text(splits.get('report', {}))} (every metric below is on this split)",
+        f"- kept weights: {how}",
+        f"- pruning: p = {report.get('p')} of the prunable {report.get('cost')}, {report.get('allocation')} "
+        f"allocation, align {prune.get('align_attn')}/{prune.get('align_mlp')}, T = {prune.get('total_steps')} "
+        f"search steps, {report.get('rerankings')} re-rankings",
+        f"- recipe: search {recipe.get('epochs_search')} epoch(s) at lr {recipe.get('lr_search')} "
+        f"({recipe.get('search_schedule')}), retraining {recipe.get('epochs')} epoch(s) at lr {recipe.get('lr')} "
+        f"(cosine), {distill}; seed {report.get('seed')}, batch {report.get('batch_size')} per rank, "
+        f"amp {'on' if report.get('amp') else 'off'}",
+        f"- machine: {report.get('device')} x {report.get('world_size')} process(es); upop "
+        f"{report.get('upop_version')}, torch {report.get('torch_version')}; {report.get('date')}",
+    ]
+    return "\n".join(lines)
+
+
 def comparison_table(report: dict[str, Any]) -> str:
-    """A markdown table from a compress report (see ``upop.run.compress``)."""
+    """A markdown table from a compress report (see ``upop.run.compress``): report-split metrics of the dense model,
+    the kept (selected) epoch, the last epoch and the subnet right after the search; size, FLOPs, latency, kept
+    shares."""
     dense, comp = report["dense"], report["compressed"]
+    split = "report split"
     rows = [("metric", "dense", "compressed", "ratio")]
     for name in dense["metrics"]:
         d, c = dense["metrics"][name], comp["metrics"][name]
-        rows.append((name, f"{d:.2f}", f"{c:.2f}", f"{c / d:.3f}" if d else "-"))
-    if report.get("searched_metrics"):
+        epoch = comp.get("epoch")
+        label = f"{name} ({split}{f', epoch {epoch}' if epoch else ''})"
+        rows.append((label, f"{d:.2f}", f"{c:.2f}", f"{c / d:.3f}" if d else "-"))
+    last = report.get("compressed_last") or {}
+    if last.get("metrics") and last.get("epoch") and last["epoch"] != comp.get("epoch"):
+        for name, v in last["metrics"].items():
+            d = dense["metrics"][name]
+            rows.append((f"{name} ({split}, last epoch {last['epoch']})", "", f"{v:.2f}", f"{v / d:.3f}" if d else "-"))
+    if report.get("searched_metrics") and comp.get("epoch"):
         for name, v in report["searched_metrics"].items():
             rows.append((f"{name} after search, before retraining", "", f"{v:.2f}", ""))
     rows.append(
@@ -41,7 +114,7 @@ def comparison_table(report: dict[str, Any]) -> str:
             f"latency, batch {report['latency_batch']} ({report['device']})",
             f"{dense['latency_ms']:.2f} ms",
             f"{comp['latency_ms']:.2f} ms",
-            f"{dense['latency_ms'] / comp['latency_ms']:.2f}x faster",
+            speed_ratio(dense["latency_ms"], comp["latency_ms"]),
         )
     )
     rows.append(("kept attention dims", "1.000", f"{report['kept']['attn']:.3f}", ""))
@@ -77,15 +150,23 @@ def layer_of(name: str) -> int:
     return numbers[-1] if numbers else 0
 
 
-def kept_grid(per_structure: list[dict[str, Any]]) -> tuple[list[str], list[int], list[list[float | None]]]:
-    """(column labels "tower kind", layer indices, grid[layer][column] of kept fractions, None where absent)."""
+KIND_LABELS = {"attn": "attention dims", "mlp": "MLP neurons"}
+
+
+def kept_grid(
+    per_structure: list[dict[str, Any]],
+) -> tuple[list[str], list[int], list[list[tuple[int, int] | None]]]:
+    """(column labels, layer indices, grid[layer][column] of (kept, size), None where absent). Columns are
+    (tower, kind); the tower is named only when the model has several."""
     columns = sorted({(s.get("tower", "vision"), s["kind"]) for s in per_structure})
     layers = sorted({layer_of(s["name"]) for s in per_structure})
-    grid: list[list[float | None]] = [[None] * len(columns) for _ in layers]
+    grid: list[list[tuple[int, int] | None]] = [[None] * len(columns) for _ in layers]
     for s in per_structure:
         row, col = layers.index(layer_of(s["name"])), columns.index((s.get("tower", "vision"), s["kind"]))
-        grid[row][col] = s["kept"] / s["size"]
-    return [f"{t} {k}" for t, k in columns], layers, grid
+        grid[row][col] = (s["kept"], s["size"])
+    several = len({t for t, _ in columns}) > 1
+    labels = [f"{t} {KIND_LABELS[k]}" if several else KIND_LABELS[k] for t, k in columns]
+    return labels, layers, grid
 
 
 def heatmap_png(per_structure: list[dict[str, Any]], title: str) -> bytes:
@@ -97,16 +178,18 @@ def heatmap_png(per_structure: list[dict[str, Any]], title: str) -> bytes:
     import numpy as np
 
     labels, layers, grid = kept_grid(per_structure)
-    values = np.array([[np.nan if v is None else v for v in row] for row in grid], dtype=float)
-    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(labels), 1.2 + 0.45 * len(layers)))
+    values = np.array([[np.nan if v is None else v[0] / v[1] for v in row] for row in grid], dtype=float)
+    fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(labels), 1.2 + 0.55 * len(layers)))
     image = ax.imshow(values, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
-    ax.set_xticks(range(len(labels)), labels)
+    ax.set_xticks(range(len(labels)), labels, fontsize=8)
     ax.set_yticks(range(len(layers)), [f"layer {i}" for i in layers])
     for r in range(len(layers)):
         for c in range(len(labels)):
-            if not np.isnan(values[r, c]):
-                ax.text(c, r, f"{values[r, c]:.2f}", ha="center", va="center", color="w" if values[r, c] < 0.6 else "k")
-    ax.set_title(f"kept fraction: {title}", fontsize=9)
+            if grid[r][c] is not None:
+                kept, size = grid[r][c]
+                colour = "w" if values[r, c] < 0.6 else "k"
+                ax.text(c, r, f"{kept}/{size}\n{values[r, c]:.2f}", ha="center", va="center", color=colour, fontsize=8)
+    ax.set_title(f"kept per layer (kept/dense, fraction): {title}", fontsize=9)
     fig.colorbar(image, ax=ax, fraction=0.05)
     fig.tight_layout()
     buf = io.BytesIO()

@@ -1,31 +1,43 @@
 """The three jobs behind the CLI: train a dense base model, compress (search -> compress -> retrain -> evaluate ->
-save), evaluate a saved model. Each writes its output directory atomically (staged, then renamed)."""
+save), evaluate a saved model.
+
+Numbers are honest by construction: the best epoch is chosen on the task's selection split and every reported metric
+is measured on its report split (the last epoch's too); each report says which splits and settings produced it."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
 import shutil
+import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import save
 
+import upop
 from upop.adapters import find_adapter
-from upop.config import PruneConfig
+from upop.config import MIN_RERANKINGS, PruneConfig
 from upop.core.files import atomic_write
 from upop.core.plan import Plan, apply_plan, load_compressed, save_compressed
 from upop.core.profile import measure_latency, profile
 from upop.core.pruner import Pruner
+from upop.core.ranking import schedule_summary
+from upop.data import augment
 from upop.engine import dist as D
+from upop.engine import signals
 from upop.engine.checkpoint import Checkpointer, Snapshot
-from upop.engine.loop import JsonlLog, Phase, make_loaders, run_phase
+from upop.engine.lock import LOCK_FILE, DirLock
+from upop.engine.loop import LR_SCHEDULES, JsonlLog, Loaders, Phase, make_loaders, run_phase
 from upop.errors import UPopError
 from upop.models import build_model, default_image_size, load_weights, model_image_size
-from upop.report import comparison_table, heatmap_png, kept_by_tower
+from upop.report import comparison_table, heatmap_png, kept_by_tower, report_header
 from upop.tasks import get_task
 from upop.tasks.base import DataConfig
 
@@ -49,27 +61,66 @@ class RunConfig:
             object.__setattr__(self, "data", DataConfig(**self.data))
         if self.batch_size < 1:
             raise UPopError(f"batch size must be a positive integer, got {self.batch_size}")
+        augment.check_batch_size(augment.resolve(self.data.augment, self.data.builtin), self.batch_size)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["data"] = self.data.to_dict()
+        return d
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How a compress job trains: search and retraining epochs and learning rates, the search's LR schedule
+    ("constant", the reference's, or "cosine"), and distillation from the dense model during retraining
+    (``distill`` = alpha of (1 - alpha) task + alpha KD, 0 = off; ``temperature`` T)."""
+
+    epochs_search: int = 2
+    epochs: int = 2
+    lr_search: float = 5e-4
+    lr: float = 5e-4
+    search_schedule: str = "constant"
+    distill: float = 0.0
+    temperature: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.epochs_search < 1 or self.epochs < 0:
+            raise UPopError(
+                f"--epochs-search must be >= 1 and --epochs >= 0, got {self.epochs_search} and {self.epochs}"
+            )
+        if not (self.lr_search > 0 and self.lr > 0):
+            raise UPopError(f"learning rates must be positive, got --lr-search {self.lr_search} and --lr {self.lr}")
+        if self.search_schedule not in LR_SCHEDULES:
+            raise UPopError(
+                f"the search LR schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.search_schedule!r}"
+            )
+        if not 0.0 <= self.distill <= 1.0:
+            raise UPopError(f"--distill-weight must lie in [0, 1], got {self.distill}")
+        if self.temperature <= 0:
+            raise UPopError(f"--distill-temperature must be positive, got {self.temperature}")
 
 
 @dataclass
 class Setup:
     info: D.DistInfo
     task: Any
-    loaders: tuple
+    loaders: Loaders
     num_outputs: int
     image_size: int
+    splits: dict[str, Any]
 
 
 def prepare(cfg: RunConfig) -> Setup:
-    """Process group, task, data and loaders for ``cfg``."""
+    """Process group, task, data (train, select and report splits) and loaders for ``cfg``."""
     info = D.setup(cfg.device)
     task = get_task(cfg.task)
     image_size = cfg.data.image_size or default_image_size(cfg.model)
     if image_size is None:
         image_size = model_image_size(build_model(cfg.model, 1, kind=task.model_kind))
-    train, val = task.datasets(dataclasses.replace(cfg.data, image_size=image_size))
-    loaders = make_loaders(train, val, cfg.batch_size, info, cfg.seed)
-    return Setup(info, task, loaders, task.num_outputs(train), image_size)
+    splits = task.datasets(dataclasses.replace(cfg.data, image_size=image_size))
+    loaders = make_loaders(splits, cfg.batch_size, info, cfg.seed)
+    np.random.seed((cfg.seed * 1000 + info.rank) % 2**32)  # batch augmentation (Mixup) draws from numpy
+    return Setup(info, task, loaders, task.num_outputs(splits.train), image_size, splits.about)
 
 
 def new_model(cfg: RunConfig, setup: Setup, pretrained: str | None = None) -> torch.nn.Module:
@@ -116,17 +167,19 @@ def _config_difference(saved: dict[str, Any], now: dict[str, Any], prefix: str =
 
 
 class RunDir:
-    """The output directory of a job while it runs and after.
+    """The output directory of a job while it runs and after; a context manager.
 
-    While running it holds ``config.json`` (written first), ``log.jsonl`` and ``checkpoints/``; the results are
-    written at the end, each file atomically, ``report.json`` last: a directory with ``report.json`` is complete, one
-    without it is an interrupted run that ``resume`` continues. Bad input is found before the directory is created.
+    While running it holds ``config.json`` (written first), ``log.jsonl``, ``checkpoints/`` and the lock
+    ``.upop.lock`` (a second run into the same directory is refused); the results are written at the end, each file
+    atomically, ``report.json`` last: a directory with ``report.json`` is complete, one without it is an interrupted
+    run that ``resume`` continues. Bad input is found before the directory is created.
     """
 
     def __init__(
         self, path: str | os.PathLike, config: dict[str, Any], overwrite: bool, ckpt: Checkpointing, info: D.DistInfo
     ) -> None:
         self.path, self.info, self.done = Path(path), info, None
+        self.lock = DirLock(self.path)
         config = _jsonable(config)
         occupied = self.path.exists() and (not self.path.is_dir() or any(self.path.iterdir()))
         if occupied and ckpt.resume:
@@ -146,23 +199,51 @@ class RunDir:
                 "or --resume to continue an interrupted run in it"
             )
         D.barrier(info)  # every rank has looked before rank 0 writes
+        error: UPopError | None = None
         if info.is_main and self.done is None:
             try:
-                if occupied and not ckpt.resume:
-                    shutil.rmtree(self.path) if self.path.is_dir() else self.path.unlink()
-                self.path.mkdir(parents=True, exist_ok=True)
-                if not (self.path / RUN_CONFIG_FILE).is_file():
-                    atomic_write(self.path / RUN_CONFIG_FILE, _json_bytes(config))
-            except OSError as e:
-                raise UPopError(f"cannot write the output directory {self.path}: {e.strerror}") from None
-        D.barrier(info)
-        self.checkpointer = Checkpointer(self.path / "checkpoints", info, ckpt.every, ckpt.keep)
-        self.snapshot = self.checkpointer.latest() if ckpt.resume and self.done is None else None
-        self.log = JsonlLog(self.path / "log.jsonl", info)
-        if self.snapshot is not None:
-            self.log.truncate(self.snapshot.meta["log_size"])
-        elif self.done is None:
-            self.log.truncate(0)
+                self._claim(config, replace=occupied and not ckpt.resume)
+            except UPopError as e:
+                error = e
+        if not D.all_ok(error is None, info):
+            raise error or UPopError(f"the main rank could not prepare the output directory {self.path}")
+        try:
+            self.checkpointer = Checkpointer(self.path / "checkpoints", info, ckpt.every, ckpt.keep)
+            self.snapshot = self.checkpointer.latest() if ckpt.resume and self.done is None else None
+            self.log = JsonlLog(self.path / "log.jsonl", info)
+            if self.snapshot is not None:
+                self.log.truncate(self.snapshot.meta["log_size"])
+            elif self.done is None:
+                self.log.truncate(0)
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _claim(self, config: dict[str, Any], replace: bool) -> None:
+        """Create the directory, lock it (before anything in it is changed), clear it for --overwrite, write the
+        configuration."""
+        try:
+            if replace and not self.path.is_dir():
+                self.path.unlink()
+            self.path.mkdir(parents=True, exist_ok=True)
+            self.lock.acquire()
+            if replace:
+                for entry in self.path.iterdir():
+                    if entry.name != LOCK_FILE:
+                        shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+            if not (self.path / RUN_CONFIG_FILE).is_file():
+                atomic_write(self.path / RUN_CONFIG_FILE, _json_bytes(config))
+        except OSError as e:
+            self.lock.release()
+            raise UPopError(f"cannot write the output directory {self.path}: {e.strerror or e}") from None
+        except UPopError:
+            raise
+
+    def __enter__(self) -> RunDir:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.lock.release()
 
     def resume_from(self, phase_index: int) -> Snapshot | None:
         """The checkpoint to continue phase ``phase_index`` from, if the run stopped in it."""
@@ -172,6 +253,7 @@ class RunDir:
     def finish(self, report: dict[str, Any], files: dict[str, bytes], write_model: Any = None) -> None:
         """Write the results atomically (``write_model(dir)`` for the weights), ``report.json`` last; then drop the
         checkpoints."""
+        error = None
         try:
             if self.info.is_main:
                 if write_model is not None:
@@ -179,17 +261,70 @@ class RunDir:
                 for name, data in files.items():
                     atomic_write(self.path / name, data)
                 atomic_write(self.path / "report.json", _json_bytes(report))
-        except OSError as e:
-            raise UPopError(
-                f"cannot write the results into {self.path}: {e.strerror} "
+        except (OSError, UPopError) as e:
+            error = UPopError(
+                f"cannot write the results into {self.path}: {getattr(e, 'strerror', None) or e} "
                 "(the checkpoints are kept; rerun with --resume)"
-            ) from None
-        D.barrier(self.info)
+            )
+        if not D.all_ok(error is None, self.info):
+            raise error or UPopError(f"the main rank could not write the results into {self.path}")
         self.checkpointer.clear()
 
 
 def _json_bytes(obj: Any) -> bytes:
     return (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode()
+
+
+def stop_point(info: D.DistInfo, where: str) -> None:
+    """Between the steps of a job: stop cleanly if SIGTERM/SIGINT arrived (collective). The newest checkpoint is the
+    one a resume continues from."""
+    signum, _ = signals.requested(info)
+    if signum:
+        raise signals.Interrupted(signum, where)
+
+
+def say(info: D.DistInfo, message: str) -> None:
+    if info.is_main:
+        print(f"upop: {message}", flush=True)
+
+
+def warn(info: D.DistInfo, message: str) -> None:
+    if info.is_main:
+        print(f"upop: warning: {message}", file=sys.stderr, flush=True)
+
+
+def _provenance(cfg: RunConfig, setup: Setup) -> dict[str, Any]:
+    """What produced a report: task, model, data, splits, seed, device, versions, date."""
+    return {
+        "task": cfg.task,
+        "model": cfg.model,
+        "data": cfg.data.to_dict(),
+        "splits": setup.splits,
+        "selection": {
+            "split": "select" if setup.loaders.select is not None else None,
+            "metric": setup.task.main_metric,
+        },
+        "seed": cfg.seed,
+        "batch_size": cfg.batch_size,
+        "amp": cfg.amp,
+        "device": str(setup.info.device),
+        "world_size": setup.info.world_size,
+        "upop_version": upop.__version__,
+        "torch_version": torch.__version__,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+
+
+def _report_eval(task: Any, loaders: Loaders, info: D.DistInfo) -> Any:
+    """The ``last`` callback of a phase: the task's metrics on the report split."""
+    return lambda model: task.evaluate(model, loaders.report, info.device)
+
+
+def _selected_metrics(result: dict[str, Any], phase: Phase, evaluate: Any, model: torch.nn.Module) -> dict:
+    """Report-split metrics of the weights the phase kept: the last epoch's, unless another epoch was selected."""
+    if result["selected_epoch"] == phase.epochs:
+        return result["last"]
+    return evaluate(model)
 
 
 def train(
@@ -201,51 +336,63 @@ def train(
     ckpt: Checkpointing = Checkpointing(),
     max_nonfinite: float = 0.1,
 ) -> dict[str, Any]:
-    """Train a dense base model; writes model.safetensors, config.json, log.jsonl, report.json."""
+    """Train a dense base model, keeping the epoch best on the selection split; writes model.safetensors,
+    config.json, log.jsonl, report.json (metrics on the report split, of the selected and of the last epoch)."""
+    if not (isinstance(epochs, int) and epochs >= 1):
+        raise UPopError(f"--epochs must be a positive integer, got {epochs}")
+    if not lr > 0:
+        raise UPopError(f"--lr must be positive, got {lr}")
     setup = prepare(cfg)
     model = new_model(cfg, setup)
     config = {
-        "run": dataclasses.asdict(cfg),
+        "run": cfg.to_dict(),
         "num_outputs": setup.num_outputs,
         "image_size": setup.image_size,
         "epochs": epochs,
         "lr": lr,
     }
-    out = RunDir(output_dir, config, overwrite, ckpt, setup.info)
-    if out.done is not None:
-        return out.done
-    result = run_phase(
-        D.wrap(model, setup.info),
-        setup.task,
-        setup.loaders,
-        setup.info,
-        Phase(
+    with RunDir(output_dir, config, overwrite, ckpt, setup.info) as out:
+        if out.done is not None:
+            return out.done
+        phase = Phase(
             "train",
             epochs,
             lr,
-            warmup_steps=min(200, epochs * len(setup.loaders[0]) // 10),
+            warmup_steps=min(200, epochs * len(setup.loaders.train) // 10),
             amp=cfg.amp,
             keep_best=True,
             max_nonfinite=max_nonfinite,
-        ),
-        log=out.log,
-        checkpointer=out.checkpointer,
-        resume=out.resume_from(0),
-    )
-    report = {
-        "task": cfg.task,
-        "model": cfg.model,
-        "metrics": result["best"],
-        "history": result["history"],
-        "nonfinite_steps": {"train": result["nonfinite_steps"]},
-    }
-    weights = {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
-    out.finish(report, {"model.safetensors": save(weights)})
+        )
+        evaluate = _report_eval(setup.task, setup.loaders, setup.info)
+        result = run_phase(
+            D.wrap(model, setup.info),
+            setup.task,
+            setup.loaders,
+            setup.info,
+            phase,
+            log=out.log,
+            checkpointer=out.checkpointer,
+            resume=out.resume_from(0),
+            last=evaluate,
+        )
+        stop_point(setup.info, "after training")
+        report = {
+            **_provenance(cfg, setup),
+            "epochs": epochs,
+            "lr": lr,
+            "metrics": _selected_metrics(result, phase, evaluate, model),
+            "selected_epoch": result["selected_epoch"],
+            "metrics_last": result["last"],
+            "history": result["history"],
+            "nonfinite_steps": {"train": result["nonfinite_steps"]},
+        }
+        weights = {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
+        out.finish(report, {"model.safetensors": save(weights)})
     return report
 
 
-def _example(task: Any, loaders: tuple, model: torch.nn.Module, info: D.DistInfo) -> Any:
-    example = task.example_inputs(next(iter(loaders[1])), model)
+def _example(task: Any, loaders: Loaders, model: torch.nn.Module, info: D.DistInfo) -> Any:
+    example = task.example_inputs(next(iter(loaders.report)), model)
     return example.to(info.device) if isinstance(example, torch.Tensor) else example
 
 
@@ -257,110 +404,183 @@ def batch_size_of(example: Any) -> int:
     return next(int(v.shape[0]) for v in values if isinstance(v, torch.Tensor))
 
 
-def _measure(model: torch.nn.Module, task: Any, loaders: tuple, info: D.DistInfo, example: Any) -> dict[str, Any]:
-    metrics = task.evaluate(model, loaders[1], info.device)
+def _measure(
+    model: torch.nn.Module,
+    task: Any,
+    loaders: Loaders,
+    info: D.DistInfo,
+    example: Any,
+    metrics: dict[str, float] | None = None,
+) -> dict[str, Any]:
+    """Report-split metrics (unless given), params, FLOPs per sample and latency of ``model``."""
+    metrics = metrics if metrics is not None else task.evaluate(model, loaders.report, info.device)
     stats = profile(model, example)
-    batch = batch_size_of(example)
     return {
         "metrics": metrics,
         "params": stats["params"],
-        "flops": stats["flops"] // batch,
+        "flops": stats["flops"] // batch_size_of(example),
         "latency_ms": 1000 * measure_latency(model, example),
     }
+
+
+def _search(
+    setup: Setup,
+    model: torch.nn.Module,
+    prune: PruneConfig,
+    recipe: Recipe,
+    out: RunDir,
+    example: Any,
+    dense: dict[str, Any],
+    max_nonfinite: float,
+    amp: bool,
+) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The search phase: masks, progressive schedule, one ranking; returns the compressed model and what the
+    report needs of the search (metrics on the report split right after it, kept fractions, plan)."""
+    info, task, loaders = setup.info, setup.task, setup.loaders
+    pruner = Pruner(model, prune, example_inputs=example)
+    say(info, schedule_summary(prune.p, prune.total_steps, prune.rank_steps(), pruner.interval))
+    if prune.total_steps < MIN_RERANKINGS:
+        warn(
+            info,
+            f"the search has only {prune.total_steps} steps, too few for progressive pruning to rank "
+            "reliably; use more --epochs-search or a smaller --batch-size",
+        )
+    phase = Phase(
+        "search",
+        recipe.epochs_search,
+        recipe.lr_search,
+        schedule=recipe.search_schedule,
+        amp=amp,
+        index=0,
+        max_nonfinite=max_nonfinite,
+    )
+    search = run_phase(
+        D.wrap(model, info),
+        task,
+        loaders,
+        info,
+        phase,
+        pruner=pruner,
+        log=out.log,
+        evaluate_each_epoch=False,
+        checkpointer=out.checkpointer,
+        resume=out.resume_from(0),
+        extra={"dense": dense},
+        last=_report_eval(task, loaders, info),
+    )
+    searched = {  # measured after the last step, masks exactly 0/1: the subnet before retraining
+        "metrics": search["last"],
+        "kept": {"attn": pruner.kept_fraction("attn"), "mlp": pruner.kept_fraction("mlp")},
+        "pruned_cost_fraction": pruner.pruned_cost_fraction(),
+        "nonfinite_mask_steps": pruner.skipped_steps,
+        "nonfinite_steps": search["nonfinite_steps"],
+        "plan": pruner.plan().to_dict(),
+        "rerankings": prune.rerankings(),
+        "interval": pruner.interval,
+    }
+    return pruner.compress(), searched
 
 
 def compress(
     cfg: RunConfig,
     prune: PruneConfig,
     pretrained: str | None,
-    epochs_search: int,
-    epochs: int,
-    lr_search: float,
-    lr: float,
+    recipe: Recipe,
     output_dir: str,
     overwrite: bool = False,
     ckpt: Checkpointing = Checkpointing(),
     max_nonfinite: float = 0.1,
 ) -> dict[str, Any]:
-    """Search (T = epochs_search x steps per epoch), compress, retrain ``epochs`` keeping the best epoch, evaluate,
-    save plan + weights + reports. ``prune.total_steps`` is replaced by the real T. With ``ckpt.resume`` an
-    interrupted run continues from its newest checkpoint and ends as if it had never stopped."""
-    if epochs_search < 1 or epochs < 0:
-        raise UPopError(f"--epochs-search must be >= 1 and --epochs >= 0, got {epochs_search} and {epochs}")
+    """Search (T = epochs_search x steps per epoch), compress, retrain keeping the epoch best on the selection split,
+    evaluate on the report split, save plan + weights + reports. ``prune.total_steps`` is replaced by the real T.
+    With ``ckpt.resume`` an interrupted run continues from its newest checkpoint and ends as if it had never
+    stopped."""
     setup = prepare(cfg)
-    info, task, loaders = setup.info, setup.task, setup.loaders
+    info, loaders = setup.info, setup.loaders
     model = new_model(cfg, setup, pretrained)
     find_adapter(model)  # fail before any work if the family is not supported
-    prune = dataclasses.replace(prune, total_steps=epochs_search * len(loaders[0]))
+    prune = dataclasses.replace(prune, total_steps=recipe.epochs_search * len(loaders.train))
+    prune.check_schedule()
     config = {
-        "run": dataclasses.asdict(cfg),
+        "run": cfg.to_dict(),
         "prune": prune.to_dict(),
+        "recipe": dataclasses.asdict(recipe),
         "num_outputs": setup.num_outputs,
         "image_size": setup.image_size,
-        "epochs_search": epochs_search,
-        "epochs": epochs,
-        "lr_search": lr_search,
-        "lr": lr,
         "pretrained": pretrained,
     }
-    out = RunDir(output_dir, config, overwrite, ckpt, info)
-    if out.done is not None:
-        return out.done
+    with RunDir(output_dir, config, overwrite, ckpt, info) as out:
+        if out.done is not None:
+            return out.done
+        return _compress_in(setup, cfg, prune, recipe, model, out, max_nonfinite)
+
+
+def _compress_in(
+    setup: Setup,
+    cfg: RunConfig,
+    prune: PruneConfig,
+    recipe: Recipe,
+    model: torch.nn.Module,
+    out: RunDir,
+    max_nonfinite: float,
+) -> dict[str, Any]:
+    info, task, loaders = setup.info, setup.task, setup.loaders
+    teacher = copy.deepcopy(model).requires_grad_(False) if recipe.distill > 0 and recipe.epochs > 0 else None
     example = _example(task, loaders, model, info)
     retrain_from = out.resume_from(1)
     if retrain_from is None:
         search_from = out.resume_from(0)
         dense = search_from.meta["extra"]["dense"] if search_from else _measure(model, task, loaders, info, example)
-        pruner = Pruner(model, prune, example_inputs=example)
-        search = run_phase(
-            D.wrap(model, info),
-            task,
-            loaders,
-            info,
-            Phase("search", epochs_search, lr_search, amp=cfg.amp, index=0, max_nonfinite=max_nonfinite),
-            pruner=pruner,
-            log=out.log,
-            evaluate_each_epoch=False,
-            checkpointer=out.checkpointer,
-            resume=search_from,
-            extra={"dense": dense},
-        )
-        # evaluated after the last step, masks exactly 0/1: the subnet before retraining
-        searched = {
-            "metrics": {k: v for k, v in search["last"].items() if k != "epoch"},
-            "kept": {"attn": pruner.kept_fraction("attn"), "mlp": pruner.kept_fraction("mlp")},
-            "pruned_cost_fraction": pruner.pruned_cost_fraction(),
-            "nonfinite_mask_steps": pruner.skipped_steps,
-            "nonfinite_steps": search["nonfinite_steps"],
-            "plan": pruner.plan().to_dict(),
-        }
-        model = pruner.compress()
+        stop_point(info, "after measuring the dense model")
+        model, searched = _search(setup, model, prune, recipe, out, example, dense, max_nonfinite, cfg.amp)
     else:
         dense, searched = retrain_from.meta["extra"]["dense"], retrain_from.meta["extra"]["searched"]
         model = apply_plan(model, Plan.from_dict(searched["plan"]))
-    retrain = {"nonfinite_steps": 0}
-    if epochs > 0:
+    stop_point(info, "after the search")
+    retrain = {"nonfinite_steps": 0, "history": [], "selected_epoch": 0, "last": searched["metrics"]}
+    metrics = searched["metrics"]
+    if recipe.epochs > 0:
+        phase = Phase(
+            "retrain",
+            recipe.epochs,
+            recipe.lr,
+            amp=cfg.amp,
+            keep_best=True,
+            index=1,
+            max_nonfinite=max_nonfinite,
+            distill=recipe.distill,
+            temperature=recipe.temperature,
+        )
+        evaluate = _report_eval(task, loaders, info)
         retrain = run_phase(
             D.wrap(model, info),
             task,
             loaders,
             info,
-            Phase("retrain", epochs, lr, amp=cfg.amp, keep_best=True, index=1, max_nonfinite=max_nonfinite),
+            phase,
             log=out.log,
             checkpointer=out.checkpointer,
             resume=retrain_from,
             extra={"dense": dense, "searched": searched},
+            teacher=teacher,
+            last=evaluate,
         )
-    compressed = _measure(model, task, loaders, info, example)
+        metrics = _selected_metrics(retrain, phase, evaluate, model)
+    stop_point(info, "after retraining")
+    compressed = _measure(model, task, loaders, info, example, metrics)
     report = {
-        "task": cfg.task,
-        "model": cfg.model,
+        **_provenance(cfg, setup),
         "p": prune.p,
         "cost": prune.cost,
-        "device": str(info.device),
+        "allocation": prune.allocation,
+        "prune": prune.to_dict(),
+        "recipe": dataclasses.asdict(recipe),
+        "rerankings": searched.get("rerankings"),
         "latency_batch": batch_size_of(example),
         "dense": dense,
-        "compressed": compressed,
+        "compressed": {**compressed, "epoch": retrain["selected_epoch"]},
+        "compressed_last": {"metrics": retrain["last"], "epoch": recipe.epochs},
+        "retrain_history": retrain["history"],
         "searched_metrics": searched["metrics"],
         "kept": searched["kept"],
         "pruned_cost_fraction": searched["pruned_cost_fraction"],
@@ -378,7 +598,7 @@ def compress(
         ],
     }
     report["kept_by_tower"] = kept_by_tower(report["per_structure"])
-    files = {"report.md": (comparison_table(report) + "\n").encode()}
+    files = {"report.md": (report_header(report) + "\n\n" + comparison_table(report) + "\n").encode()}
     if info.is_main:
         files["kept.png"] = heatmap_png(report["per_structure"], f"{cfg.model}, p={prune.p} ({prune.allocation})")
     out.finish(report, files, lambda d: save_compressed(model, d))
@@ -396,7 +616,8 @@ def read_run_config(directory: str | os.PathLike) -> dict[str, Any]:
 
 
 def evaluate(cfg: RunConfig, compressed: str | None = None, pretrained: str | None = None) -> dict[str, Any]:
-    """Metrics, params, FLOPs and latency of a compressed directory (plan + weights) or a dense checkpoint."""
+    """Metrics on the report split, params, FLOPs and latency of a compressed directory (plan + weights) or a dense
+    checkpoint."""
     if (compressed is None) == (pretrained is None):
         raise UPopError("evaluate needs exactly one of --compressed DIR or --pretrained FILE")
     setup = prepare(cfg)
@@ -407,4 +628,4 @@ def evaluate(cfg: RunConfig, compressed: str | None = None, pretrained: str | No
     else:
         model = new_model(cfg, setup, pretrained)
     example = _example(setup.task, setup.loaders, model, setup.info)
-    return _measure(model, setup.task, setup.loaders, setup.info, example)
+    return {**_measure(model, setup.task, setup.loaders, setup.info, example), "split": setup.splits["report"]}

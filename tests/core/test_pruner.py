@@ -34,7 +34,7 @@ def _search(model, config, steps=None, example=None, optimizer_first=True):
 @pytest.mark.parametrize("p", [0.3, 0.5, 0.75])
 def test_end_of_search_meets_the_budget_and_masks_are_exact(factory, cost, p):
     model = build(factory, (4, 8, 3, 64))
-    pruner, _ = _search(model, upop.PruneConfig(p=p, total_steps=12, interval=5, cost=cost), example=images(2))
+    pruner, _ = _search(model, upop.PruneConfig(p=p, total_steps=12, cost=cost), example=images(2))
     assert pruner.finished() and pruner.pi == p
     assert abs(pruner.pruned_cost_fraction() - p) <= 0.01
     for mask, chosen in zip(pruner.masks, pruner.chosen):
@@ -54,7 +54,7 @@ def test_masks_never_enter_the_optimizer_built_before_or_after():
 
 def test_masks_follow_the_schedule_between_rankings():
     model = build(timm_vit, (3, 7, 2, 19))
-    config = upop.PruneConfig(p=0.5, total_steps=20, interval=5)
+    config = upop.PruneConfig(p=0.5, total_steps=20, interval=2)
     pruner, _ = _search(model, config, steps=10)
     pi = pi_at(10, 20, 0.5)
     assert pruner.pi == pytest.approx(pi)
@@ -95,7 +95,7 @@ def test_non_finite_mask_gradients_do_not_touch_the_importance():
 
 
 def test_state_dict_round_trip_continues_identically():
-    config = upop.PruneConfig(p=0.5, total_steps=8, interval=2)
+    config = upop.PruneConfig(p=0.5, total_steps=8)
     model_a = build(timm_vit, (3, 7, 2, 19))
     pruner_a, _ = _search(model_a, config, steps=4)
     state = pruner_a.state_dict()
@@ -129,7 +129,7 @@ def test_p_outside_the_open_interval_is_rejected(p):
 
 
 def test_config_round_trips_through_dict():
-    config = upop.PruneConfig(p=0.7, total_steps=9, interval=3, cost="flops", exclude=("re:head",))
+    config = upop.PruneConfig(p=0.7, total_steps=9, cost="flops", exclude=("re:head",))
     assert upop.PruneConfig.from_dict({**config.to_dict(), "from_a_newer_version": 1}) == config
 
 
@@ -140,7 +140,7 @@ def test_model_without_adapter_lists_what_is_supported():
 
 def test_aligned_search_keeps_hardware_friendly_widths():
     model = build(timm_vit, (2, 16, 2, 128))
-    config = upop.PruneConfig(p=0.5, total_steps=6, interval=2, align_attn=8, align_mlp=32)
+    config = upop.PruneConfig(p=0.5, total_steps=6, align_attn=8, align_mlp=32)
     pruner, _ = _search(model, config)
     for s, c in zip(pruner.structures, pruner.chosen):
         kept = int((~c).sum())
@@ -158,14 +158,14 @@ def test_align_must_be_positive():
 @pytest.mark.parametrize("factory", [hf_clip, open_clip_model])
 def test_one_budget_spans_both_towers_and_uniform_allocation_prunes_each_structure_alike(factory):
     model = build(factory, (4, 8, 3, 64))
-    unified, _ = _search(model, upop.PruneConfig(p=0.5, total_steps=12, interval=5))
+    unified, _ = _search(model, upop.PruneConfig(p=0.5, total_steps=12))
     assert {s.tower for s in unified.structures} == {"vision", "text"}
     assert abs(unified.pruned_cost_fraction() - 0.5) <= 0.01
     per_structure = [float(c.float().mean()) for c in unified.chosen]
     assert max(per_structure) - min(per_structure) > 0.2  # the unified budget is not spread evenly
     unified.detach()
     model = build(factory, (4, 8, 3, 64))
-    uniform, _ = _search(model, upop.PruneConfig(p=0.5, total_steps=12, interval=5, allocation="uniform"))
+    uniform, _ = _search(model, upop.PruneConfig(p=0.5, total_steps=12, allocation="uniform"))
     for s, c in zip(uniform.structures, uniform.chosen):
         assert abs(float(c.float().mean()) - 0.5) <= 0.5 / s.size + 1e-9, s.name  # p of every structure
     assert abs(uniform.pruned_cost_fraction() - 0.5) <= 0.02

@@ -18,11 +18,11 @@ def main(out_dir: str) -> None:
     info = D.setup("cpu")
     torch.set_num_threads(1)
     task = get_task("classification")
-    train, val = task.datasets(DataConfig(image_size=16, train_size=256, val_size=64))
-    loaders = make_loaders(train, val, 16, info, seed=0)
+    splits = task.datasets(DataConfig(image_size=16, train_size=256, val_size=64))
+    loaders = make_loaders(splits, 16, info, seed=0)
     torch.manual_seed(0)
-    model = build_model("vit-micro", task.num_outputs(train))
-    pruner = Pruner(model, PruneConfig(p=0.5, total_steps=len(loaders[0]), interval=2))
+    model = build_model("vit-micro", task.num_outputs(splits.train))
+    pruner = Pruner(model, PruneConfig(p=0.5, total_steps=len(loaders.train)))
     updates = []
     update = pruner.update_masks
 

@@ -67,7 +67,7 @@ def test_cli_retrieval_compress_runs_under_torchrun(tmp_path):
     argv = [
         "compress",
         *"--task retrieval --model clip-micro --train-size 128 --val-size 32 --batch-size 16".split(),
-        *"--epochs-search 1 --epochs 1 --interval 2".split(),
+        *"--epochs-search 1 --epochs 1".split(),
         "--output-dir",
         str(out),
     ]

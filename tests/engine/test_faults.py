@@ -21,6 +21,7 @@ from upop.engine.loop import Phase, make_loaders, run_phase
 from upop.errors import UPopError
 from upop.models import build_model
 from upop.tasks import DataConfig, get_task
+from upop.tasks.base import Splits
 
 INFO = D.DistInfo(0, 1, 0, torch.device("cpu"))
 
@@ -133,25 +134,26 @@ class _Poisoned(Dataset):
 
 def _search_setup(bad: set[int] | None = None, all_bad: bool = False):
     task = get_task("classification")
-    train, val = task.datasets(DataConfig(image_size=16, train_size=128, val_size=32))
-    bad = set(range(len(train))) if all_bad else (bad or set())
-    loaders = make_loaders(_Poisoned(train, bad), val, 16, INFO, seed=0)
+    splits = task.datasets(DataConfig(image_size=16, train_size=128, val_size=32))
+    bad = set(range(len(splits.train))) if all_bad else (bad or set())
+    poisoned = Splits(_Poisoned(splits.train, bad), splits.select, splits.report)
+    loaders = make_loaders(poisoned, 16, INFO, seed=0)
     torch.manual_seed(0)
-    model = build_model("vit-micro", task.num_outputs(train))
-    pruner = Pruner(model, PruneConfig(p=0.5, total_steps=len(loaders[0]), interval=100))
+    model = build_model("vit-micro", task.num_outputs(splits.train))
+    pruner = Pruner(model, PruneConfig(p=0.5, total_steps=len(loaders.train)))
     return task, loaders, model, pruner
 
 
 def test_a_nan_batch_is_skipped_counted_and_leaves_weights_alone():
     task, loaders, model, pruner = _search_setup()
-    first_batch = next(iter(loaders[0].batch_sampler))  # the sample indices of step 1 (same order every run)
+    first_batch = next(iter(loaders.train.batch_sampler))  # the sample indices of step 1 (same order every run)
     _, loaders_bad, model_bad, pruner_bad = _search_setup(bad={first_batch[0]})
     phase = Phase("search", 1, 1e-3, max_nonfinite=0.5)
     clean = run_phase(model, task, loaders, INFO, phase, pruner=pruner)
     bad = run_phase(model_bad, task, loaders_bad, INFO, phase, pruner=pruner_bad)
     assert clean["nonfinite_steps"] == 0 and pruner.skipped_steps == 0
     assert bad["nonfinite_steps"] == 1 and pruner_bad.skipped_steps == 1
-    assert pruner_bad.step_count == pruner.step_count == len(loaders[0])  # the schedule still advanced
+    assert pruner_bad.step_count == pruner.step_count == len(loaders.train)  # the schedule still advanced
     assert all(torch.isfinite(p).all() for p in model_bad.parameters())
     assert all(torch.isfinite(a).all() for a in pruner_bad.importance)
     assert set(torch.cat(pruner_bad.masks).unique().tolist()) <= {0.0, 1.0}  # the search still completed
@@ -159,7 +161,7 @@ def test_a_nan_batch_is_skipped_counted_and_leaves_weights_alone():
 
 def test_a_nan_step_does_not_touch_the_accumulated_importance():
     task, loaders, model, pruner = _search_setup()
-    images, labels = next(iter(loaders[0]))
+    images, labels = next(iter(loaders.train))
     for x in (images, torch.full_like(images, float("nan"))):
         before = [a.clone() for a in pruner.importance]
         (task.loss(model, (x, labels)) + pruner.sparsity_loss()).backward()
@@ -181,7 +183,7 @@ def test_disk_full_during_a_run_is_one_line_and_resume_then_finishes(tmp_path, c
     argv = [
         "compress",
         *CLI_DATA,
-        *"--epochs-search 1 --epochs 1 --interval 2 --checkpoint-every 2".split(),
+        *"--epochs-search 1 --epochs 1 --checkpoint-every 2".split(),
         "--output-dir",
         str(out),
     ]

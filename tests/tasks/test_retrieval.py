@@ -76,8 +76,10 @@ def _karpathy(root, n_images=3, train_caption=str):
         Image.new("RGB", (20 + i, 18), (40 * i, 100, 200)).save(root / "img" / f"{i}.png")
     train = [{"image": f"img/{i}.png", "caption": f"caption {i} {j}"} for i in range(n_images) for j in range(2)]
     val = [{"image": f"img/{i}.png", "caption": [f"a {i}", f"b {i}", f"c {i}"]} for i in range(n_images)]
+    test = [{"image": f"img/{i}.png", "caption": [f"d {i}", f"e {i}"]} for i in range(n_images - 1)]
     (root / "coco_karpathy_train.json").write_text(json.dumps(train))
     (root / "coco_karpathy_val.json").write_text(json.dumps(val))
+    (root / "coco_karpathy_test.json").write_text(json.dumps(test))
 
 
 def test_karpathy_reader_on_a_fixture(tmp_path):
@@ -85,10 +87,13 @@ def test_karpathy_reader_on_a_fixture(tmp_path):
     paths, captions, owner = read_karpathy(tmp_path / "coco_karpathy_val.json")
     assert paths == ["img/0.png", "img/1.png", "img/2.png"]
     assert captions[:3] == ["a 0", "b 0", "c 0"] and owner.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
-    train, val = get_task("retrieval").datasets(DataConfig(root=str(tmp_path), image_size=16))
-    assert len(train) == 6 and len(val) == 3 and len(val.captions) == 9
-    image, caption = train[3]
-    assert image.shape == (3, 16, 16) and caption == "caption 1 1"
+    splits = get_task("retrieval").datasets(DataConfig(root=str(tmp_path), image_size=16))
+    assert len(splits.train) == 6 and len(splits.select) == 3 and len(splits.select.captions) == 9
+    assert len(splits.report) == 2 and splits.report.captions[:2] == ["d 0", "e 0"]  # test.json reports
+    assert splits.about["select"]["source"].endswith("coco_karpathy_val.json")
+    assert splits.about["report"]["source"].endswith("coco_karpathy_test.json")
+    image, caption, image_id = splits.train[3]
+    assert image.shape == (3, 16, 16) and caption == "caption 1 1" and image_id == 1
 
 
 @pytest.mark.parametrize(
@@ -136,7 +141,7 @@ def test_cli_retrieval_train_compress_evaluate_with_the_builtin_clip(tmp_path, c
     base, out = tmp_path / "base", tmp_path / "2x"
     common = ["--task", "retrieval", "--model", "clip-micro", *DATA]
     assert main(["train", *common, "--epochs", "1", "--output-dir", str(base)]) == 0
-    argv = ["compress", *common, "--pretrained", str(base / "model.safetensors"), "--interval", "2"]
+    argv = ["compress", *common, "--pretrained", str(base / "model.safetensors")]
     assert main([*argv, "--epochs-search", "1", "--epochs", "1", "--output-dir", str(out)]) == 0
     text = capsys.readouterr().out
     assert "kept vision attention dims" in text and "kept text MLP neurons" in text
@@ -163,7 +168,7 @@ def test_cli_open_clip_from_a_config_and_weights_and_a_checkpoint_of_another_arc
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "w.safetensors"))
     other = dict(cfg, vision_cfg=dict(cfg["vision_cfg"], width=24, head_width=8))
     (tmp_path / "other.json").write_text(json.dumps(other))
-    common = ["--task", "retrieval", *DATA, "--epochs-search", "1", "--epochs", "0", "--interval", "2"]
+    common = ["--task", "retrieval", *DATA, "--epochs-search", "1", "--epochs", "0"]
     spec = f"open_clip:{tmp_path / 'other.json'}:{tmp_path / 'w.safetensors'}"
     err = _one_line_failure(capsys, ["compress", *common, "--model", spec, "--output-dir", str(tmp_path / "x")])
     assert "is not a state dict of this CLIP" in err and "wrong shape" in err
@@ -211,7 +216,7 @@ def test_cli_hf_clip_directory_through_compress_and_evaluate(tmp_path, capsys):
     _hf_clip_directory(tmp_path / "clip")
     out = tmp_path / "out"
     common = ["--task", "retrieval", "--model", f"hf:{tmp_path / 'clip'}", *DATA]
-    argv = ["compress", *common, "--epochs-search", "1", "--epochs", "1", "--interval", "2", "--towers", "vision"]
+    argv = ["compress", *common, "--epochs-search", "1", "--epochs", "1", "--towers", "vision"]
     assert main([*argv, "--output-dir", str(out)]) == 0
     capsys.readouterr()
     plan = json.loads((out / "plan.json").read_text())

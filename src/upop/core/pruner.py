@@ -88,6 +88,7 @@ class Pruner:
             raise UPopError("this model already has a Pruner attached; call detach() on it first")
         self.model = model
         self.config = config or PruneConfig()
+        self.config.check_schedule()
         self.adapter = find_adapter(model, adapter)
         self.fingerprint = fingerprint(model)
         found = self.adapter.structures(model)
@@ -111,6 +112,7 @@ class Pruner:
                 raise UPopError('cost="flops" needs example_inputs (a batch as the model takes it) to count tokens')
             self._count_tokens(example_inputs)
         self.costs = [float(s.element_cost(self.config.cost)) for s in self.structures]
+        self.interval = self.config.rank_interval()
         self.step_count = 0
         self.skipped_steps = 0  # steps whose mask gradients were not finite (not accumulated)
         self.pi = 0.0
@@ -158,7 +160,7 @@ class Pruner:
             self.skipped_steps += 1  # a NaN/inf step must not corrupt the ranking
         self.step_count += 1
         t, total = self.step_count, self.config.total_steps
-        if t <= total and (t % self.config.interval == 0 or t == total):
+        if t <= total and (t % self.interval == 0 or t == total):
             self.update_masks()
 
     def update_masks(self) -> None:

@@ -93,3 +93,14 @@ def select(
         c[order_i] = taken[unit]
         chosen.append(c)
     return chosen
+
+
+def schedule_summary(p: float, total_steps: int, rank_steps: list[int], interval: int) -> str:
+    """One line describing a search's schedule: T, the re-ranking interval and count, and pi at the re-rankings."""
+    pis = [(t, pi_at(t, total_steps, p)) for t in rank_steps]
+    shown = pis if len(pis) <= 6 else [*pis[:3], None, *pis[-2:]]
+    values = ", ".join("..." if x is None else f"t={x[0]} {x[1]:.3f}" for x in shown)
+    return (
+        f"search: T = {total_steps} steps, re-ranking every {interval} step(s), {len(rank_steps)} times; "
+        f"pi (pruned share of the cost) at the re-rankings: {values}"
+    )

@@ -28,13 +28,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
-import torch.distributed as dist
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
 from upop.core.files import fsync_dir, write_file
-from upop.engine.dist import DistInfo, barrier
+from upop.engine.dist import DistInfo, all_ok, barrier, broadcast_int
 from upop.errors import UPopError
 
 MANIFEST = "manifest.json"
@@ -53,7 +53,18 @@ def _torch_bytes(obj: Any) -> bytes:
 
 
 def rng_state() -> dict[str, Any]:
-    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    """torch, python and numpy (timm's Mixup draws from it) RNG states, as tensors and plain values."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": {
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "gauss": float(gauss),
+        },
+    }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -62,6 +73,9 @@ def rng_state() -> dict[str, Any]:
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
+    if "numpy" in state:
+        n = state["numpy"]
+        np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -78,15 +92,6 @@ class Snapshot:
     best_weights: dict[str, torch.Tensor] | None = None
     rng: dict[str, Any] = field(default_factory=rng_state)
     path: Path | None = None
-
-
-def _all_ok(ok: bool, info: DistInfo) -> bool:
-    """Whether ``ok`` holds on every rank (so all ranks raise together rather than one hanging in a collective)."""
-    if not info.distributed:
-        return ok
-    flag = torch.tensor([1 if ok else 0], device=info.device if info.device.type == "cuda" else "cpu")
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
 
 
 class Checkpointer:
@@ -129,12 +134,12 @@ class Checkpointer:
             except OSError as e:
                 error = e
         barrier(self.info)
-        if _all_ok(error is None, self.info):  # every rank writes its own RNG state
+        if all_ok(error is None, self.info):  # every rank writes its own RNG state
             try:
                 self.write(tmp / f"rng-rank{self.info.rank}.pt", _torch_bytes(snap.rng))
             except OSError as e:
                 error = e
-        if _all_ok(error is None, self.info) and self.info.is_main:
+        if all_ok(error is None, self.info) and self.info.is_main:
             try:
                 files = {"model.safetensors": save(_cpu(snap.weights))}
                 if snap.best_weights is not None:
@@ -157,7 +162,7 @@ class Checkpointer:
                 fsync_dir(self.root)
             except OSError as e:
                 error = e
-        ok = _all_ok(error is None, self.info)
+        ok = all_ok(error is None, self.info)
         if not ok:
             if self.info.is_main:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -221,10 +226,7 @@ class Checkpointer:
                     break
                 older = "; trying an older one" if i + 1 < len(listed) else ""
                 self.say(f"checkpoint {path} is unusable: {problem}{older}")
-        if self.info.distributed:
-            t = torch.tensor([choice], device=self.info.device if self.info.device.type == "cuda" else "cpu")
-            dist.broadcast(t, src=0)
-            choice = int(t.item())
+        choice = broadcast_int(choice, self.info)
         if choice < 0:
             if listed and self.info.is_main:
                 self.say("no usable checkpoint; starting from the beginning")

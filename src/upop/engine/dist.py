@@ -85,6 +85,28 @@ def barrier(info: DistInfo) -> None:
         dist.barrier()
 
 
+def _flag_device(info: DistInfo) -> torch.device:
+    return info.device if info.device.type == "cuda" else torch.device("cpu")
+
+
+def all_ok(ok: bool, info: DistInfo) -> bool:
+    """Whether ``ok`` holds on every rank (so all ranks raise together rather than one hanging in a collective)."""
+    if not info.distributed:
+        return ok
+    flag = torch.tensor([1 if ok else 0], device=_flag_device(info))
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def broadcast_int(value: int, info: DistInfo) -> int:
+    """Rank 0's ``value`` on every rank."""
+    if not info.distributed:
+        return value
+    t = torch.tensor([value], device=_flag_device(info))
+    dist.broadcast(t, src=0)
+    return int(t.item())
+
+
 def all_equal(tensor: torch.Tensor, info: DistInfo) -> bool:
     """Whether ``tensor`` is bitwise identical on every rank."""
     if not info.distributed:
@@ -92,6 +114,26 @@ def all_equal(tensor: torch.Tensor, info: DistInfo) -> bool:
     gathered = [torch.empty_like(tensor) for _ in range(info.world_size)]
     dist.all_gather(gathered, tensor)
     return all(torch.equal(g, gathered[0]) for g in gathered)
+
+
+def gather(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` of every rank concatenated along dim 0 (rank order), without gradients; itself on one process."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts)
+
+
+def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """Like ``gather``, but gradients flow back to every rank's own part (torch.distributed.nn's all_gather: its
+    backward sums the gradients all ranks computed for a part). With DDP's gradient averaging this makes a loss over
+    gathered features equal to the same loss over the whole global batch on one process."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return tensor
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(tensor.contiguous()))
 
 
 def teardown() -> None:

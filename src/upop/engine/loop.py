@@ -8,9 +8,10 @@ import contextlib
 import json
 import math
 import os
+import sys
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,10 +22,11 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from tqdm import tqdm
 
 from upop.core.pruner import Pruner
+from upop.engine import signals
 from upop.engine.checkpoint import Checkpointer, Snapshot, set_rng_state
 from upop.engine.dist import DistInfo, unwrap
 from upop.errors import UPopError
-from upop.tasks.base import Task
+from upop.tasks.base import Splits, Task
 
 
 class ShardSampler(Sampler[int]):
@@ -61,26 +63,47 @@ class EpochSampler(DistributedSampler):
         return self.num_samples - self.start
 
 
-def make_loaders(
-    train: Dataset, val: Dataset, batch_size: int, info: DistInfo, seed: int
-) -> tuple[DataLoader, DataLoader]:
+@dataclass
+class Loaders:
+    """The loaders of one job: ``train`` (shuffled by seed and epoch, sharded over ranks), ``select`` (picks the best
+    epoch; None: the last epoch is kept) and ``report`` (every reported number)."""
+
+    train: DataLoader
+    select: DataLoader | None
+    report: DataLoader
+
+
+def make_loaders(splits: Splits, batch_size: int, info: DistInfo, seed: int) -> Loaders:
     """``batch_size`` is per rank. The training order depends only on ``seed`` and the epoch."""
-    sampler = EpochSampler(train, info, seed)
+    sampler = EpochSampler(splits.train, info, seed)
     # the loader's own generator: starting an epoch draws from it, not from the global RNG a resume restores
     train_loader = DataLoader(
-        train, batch_size=batch_size, sampler=sampler, drop_last=True, generator=torch.Generator().manual_seed(seed)
+        splits.train,
+        batch_size=batch_size,
+        sampler=sampler,
+        drop_last=True,
+        generator=torch.Generator().manual_seed(seed),
     )
-    val_loader = DataLoader(val, batch_size=batch_size, sampler=ShardSampler(len(val), info))
     if len(train_loader) == 0:
-        raise UPopError(f"the training set has {len(train)} samples, fewer than one batch of {batch_size} per rank")
-    return train_loader, val_loader
+        raise UPopError(
+            f"the training set has {len(splits.train)} samples, fewer than one batch of {batch_size} per rank"
+        )
+
+    def evaluation(data: Dataset) -> DataLoader:
+        return DataLoader(data, batch_size=batch_size, sampler=ShardSampler(len(data), info))
+
+    select = evaluation(splits.select) if splits.select is not None else None
+    return Loaders(train_loader, select, evaluation(splits.report))
 
 
 class JsonlLog:
-    """Appends one JSON object per line (main rank only)."""
+    """Appends one JSON object per line (main rank only). A line is written whole or not at all: when the disk is
+    full the file is cut back to where it was and the error kept in ``error`` for the loop to stop on (every rank
+    together)."""
 
     def __init__(self, path: Path | None, info: DistInfo) -> None:
         self.path = path if info.is_main else None
+        self.error: str | None = None
 
     def size(self) -> int:
         return self.path.stat().st_size if self.path is not None and self.path.exists() else 0
@@ -91,9 +114,61 @@ class JsonlLog:
             os.truncate(self.path, min(size, self.path.stat().st_size))
 
     def write(self, record: dict[str, Any]) -> None:
-        if self.path is not None:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+        if self.path is None or self.error is not None:
+            return
+        size = self.size()
+        try:
+            with open(self.path, "ab") as f:
+                f.write((json.dumps(record) + "\n").encode())
+                f.flush()
+        except OSError as e:
+            self.error = f"cannot append to {self.path}: {e.strerror or e}"
+            try:
+                os.truncate(self.path, size)
+            except OSError:
+                pass
+
+
+class Progress:
+    """A tqdm bar on a terminal; otherwise (a job log) one line every ``UPOP_PROGRESS_SECONDS`` seconds (default 30)
+    and at every epoch end, so a redirected run is never silent for long."""
+
+    def __init__(self, loader: DataLoader, desc: str, info: DistInfo, total: int, done: int) -> None:
+        self.desc, self.total, self.done = desc, total, done
+        self.tty = sys.stderr.isatty()
+        self.active = info.is_main
+        self.every = float(os.environ.get("UPOP_PROGRESS_SECONDS", "30"))
+        self.start = self.last = time.perf_counter()
+        self.bar = tqdm(loader, desc=desc, disable=not (self.active and self.tty), leave=False, dynamic_ncols=True)
+        self.postfix: dict[str, str] = {}
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.bar)
+
+    def update(self, step_in_epoch: int, **postfix: str) -> None:
+        self.postfix = postfix or self.postfix
+        if self.tty:
+            if postfix:
+                self.bar.set_postfix(**postfix)
+            return
+        now = time.perf_counter()
+        if self.active and now - self.last >= self.every:
+            self.last = now
+            self.line(step_in_epoch)
+
+    def line(self, step_in_epoch: int, end: str = "") -> None:
+        if not self.active or self.tty:
+            return
+        elapsed = time.perf_counter() - self.start
+        steps = step_in_epoch - self.done
+        left = elapsed / steps * (self.total - step_in_epoch) if steps > 0 else 0.0
+        extra = "".join(f" {k} {v}" for k, v in self.postfix.items())
+        print(
+            f"upop: {self.desc} step {step_in_epoch}/{self.total}{extra} ({elapsed:.0f} s"
+            + (f", about {left:.0f} s left in the epoch)" if step_in_epoch < self.total else ")")
+            + end,
+            flush=True,
+        )
 
 
 def amp_context(device: torch.device, enabled: bool) -> tuple[Any, torch.amp.GradScaler | None]:
@@ -105,12 +180,17 @@ def amp_context(device: torch.device, enabled: bool) -> tuple[Any, torch.amp.Gra
     return (lambda: torch.autocast(device.type, dtype=torch.bfloat16)), None
 
 
-def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 0) -> Any:
-    """Linear warm-up then cosine decay to 1% of the base LR."""
+LR_SCHEDULES = ("cosine", "constant")
+
+
+def lr_schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 0, kind: str = "cosine") -> Any:
+    """Linear warm-up, then cosine decay to 1% of the base LR ("cosine") or the base LR throughout ("constant")."""
 
     def factor(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / warmup_steps
+        if kind == "constant":
+            return 1.0
         t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
         return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
 
@@ -153,29 +233,197 @@ def to_device(batch: Any, device: torch.device) -> Any:
 @dataclass
 class Phase:
     """One run of the loop: ``name`` labels the log ("train", "search", "retrain"); ``index`` orders the phases of a
-    job for checkpoints; ``max_nonfinite`` is the share of steps allowed to have non-finite gradients before the run
-    stops."""
+    job for checkpoints; ``schedule`` is the LR schedule ("cosine" or "constant", after ``warmup_steps``);
+    ``keep_best`` restores the weights of the epoch best on the selection split at the end; ``max_nonfinite`` is the
+    share of steps allowed to have non-finite gradients before the run stops; ``distill`` (alpha) mixes KL
+    distillation from a teacher into the loss at ``temperature``: (1 - alpha) task + alpha KD."""
 
     name: str
     epochs: int
     lr: float
     weight_decay: float = 0.05
     warmup_steps: int = 0
+    schedule: str = "cosine"
     amp: bool = False
     log_every: int = 10
     keep_best: bool = False
     index: int = 0
     max_nonfinite: float = 0.1
+    distill: float = 0.0
+    temperature: float = 1.0
 
 
 def _weights(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone() for k, v in unwrap(model).state_dict().items()}
 
 
+class _PhaseRun:
+    """The state of one ``run_phase`` call, in short named steps: set-up and resume, one training step, logging,
+    checkpoint policy, the end of an epoch (evaluation on the selection split, best so far), and the end."""
+
+    def __init__(self, model, task, loaders, info, phase, pruner, log, checkpointer, extra, teacher) -> None:
+        self.model, self.task, self.loaders, self.info, self.phase = model, task, loaders, info, phase
+        self.pruner, self.checkpointer, self.extra, self.teacher = pruner, checkpointer, extra, teacher
+        self.log = log or JsonlLog(None, info)
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=phase.lr, weight_decay=phase.weight_decay)
+        self.steps_per_epoch = len(loaders.train)
+        self.total_steps = phase.epochs * self.steps_per_epoch
+        self.scheduler = lr_schedule(self.optimizer, self.total_steps, phase.warmup_steps, phase.schedule)
+        self.autocast, self.scaler = amp_context(info.device, phase.amp)
+        self.loop: dict[str, Any] = {"epoch": 0, "batch": 0, "step": 0, "history": [], "best": None, "nonfinite": 0}
+        self.best_state: dict[str, torch.Tensor] | None = None
+        self.saved: tuple[tuple[int, int], Path] | None = None  # the newest checkpoint this run wrote
+
+    def restore(self, resume: Snapshot) -> None:
+        unwrap(self.model).load_state_dict(resume.weights)
+        self.optimizer.load_state_dict(resume.state["optimizer"])
+        self.scheduler.load_state_dict(resume.state["scheduler"])
+        if self.scaler is not None and resume.state.get("scaler"):
+            self.scaler.load_state_dict(resume.state["scaler"])
+        if self.pruner is not None:
+            self.pruner.load_state_dict(resume.state["pruner"])
+        self.loop = dict(resume.meta["loop"])
+        self.best_state = resume.best_weights
+        if resume.rng:
+            set_rng_state(resume.rng)
+
+    def checkpoint(self) -> Path | None:
+        if self.checkpointer is None:
+            return None
+        state = {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "pruner": self.pruner.state_dict() if self.pruner is not None else None,
+        }
+        meta = {"loop": self.loop, "extra": self.extra or {}, "log_size": self.log.size()}
+        key = (self.phase.index, self.loop["step"])
+        if self.saved is not None and self.saved[0] == key:
+            return self.saved[1]
+        snap = Snapshot(key, self.phase.name, _weights(self.model), state, meta, self.best_state)
+        self.saved = (key, self.checkpointer.save(snap))
+        return self.saved[1]
+
+    def losses(self, batch: Any) -> dict[str, torch.Tensor]:
+        """Task loss (mixed with distillation when asked), sparsity loss and their sum for one training batch."""
+        batch = self.task.train_batch(to_device(batch, self.info.device))
+        with self.autocast():
+            out = self.task.outputs(self.model, batch)
+            task_loss = self.task.loss_from(out, batch).float()
+            losses = {"task_loss": task_loss}
+            if self.teacher is not None and self.phase.distill > 0:
+                with torch.no_grad():
+                    teacher_out = self.task.outputs(self.teacher, batch)
+                kd = self.task.distill_loss(out, teacher_out, self.phase.temperature).float()
+                losses["distill_loss"] = kd
+                task_loss = (1 - self.phase.distill) * task_loss + self.phase.distill * kd
+        sparsity = self.pruner.sparsity_loss() if self.pruner is not None else task_loss.new_zeros(())
+        losses.update(sparsity_loss=sparsity, loss=task_loss + sparsity)
+        return losses
+
+    def train_step(self, batch: Any) -> tuple[dict[str, torch.Tensor], bool]:
+        losses = self.losses(batch)
+        grad_scale, taken = backward_and_step(losses["loss"], self.optimizer, self.scaler)
+        with warnings.catch_warnings():  # a skipped first optimizer step makes the scheduler warn; it is meant
+            warnings.simplefilter("ignore", UserWarning)
+            self.scheduler.step()
+        if self.pruner is not None:
+            self.pruner.step(grad_scale=grad_scale, skip=not taken)
+        self.loop["step"] += 1
+        self.loop["batch"] += 1
+        if not taken:
+            self.loop["nonfinite"] += 1
+            if self.loop["nonfinite"] > self.phase.max_nonfinite * self.total_steps:
+                raise UPopError(
+                    f"{self.phase.name}: {self.loop['nonfinite']} of {self.loop['step']} steps had non-finite loss or "
+                    f"gradients, more than the allowed share {self.phase.max_nonfinite:g} of {self.total_steps} "
+                    "steps; lower the learning rate, check the data, or run without --amp"
+                )
+        return losses, taken
+
+    def log_step(self, epoch: int, losses: dict[str, torch.Tensor], taken: bool, progress: Progress) -> None:
+        step = self.loop["step"]
+        if step % self.phase.log_every == 0 or step == self.total_steps or not taken:
+            record = {"phase": self.phase.name, "epoch": epoch + 1, "step": step}
+            record.update({k: float(v.detach()) for k, v in losses.items()})
+            record.update(lr=self.scheduler.get_last_lr()[0], nonfinite_steps=self.loop["nonfinite"])
+            if self.pruner is not None:
+                record.update(self.pruner.log_record())
+            self.log.write(record)
+            postfix = {"loss": f"{record['task_loss']:.4f}"}
+            if self.pruner is not None:
+                postfix["pi"] = f"{self.pruner.pi:.3f}"
+            progress.update(self.loop["batch"], **postfix)
+        else:
+            progress.update(self.loop["batch"])
+
+    def stop_if_asked(self) -> None:
+        """Collective: stop every rank together on a signal (after a checkpoint) or on a log that cannot be written."""
+        signum, log_failed = signals.requested(self.info, self.log.error is not None)
+        if log_failed:
+            why = self.log.error or "the main rank could not write its log"
+            raise UPopError(f"{why} (the checkpoints are intact; free space, then rerun with --resume)")
+        if signum:
+            saved = self.checkpoint()
+            where = f"checkpoint {saved}" if saved is not None else "no checkpoint (this loop writes none)"
+            raise signals.Interrupted(signum, f"{self.phase.name} step {self.loop['step']}: {where}")
+
+    def end_epoch(self, epoch: int, seconds: float) -> None:
+        self.loop["epoch"], self.loop["batch"] = epoch + 1, 0
+        select = self.loaders.select
+        if select is not None and (self.phase.keep_best or self.evaluate_each_epoch):
+            metrics = self.task.evaluate(self.model, select, self.info.device)
+            self.loop["history"].append({"epoch": epoch + 1, **metrics})
+            record = {"phase": self.phase.name, "epoch": epoch + 1, "step": self.loop["step"], "select": metrics}
+            self.log.write({**record, "seconds": seconds})
+            main = self.task.main_metric
+            if self.loop["best"] is None or metrics[main] > self.loop["best"][main]:
+                self.loop["best"] = {"epoch": epoch + 1, **metrics}
+                if self.phase.keep_best:
+                    self.best_state = _weights(self.model)
+        if self.checkpointer is not None:
+            self.checkpoint()
+
+    def run(self, evaluate_each_epoch: bool, last: Callable[[nn.Module], Any] | None) -> dict[str, Any]:
+        self.evaluate_each_epoch = evaluate_each_epoch
+        train_loader = self.loaders.train
+        sampler = train_loader.sampler
+        if isinstance(sampler, EpochSampler):
+            sampler.start = 0
+        self.model.train()
+        for epoch in range(self.loop["epoch"], self.phase.epochs):
+            if isinstance(sampler, EpochSampler):
+                sampler.set_position(epoch, self.loop["batch"] * train_loader.batch_size)
+            desc = f"{self.phase.name} epoch {epoch + 1}/{self.phase.epochs}"
+            progress = Progress(train_loader, desc, self.info, self.steps_per_epoch, self.loop["batch"])
+            start = time.perf_counter()
+            for batch in progress:
+                losses, taken = self.train_step(batch)
+                self.log_step(epoch, losses, taken, progress)
+                every = self.checkpointer.every if self.checkpointer is not None else 0
+                if every and self.loop["step"] % every == 0 and self.loop["batch"] < self.steps_per_epoch:
+                    self.checkpoint()  # (the epoch-end checkpoint follows otherwise)
+                self.stop_if_asked()
+            progress.line(self.steps_per_epoch, end=" done")
+            self.end_epoch(epoch, time.perf_counter() - start)
+            self.stop_if_asked()  # a signal during the evaluation: the epoch-end checkpoint is the one to resume
+        last_metrics = last(self.model) if last is not None else None
+        best = self.loop["best"]
+        if self.phase.keep_best and self.best_state is not None and best["epoch"] != self.phase.epochs:
+            unwrap(self.model).load_state_dict(self.best_state)
+        return {
+            "history": self.loop["history"],
+            "best": best,
+            "selected_epoch": best["epoch"] if self.phase.keep_best and best else self.phase.epochs,
+            "last": last_metrics,
+            "nonfinite_steps": self.loop["nonfinite"],
+        }
+
+
 def run_phase(
     model: nn.Module,
     task: Task,
-    loaders: tuple[DataLoader, DataLoader],
+    loaders: Loaders,
     info: DistInfo,
     phase: Phase,
     pruner: Pruner | None = None,
@@ -184,131 +432,26 @@ def run_phase(
     checkpointer: Checkpointer | None = None,
     resume: Snapshot | None = None,
     extra: dict[str, Any] | None = None,
+    teacher: nn.Module | None = None,
+    last: Callable[[nn.Module], Any] | None = None,
 ) -> dict[str, Any]:
-    """Train ``model`` (DDP-wrapped or not) for ``phase.epochs`` epochs; returns {"history": [...], "best": metrics,
-    "last": metrics, "nonfinite_steps": n}. With ``keep_best`` the best epoch's weights (by the task's main metric)
-    are restored at the end. With a ``pruner`` the sparsity loss is added and ``pruner.step()`` follows every
-    optimizer step.
+    """Train ``model`` (DDP-wrapped or not) for ``phase.epochs`` epochs; returns {"history": per-epoch metrics on the
+    selection split, "best": the best of them (with its "epoch"), "selected_epoch", "last": ``last(model)`` on the
+    final weights (before the best are restored; e.g. metrics on the report split), "nonfinite_steps"}.
+
+    With ``keep_best`` the weights of the epoch best on the selection split (by the task's main metric) are restored
+    at the end; without a selection split the last epoch is kept. With a ``pruner`` the sparsity loss is added and
+    ``pruner.step()`` follows every optimizer step. With a ``teacher`` and ``phase.distill`` > 0 the loss mixes in
+    KL distillation from it.
 
     With a ``checkpointer``, a checkpoint is written every ``checkpointer.every`` steps and at every epoch end
     (``extra``, JSON, is stored in it for the job). With ``resume`` (a checkpoint of this phase) the loop continues
-    exactly where it was written: weights, optimizer, schedule, scaler, Pruner, RNG and position in the epoch."""
-    train_loader, val_loader = loaders
-    sampler = train_loader.sampler
-    optimizer = torch.optim.AdamW(model.parameters(), lr=phase.lr, weight_decay=phase.weight_decay)
-    if isinstance(sampler, EpochSampler):
-        sampler.start = 0
-    steps_per_epoch = len(train_loader)
-    total_steps = phase.epochs * steps_per_epoch
-    scheduler = cosine_schedule(optimizer, total_steps, phase.warmup_steps)
-    autocast, scaler = amp_context(info.device, phase.amp)
-    log = log or JsonlLog(None, info)
-    loop: dict[str, Any] = {"epoch": 0, "batch": 0, "step": 0, "history": [], "best": None, "nonfinite": 0}
-    best_state: dict[str, torch.Tensor] | None = None
+    exactly where it was written: weights, optimizer, schedule, scaler, Pruner, RNG and position in the epoch.
+    After every step the loop stops cleanly on SIGTERM/SIGINT (checkpoint, then ``signals.Interrupted``) and on a
+    log that cannot be written (UPopError), every rank together."""
+    state = _PhaseRun(model, task, loaders, info, phase, pruner, log, checkpointer, extra, teacher)
     if resume is not None:
-        unwrap(model).load_state_dict(resume.weights)
-        optimizer.load_state_dict(resume.state["optimizer"])
-        scheduler.load_state_dict(resume.state["scheduler"])
-        if scaler is not None and resume.state.get("scaler"):
-            scaler.load_state_dict(resume.state["scaler"])
-        if pruner is not None:
-            pruner.load_state_dict(resume.state["pruner"])
-        loop = dict(resume.meta["loop"])
-        best_state = resume.best_weights
-        if resume.rng:
-            set_rng_state(resume.rng)
-
-    def checkpoint() -> None:
-        state = {
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict() if scaler is not None else None,
-            "pruner": pruner.state_dict() if pruner is not None else None,
-        }
-        meta = {"loop": loop, "extra": extra or {}, "log_size": log.size()}
-        snap = Snapshot((phase.index, loop["step"]), phase.name, _weights(model), state, meta, best_state)
-        checkpointer.save(snap)
-
-    model.train()
-    for epoch in range(loop["epoch"], phase.epochs):
-        if isinstance(sampler, EpochSampler):
-            sampler.set_position(epoch, loop["batch"] * train_loader.batch_size)
-        elif isinstance(sampler, DistributedSampler):
-            sampler.set_epoch(epoch)
-        bar = tqdm(
-            train_loader,
-            desc=f"{phase.name} {epoch + 1}/{phase.epochs}",
-            disable=None if info.is_main else True,
-            leave=False,
-            dynamic_ncols=True,
-        )
-        start = time.perf_counter()
-        for batch in bar:
-            batch = to_device(batch, info.device)
-            with autocast():
-                task_loss = task.loss(model, batch)
-            sparsity = pruner.sparsity_loss() if pruner is not None else task_loss.new_zeros(())
-            loss = task_loss.float() + sparsity
-            grad_scale, taken = backward_and_step(loss, optimizer, scaler)
-            with warnings.catch_warnings():  # a skipped first optimizer step makes the scheduler warn; it is meant
-                warnings.simplefilter("ignore", UserWarning)
-                scheduler.step()
-            if pruner is not None:
-                pruner.step(grad_scale=grad_scale, skip=not taken)
-            loop["step"] += 1
-            loop["batch"] += 1
-            step = loop["step"]
-            if not taken:
-                loop["nonfinite"] += 1
-                if loop["nonfinite"] > phase.max_nonfinite * total_steps:
-                    raise UPopError(
-                        f"{phase.name}: {loop['nonfinite']} of {step} steps had non-finite loss or gradients, more "
-                        f"than the allowed share {phase.max_nonfinite:g} of {total_steps} steps; lower the learning "
-                        "rate, check the data, or run without --amp"
-                    )
-            if step % phase.log_every == 0 or step == total_steps or not taken:
-                record = {
-                    "phase": phase.name,
-                    "epoch": epoch + 1,
-                    "step": step,
-                    "loss": float(loss.detach()),
-                    "task_loss": float(task_loss.detach()),
-                    "sparsity_loss": float(sparsity.detach()),
-                    "lr": scheduler.get_last_lr()[0],
-                    "nonfinite_steps": loop["nonfinite"],
-                }
-                if pruner is not None:
-                    record.update(pruner.log_record())
-                log.write(record)
-                bar.set_postfix(
-                    loss=f"{float(task_loss.detach()):.3f}", **({"pi": f"{pruner.pi:.3f}"} if pruner else {})
-                )
-            if (
-                checkpointer is not None
-                and checkpointer.every
-                and step % checkpointer.every == 0
-                and loop["batch"] < steps_per_epoch  # the epoch-end checkpoint follows otherwise
-            ):
-                checkpoint()
-        epoch_seconds = time.perf_counter() - start
-        loop["epoch"], loop["batch"] = epoch + 1, 0
-        if evaluate_each_epoch or epoch + 1 == phase.epochs:
-            metrics = task.evaluate(model, val_loader, info.device)
-            loop["history"].append({"epoch": epoch + 1, **metrics})
-            record = {"phase": phase.name, "epoch": epoch + 1, "step": loop["step"], "eval": metrics}
-            log.write({**record, "seconds": epoch_seconds})
-            if loop["best"] is None or metrics[task.main_metric] > loop["best"][task.main_metric]:
-                loop["best"] = metrics
-                if phase.keep_best:
-                    best_state = _weights(model)
-        if checkpointer is not None:
-            checkpoint()
-    if phase.keep_best and best_state is not None:
-        unwrap(model).load_state_dict(best_state)
-    history = loop["history"]
-    return {
-        "history": history,
-        "best": loop["best"],
-        "last": history[-1] if history else None,
-        "nonfinite_steps": loop["nonfinite"],
-    }
+        state.restore(resume)
+    if teacher is not None:
+        teacher.eval()
+    return state.run(evaluate_each_epoch, last)

@@ -1,27 +1,41 @@
-"""Task plug-ins: data, loss, metric and example inputs. The engine knows tasks only through this interface."""
+"""Task plug-ins: data, loss, metric and example inputs. The engine knows tasks only through this interface.
+
+Every task gives three splits: ``train`` (the weights learn from it), ``select`` (picks the best epoch and is never
+reported) and ``report`` (every number in a report). A model is never selected and scored on the same split.
+"""
 
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass
+import hashlib
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
+
+AUGMENTS = ("auto", "none", "light", "deit")
+SELECT_FRACTION, SELECT_MAX = 0.05, 10000  # the default selection split carved from train
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Where the data comes from. ``root`` None means the built-in shapes world.
+    """Where the data comes from and how it is prepared. ``root`` None means the built-in shapes world.
 
     Attributes:
         root: a dataset folder in the task's real format, or None for the built-in generator.
         image_root: where the images named by annotation files are (default: ``root``), for tasks that have them.
         image_size: side of the square input images (None: the model's own input size, resolved by the job).
-        train_size / val_size: number of built-in scenes per split (ignored for a folder).
-        seed: the built-in world's seed (train uses seed, val seed + 1).
+        train_size / val_size: number of built-in scenes in the training and report splits (ignored for a folder).
+        seed: the built-in world's seed (train uses seed, report seed + 1, a generated selection split seed + 2), and
+            the seed of the selection split carved from train.
         noise: pixel noise of the built-in world.
+        select_size: samples in the selection split (None: the task's default, e.g. 5% of train, at most 10000; 0:
+            no selection, the last epoch is kept).
+        augment: training augmentation preset: "auto" (none on the built-in world, "light" on image folders),
+            "none", "light" or "deit" (see ``upop.data.augment``).
     """
 
     root: str | None = None
@@ -31,6 +45,8 @@ class DataConfig:
     val_size: int = 2000
     seed: int = 0
     noise: float = 0.1
+    select_size: int | None = None
+    augment: str = "auto"
 
     def __post_init__(self) -> None:
         from upop.errors import UPopError
@@ -39,27 +55,112 @@ class DataConfig:
             raise UPopError(f"image size must be at least 8, got {self.image_size}")
         if self.train_size < 1 or self.val_size < 1:
             raise UPopError(f"built-in split sizes must be positive, got {self.train_size} and {self.val_size}")
+        if self.select_size is not None and self.select_size < 0:
+            raise UPopError(f"--select-size must be >= 0 (0: no selection split), got {self.select_size}")
+        if self.augment not in AUGMENTS:
+            raise UPopError(f"augment must be one of {', '.join(AUGMENTS)}, got {self.augment!r}")
+
+    @property
+    def builtin(self) -> bool:
+        return self.root is None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings that matter for this data: a folder drops the built-in world's sizes and noise."""
+        d = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        if not self.builtin:
+            for key in ("train_size", "val_size", "noise"):
+                d.pop(key)
+        else:
+            d.pop("image_root")
+        return d
+
+
+@dataclass
+class Splits:
+    """The three splits of a task, and how each was made (recorded in every report).
+
+    ``select`` is None when there is no selection split (``select_size`` 0): the last epoch is then kept.
+    ``about`` maps each split name to a description: its source, size and, for a carved split, the seed and a
+    digest of its indices."""
+
+    train: Dataset
+    select: Dataset | None
+    report: Dataset
+    about: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+class Carved(Subset):
+    """A subset that keeps the attributes tasks read from their datasets (``classes``, ``captions``...)."""
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ("dataset", "indices") or name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+
+def carve(labels: torch.Tensor, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split indices 0..len(labels)-1 into (kept, carved) with ``size`` carved, stratified by label: every class gives
+    its share (largest remainders first), drawn by a generator seeded with ``seed``. Deterministic on any machine."""
+    labels = torch.as_tensor(labels).reshape(-1)
+    n = labels.numel()
+    size = min(size, n - 1)
+    g = torch.Generator().manual_seed(seed)
+    classes, counts = labels.unique(return_counts=True)
+    exact = counts.double() * size / n
+    share = exact.floor().long()
+    short = size - int(share.sum())
+    if short > 0:  # largest remainders, ties broken by class order
+        order = torch.sort(exact - share, descending=True, stable=True).indices
+        share[order[:short]] += 1
+    carved = []
+    for c, k in zip(classes.tolist(), share.tolist()):
+        members = (labels == c).nonzero().squeeze(1)
+        carved.append(members[torch.randperm(members.numel(), generator=g)[:k]])
+    picked = torch.sort(torch.cat(carved)).values if carved else torch.empty(0, dtype=torch.long)
+    mask = torch.ones(n, dtype=torch.bool)
+    mask[picked] = False
+    return mask.nonzero().squeeze(1), picked
+
+
+def default_select_size(n_train: int) -> int:
+    return max(1, min(SELECT_MAX, round(SELECT_FRACTION * n_train)))
+
+
+def carved_about(picked: torch.Tensor, source: str, seed: int) -> dict[str, Any]:
+    digest = hashlib.sha256(picked.numpy().astype("int64").tobytes()).hexdigest()[:16]
+    return {
+        "source": f"carved from {source}, stratified by class",
+        "size": int(picked.numel()),
+        "seed": seed,
+        "indices_sha256": digest,
+    }
 
 
 class Task(abc.ABC):
     """A task provides exactly: ``name``, ``main_metric`` (the metric "best" refers to, higher is better), and the
-    abstract methods below."""
+    abstract methods below. ``loss`` and ``distill_loss`` have defaults built on ``outputs``/``loss_from``."""
 
     name: str = ""
     main_metric: str = ""
     model_kind: str = "classifier"  # what ``upop.models.build_model`` builds for it: "classifier" | "dual_encoder"
 
     @abc.abstractmethod
-    def datasets(self, data: DataConfig) -> tuple[Dataset, Dataset]:
-        """(train, val) datasets yielding batches the task's ``loss`` understands after default collation."""
+    def datasets(self, data: DataConfig) -> Splits:
+        """The train, select and report splits, yielding batches the task's ``loss`` understands after default
+        collation."""
 
     @abc.abstractmethod
     def num_outputs(self, train: Dataset) -> int:
         """Size of the model's output head for this data (e.g. the number of classes)."""
 
     @abc.abstractmethod
-    def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
-        """The task loss of ``model`` on one batch (already on the model's device)."""
+    def outputs(self, model: nn.Module, batch: Any) -> Any:
+        """The model's outputs that the loss reads (e.g. logits (B, C)), through ``model``'s forward (so a DDP
+        wrapper sees every training forward)."""
+
+    @abc.abstractmethod
+    def loss_from(self, outputs: Any, batch: Any) -> torch.Tensor:
+        """The task loss from ``outputs`` of one batch (already on the model's device)."""
 
     @abc.abstractmethod
     def evaluate(self, model: nn.Module, loader: Any, device: torch.device) -> dict[str, float]:
@@ -67,7 +168,30 @@ class Task(abc.ABC):
 
     @abc.abstractmethod
     def example_inputs(self, batch: Any, model: nn.Module | None = None) -> Any:
-        """The inputs of ``model`` for a batch of the validation loader (for profiling and FLOPs cost)."""
+        """The inputs of ``model`` for a batch of an evaluation loader (for profiling and FLOPs cost)."""
+
+    def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        """The task loss of ``model`` on one batch."""
+        return self.loss_from(self.outputs(model, batch), batch)
+
+    def train_batch(self, batch: Any) -> Any:
+        """A training batch after batch-level augmentation (e.g. Mixup/CutMix); the identity by default."""
+        return batch
+
+    def distill_loss(self, student: Any, teacher: Any, temperature: float) -> torch.Tensor:
+        """Knowledge distillation from the dense model: KL(softmax(teacher / T) || softmax(student / T)) * T^2 over
+        the last dimension of the logits (batch mean). Tasks whose outputs hold several logit tensors override."""
+        return kl_distill(student, teacher, temperature)
+
+
+def kl_distill(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL(softmax(teacher / T) || softmax(student / T)) * T^2, averaged over rows (fp32)."""
+    t = temperature
+    s_log = F.log_softmax(student.float() / t, dim=-1)
+    t_log = F.log_softmax(teacher.float() / t, dim=-1)
+    return F.kl_div(
+        s_log.reshape(-1, s_log.shape[-1]), t_log.reshape(-1, t_log.shape[-1]), reduction="batchmean", log_target=True
+    ) * (t * t)
 
 
 _TASKS: dict[str, type[Task]] = {}

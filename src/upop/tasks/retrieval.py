@@ -1,9 +1,14 @@
-"""Image-text retrieval (CLIP-style dual encoders): symmetric contrastive loss with the model's own temperature,
+"""Image-text retrieval (CLIP-style dual encoders): the symmetric contrastive loss with the model's own temperature,
 and R@1/5/10 in both directions on the full similarity matrix with several captions per image (Karpathy protocol).
 
+Loss: captions of the same image are positives of each other, not negatives (soft targets by image id, as BLIP's
+ITC), and under DDP the features of every rank are gathered with their gradients, so the loss and its gradients are
+those of the whole global batch on any number of ranks.
+
 Data: the built-in shapes world with templated captions (``upop.data.captions``), or Karpathy-split annotation files
-as used for COCO and Flickr30K: ``DIR/*train.json`` and ``DIR/*val.json`` (or ``*test.json``), each a JSON list of
-``{"image": relative path, "caption": str or [str, ...]}``; images are read from ``--image-root`` (default ``DIR``).
+as used for COCO and Flickr30K: ``DIR/*train.json``, ``DIR/*val.json`` (the selection split) and ``DIR/*test.json``
+(the report split), each a JSON list of ``{"image": relative path, "caption": str or [str, ...]}``; images are read
+from ``--image-root`` (default ``DIR``).
 
 Models are reached through ``model(...)`` (so DDP sees every training forward) and, for evaluation, through their
 encoders. Two conventions are understood: HF ``CLIPModel`` (``get_image_features``/``get_text_features``, forward
@@ -25,9 +30,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from upop.data.captions import CAPTIONS_PER_SCENE, scene_captions
 from upop.data.shapes import ShapesWorld
+from upop.engine import dist as D
 from upop.engine.dist import unwrap
 from upop.errors import UPopError
-from upop.tasks.base import DataConfig, Task, register_task
+from upop.tasks.base import DataConfig, Splits, Task, kl_distill, register_task
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -36,7 +42,7 @@ KS = (1, 5, 10)
 
 # ------------------------------------------------------------------------------------------------------------ data
 class RetrievalPairs(Dataset):
-    """Training pairs: one (image, caption) per caption."""
+    """Training pairs: one (image, caption, image id) per caption."""
 
     def __init__(self, images: Callable[[int], torch.Tensor], captions: list[str], txt2img: torch.Tensor) -> None:
         self.images, self.captions, self.txt2img = images, captions, txt2img
@@ -44,8 +50,9 @@ class RetrievalPairs(Dataset):
     def __len__(self) -> int:
         return len(self.captions)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, str]:
-        return self.images(int(self.txt2img[i])), self.captions[i]
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, str, int]:
+        image = int(self.txt2img[i])
+        return self.images(image), self.captions[i], image
 
 
 class RetrievalImages(Dataset):
@@ -115,20 +122,23 @@ def read_karpathy(path: Path) -> tuple[list[str], list[str], torch.Tensor]:
     return list(images), captions, torch.tensor(owner)
 
 
-def _annotation(root: Path, split: tuple[str, ...]) -> Path:
-    for name in split:
-        found = sorted(root.glob(f"*{name}.json"))
-        if len(found) > 1:
-            raise UPopError(f"{root} holds several *{name}.json files ({', '.join(p.name for p in found)}); keep one")
-        if found:
-            return found[0]
-    raise UPopError(
-        f"{root} has no *{split[0]}.json annotation file (Karpathy format: a list of image/caption entries)"
-    )
+SPLIT_ROLES = {"train": "training", "val": "selection", "test": "report"}
+
+
+def _annotation(root: Path, split: str) -> Path:
+    found = sorted(root.glob(f"*{split}.json"))
+    if len(found) > 1:
+        raise UPopError(f"{root} holds several *{split}.json files ({', '.join(p.name for p in found)}); keep one")
+    if not found:
+        raise UPopError(
+            f"{root} has no *{split}.json annotation file (the {SPLIT_ROLES[split]} split; Karpathy format: a list of "
+            "image/caption entries, with *train.json, *val.json and *test.json)"
+        )
+    return found[0]
 
 
 def folder_split(
-    root: Path, image_root: Path, split: tuple[str, ...], image_size: int
+    root: Path, image_root: Path, split: str, image_size: int
 ) -> tuple[Callable, int, list[str], torch.Tensor]:
     from PIL import Image
     from torchvision import transforms
@@ -185,17 +195,24 @@ def model_inputs(model: nn.Module, images: torch.Tensor, tokens: dict[str, torch
     return (images, tokens["input_ids"])
 
 
-def pair_logits(model: nn.Module, images: torch.Tensor, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
-    """(images x texts) similarity logits, scaled by the model's own temperature, through ``model``'s forward (so a
-    DDP wrapper synchronises every parameter the loss used)."""
+def embeddings(model: nn.Module, images: torch.Tensor, tokens: dict[str, torch.Tensor]) -> tuple:
+    """(image features (B, E), text features (B, E), both L2-normalised, and the logit scale exp(t)) through
+    ``model``'s forward, so a DDP wrapper synchronises every parameter the loss used."""
     if _is_hf(model):
-        return model(**model_inputs(model, images, tokens)).logits_per_image
+        out = model(**model_inputs(model, images, tokens))
+        return out.image_embeds, out.text_embeds, unwrap(model).logit_scale.exp()
     out = model(*model_inputs(model, images, tokens))
     if isinstance(out, dict):
         img, txt, scale = out["image_features"], out["text_features"], out["logit_scale"]
     else:
         img, txt, scale = out[0], out[1], out[2]
-    return scale * img @ txt.T
+    return F.normalize(img, dim=-1), F.normalize(txt, dim=-1), scale
+
+
+def soft_targets(ids: torch.Tensor, ids_all: torch.Tensor) -> torch.Tensor:
+    """(B, N) targets: each row spreads 1 over the global batch's samples of the same image (itself included)."""
+    same = (ids[:, None] == ids_all[None, :]).float()
+    return same / same.sum(1, keepdim=True)
 
 
 def encode_images(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
@@ -245,29 +262,64 @@ class Retrieval(Task):
     main_metric = "r_mean"
     model_kind = "dual_encoder"
 
-    def datasets(self, data: DataConfig) -> tuple[Dataset, Dataset]:
-        if data.root is None:
-            load, captions, owner = shapes_split(data.train_size, data.seed, data.image_size, data.noise)
-            train = RetrievalPairs(load, captions, owner)
-            load, captions, owner = shapes_split(data.val_size, data.seed + 1, data.image_size, data.noise)
-            return train, RetrievalImages(load, data.val_size, captions, owner)
-        root = Path(data.root)
-        if not root.is_dir():
-            raise UPopError(f"dataset folder {root} does not exist")
-        image_root = Path(data.image_root) if data.image_root else root
-        load, n, captions, owner = folder_split(root, image_root, ("train",), data.image_size)
+    def datasets(self, data: DataConfig) -> Splits:
+        if data.builtin:
+            splits: dict[str, Any] = {}
+            for name, size, seed in (
+                ("train", data.train_size, data.seed),
+                ("select", data.val_size if data.select_size is None else data.select_size, data.seed + 2),
+                ("report", data.val_size, data.seed + 1),
+            ):
+                if size:
+                    load, captions, owner = shapes_split(size, seed, data.image_size, data.noise)
+                    splits[name] = (load, size, captions, owner, f"built-in scenes (seed {seed})")
+        else:
+            root = Path(data.root)
+            if not root.is_dir():
+                raise UPopError(f"dataset folder {root} does not exist")
+            image_root = Path(data.image_root) if data.image_root else root
+            splits = {}
+            for name, split in (("train", "train"), ("select", "val"), ("report", "test")):
+                if name == "select" and data.select_size == 0:
+                    continue
+                load, n, captions, owner = folder_split(root, image_root, split, data.image_size)
+                splits[name] = (load, n, captions, owner, str(_annotation(root, split)))
+        about = {
+            name: {"source": source, "images": n, "captions": len(captions)}
+            for name, (_, n, captions, _, source) in splits.items()
+        }
+        about["train"]["augment"] = "none"
+        load, _, captions, owner, _ = splits["train"]
         train = RetrievalPairs(load, captions, owner)
-        load, n, captions, owner = folder_split(root, image_root, ("val", "test"), data.image_size)
-        return train, RetrievalImages(load, n, captions, owner)
+        select = RetrievalImages(*splits["select"][:4]) if "select" in splits else None
+        return Splits(train, select, RetrievalImages(*splits["report"][:4]), about)
 
     def num_outputs(self, train: Dataset) -> int:
         return 0  # a dual encoder has no task head
 
-    def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
-        images, captions = batch
-        logits = pair_logits(model, images, tokenize(model, captions, images.device)).float()
-        labels = torch.arange(len(images), device=images.device)
-        return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+    def outputs(self, model: nn.Module, batch: Any) -> dict[str, torch.Tensor]:
+        """Logits of the local images against the global batch's captions and of the local captions against the
+        global batch's images (B, N), with the image ids of both."""
+        images, captions, ids = batch
+        img, txt, scale = embeddings(model, images, tokenize(model, captions, images.device))
+        img, txt = img.float(), txt.float()
+        img_all, txt_all = D.gather_with_grad(img), D.gather_with_grad(txt)
+        return {
+            "i2t": scale * img @ txt_all.T,
+            "t2i": scale * txt @ img_all.T,
+            "ids": ids,
+            "ids_all": D.gather(ids),
+        }
+
+    def loss_from(self, outputs: dict[str, torch.Tensor], batch: Any) -> torch.Tensor:
+        targets = soft_targets(outputs["ids"], outputs["ids_all"])
+        i2t = torch.sum(-targets * F.log_softmax(outputs["i2t"].float(), dim=1), dim=1).mean()
+        t2i = torch.sum(-targets * F.log_softmax(outputs["t2i"].float(), dim=1), dim=1).mean()
+        return (i2t + t2i) / 2
+
+    def distill_loss(self, student: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor], temperature: float):
+        i2t = kl_distill(student["i2t"], teacher["i2t"], temperature)
+        return (i2t + kl_distill(student["t2i"], teacher["t2i"], temperature)) / 2
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, loader: Any, device: torch.device) -> dict[str, float]:
