@@ -178,3 +178,63 @@ def test_towers_restrict_pruning_to_one_tower_and_unknown_towers_are_named():
     pruner.detach()
     with pytest.raises(upop.UPopError, match="no tower 'audio'; its towers: text, vision"):
         upop.Pruner(model, upop.PruneConfig(p=0.5, towers=("audio",)))
+
+
+@pytest.mark.parametrize("factory", [timm_vit, hf_clip])
+def test_the_l1_weights_do_not_change_the_ranking(factory):
+    """The masks are not optimised, so the L1 term adds the same constant w to the gradient of every mask element of
+    a kind; the per-kind standardisation removes it. Any weights give the same choice as none."""
+    choices = []
+    for w_attn, w_mlp in ((0.0, 0.0), (4.8e-3, 2e-4), (0.3, 0.01)):
+        model = build(factory, (4, 8, 3, 64))
+        pruner, _ = _search(model, upop.PruneConfig(p=0.5, total_steps=12, w_attn=w_attn, w_mlp=w_mlp))
+        choices.append(pruner.chosen)
+        assert any(c.any() for c in pruner.chosen)
+    for other in choices[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(choices[0], other))
+
+
+def _prunable_params_by_hand(width: int, hidden: int, depth: int) -> int:
+    """Per block: q, k, v rows with their biases (3d^2 + 3d), the output projection's columns (d^2, its bias is not
+    pruned), fc1 rows with bias (dh + h) and fc2's columns (hd)."""
+    return depth * (4 * width * width + 3 * width + 2 * width * hidden + hidden)
+
+
+@pytest.mark.parametrize("factory", [timm_vit, hf_vit, hf_clip])
+@pytest.mark.parametrize("p", [0.3, 0.75])
+def test_the_compressed_model_has_p_fewer_prunable_parameters(factory, p):
+    """The budget checked against the parameter counts of the compressed model, not against the costs that drove
+    the selection."""
+    model = build(factory, (4, 8, 3, 64))
+    dense = sum(t.numel() for t in model.parameters())
+    prunable = _prunable_params_by_hand(32, 64, 3)
+    if factory is hf_clip:  # the text tower: 2 heads of 9 dims, MLP 67
+        prunable += _prunable_params_by_hand(18, 67, 3)
+    pruner, _ = _search(model, upop.PruneConfig(p=p, total_steps=12))
+    compressed = pruner.compress()
+    removed = dense - sum(t.numel() for t in compressed.parameters())
+    assert abs(removed / prunable - p) <= 0.01
+
+
+@pytest.mark.parametrize("factory", [timm_vit, hf_vit, hf_clip, open_clip_model])
+def test_element_costs_equal_the_real_deltas_of_removing_one_element(factory):
+    """element_params / element_flops against the parameter and FLOP counts (torch's counter) of a model with one
+    element of the structure sliced away."""
+    import copy
+
+    from upop.adapters import find_adapter
+    from upop.core.structure import slice_structure
+
+    model = build(factory, (3, 6, 2, 20))
+    x = images(1)
+    pruner = upop.Pruner(model, upop.PruneConfig(cost="flops"), example_inputs=x)
+    structures = list(pruner.structures)
+    pruner.detach()
+    dense = upop.profile(model, x)
+    for s in structures:
+        smaller = copy.deepcopy(model)
+        twin = next(t for t in find_adapter(smaller).structures(smaller) if t.name == s.name)
+        slice_structure(twin, torch.arange(1, s.size))
+        stats = upop.profile(smaller, x)
+        assert dense["params"] - stats["params"] == s.element_params(), s.name
+        assert dense["flops"] - stats["flops"] == s.element_flops(), s.name

@@ -227,3 +227,52 @@ def test_cli_hf_clip_directory_through_compress_and_evaluate(tmp_path, capsys):
     (tmp_path / "clip" / "tokenizer.json").unlink()
     err = _one_line_failure(capsys, [*argv, "--output-dir", str(tmp_path / "o2")])
     assert "has no usable tokenizer files" in err
+
+
+def test_captions_of_the_same_image_are_positives_not_negatives():
+    from upop.tasks.retrieval import soft_targets
+
+    ids = torch.tensor([0, 0, 1])
+    assert soft_targets(ids, ids).tolist() == [[0.5, 0.5, 0.0], [0.5, 0.5, 0.0], [0.0, 0.0, 1.0]]
+    task = get_task("retrieval")
+    logits = torch.tensor([[2.0, 2.0, -1.0], [2.0, 2.0, -1.0], [-1.0, -1.0, 3.0]], requires_grad=True)
+    outputs = {"i2t": logits, "t2i": logits.T, "ids": ids, "ids_all": ids}
+    loss = task.loss_from(outputs, None)
+    by_hand = -(torch.log_softmax(logits, 1) * soft_targets(ids, ids)).sum(1).mean()
+    torch.testing.assert_close(loss, by_hand)
+    loss.backward()
+    # image 0 with the other caption of image 0: a positive, pulled up; one-hot targets would push it down
+    assert logits.grad[0, 1] < 0 and logits.grad[1, 0] < 0
+    one_hot = torch.nn.functional.cross_entropy(logits, torch.arange(3))
+    assert torch.autograd.grad(one_hot, logits)[0][0, 1] > 0
+
+
+def test_the_contrastive_loss_is_the_same_on_one_and_two_ranks(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    worker = Path(__file__).with_name("retrieval_ddp_worker.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    runs = [
+        [sys.executable, str(worker), str(tmp_path)],
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            str(worker),
+            str(tmp_path),
+        ],
+    ]
+    for cmd in runs:
+        result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+    one = torch.load(tmp_path / "grads1.pt", weights_only=True)
+    two = torch.load(tmp_path / "grads2.pt", weights_only=True)
+    assert one["grads"].keys() == two["grads"].keys() and len(one["grads"]) > 10
+    for name, g in one["grads"].items():
+        torch.testing.assert_close(two["grads"][name], g, rtol=1e-4, atol=1e-6, msg=name)
+    assert one["ids"].tolist() == [0, 0, 1, 2, 2, 3, 4, 1] and two["ids"].tolist() == [0, 0, 1, 2]

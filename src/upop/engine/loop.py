@@ -145,15 +145,16 @@ class Progress:
     def __iter__(self) -> Iterator[Any]:
         return iter(self.bar)
 
-    def update(self, step_in_epoch: int, **postfix: str) -> None:
-        self.postfix = postfix or self.postfix
-        if self.tty:
-            if postfix:
-                self.bar.set_postfix(**postfix)
-            return
+    def update(self, step_in_epoch: int, postfix: dict[str, Callable[[], str]]) -> None:
+        """After a step; ``postfix`` values are computed only when shown (a bar refresh or a line)."""
         now = time.perf_counter()
-        if self.active and now - self.last >= self.every:
-            self.last = now
+        if now - self.last < (0.5 if self.tty else self.every):
+            return
+        self.last = now
+        self.postfix = {k: f() for k, f in postfix.items()}
+        if self.tty:
+            self.bar.set_postfix(**self.postfix)
+        elif self.active:
             self.line(step_in_epoch)
 
     def line(self, step_in_epoch: int, end: str = "") -> None:
@@ -266,6 +267,8 @@ class _PhaseRun:
         self.pruner, self.checkpointer, self.extra, self.teacher = pruner, checkpointer, extra, teacher
         self.log = log or JsonlLog(None, info)
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=phase.lr, weight_decay=phase.weight_decay)
+        if isinstance(loaders.train.sampler, EpochSampler):
+            loaders.train.sampler.start = 0  # a resumed earlier phase may have left it mid-epoch; len() reads it
         self.steps_per_epoch = len(loaders.train)
         self.total_steps = phase.epochs * self.steps_per_epoch
         self.scheduler = lr_schedule(self.optimizer, self.total_steps, phase.warmup_steps, phase.schedule)
@@ -350,12 +353,10 @@ class _PhaseRun:
             if self.pruner is not None:
                 record.update(self.pruner.log_record())
             self.log.write(record)
-            postfix = {"loss": f"{record['task_loss']:.4f}"}
-            if self.pruner is not None:
-                postfix["pi"] = f"{self.pruner.pi:.3f}"
-            progress.update(self.loop["batch"], **postfix)
-        else:
-            progress.update(self.loop["batch"])
+        postfix = {"loss": lambda: f"{float(losses['task_loss'].detach()):.4f}"}
+        if self.pruner is not None:
+            postfix["pi"] = lambda: f"{self.pruner.pi:.3f}"
+        progress.update(self.loop["batch"], postfix)
 
     def stop_if_asked(self) -> None:
         """Collective: stop every rank together on a signal (after a checkpoint) or on a log that cannot be written."""
@@ -388,8 +389,6 @@ class _PhaseRun:
         self.evaluate_each_epoch = evaluate_each_epoch
         train_loader = self.loaders.train
         sampler = train_loader.sampler
-        if isinstance(sampler, EpochSampler):
-            sampler.start = 0
         self.model.train()
         for epoch in range(self.loop["epoch"], self.phase.epochs):
             if isinstance(sampler, EpochSampler):

@@ -1,0 +1,43 @@
+"""What a report tells its reader: slowdowns as "x slower", kept counts per layer with towers named only when there
+are several, and a config.json that records only the settings that shaped the run."""
+
+from __future__ import annotations
+
+import json
+
+from test_bad_input import _folder
+
+from upop.cli import main
+from upop.report import kept_grid, speed_ratio
+
+
+def test_a_slowdown_reads_slower_never_a_fraction_faster():
+    assert speed_ratio(10.0, 5.0) == "2.00x faster"
+    assert speed_ratio(5.0, 9.25) == "1.85x slower"
+
+
+def _row(name, tower, kind, kept, size):
+    return {"name": name, "tower": tower, "kind": kind, "kept": kept, "size": size}
+
+
+def test_kept_grid_names_towers_only_when_there_are_several_and_keeps_the_counts():
+    single = [_row("blocks.0.attn", "vision", "attn", 3, 8), _row("blocks.0.mlp", "vision", "mlp", 40, 64)]
+    labels, layers, grid = kept_grid(single)
+    assert labels == ["attention dims", "MLP neurons"] and layers == [0] and grid == [[(3, 8), (40, 64)]]
+    two = [*single, _row("text_model.encoder.layers.0.mlp", "text", "mlp", 10, 20)]
+    labels, _, grid = kept_grid(two)
+    assert labels == ["text MLP neurons", "vision attention dims", "vision MLP neurons"]
+    assert grid == [[(10, 20), (3, 8), (40, 64)]]
+
+
+def test_config_of_a_folder_run_does_not_record_the_builtin_worlds_settings(tmp_path):
+    _folder(tmp_path / "data")
+    out = tmp_path / "out"
+    argv = ["train", "--model", "vit-micro", "--data", str(tmp_path / "data"), "--batch-size", "4"]
+    assert main([*argv, "--epochs", "1", "--select-size", "2", "--output-dir", str(out)]) == 0
+    data = json.loads((out / "config.json").read_text())["run"]["data"]
+    assert data["root"] == str(tmp_path / "data") and data["select_size"] == 2 and data["augment"] == "auto"
+    assert not {"train_size", "val_size", "noise"} & set(data)
+    report = json.loads((out / "report.json").read_text())
+    assert report["splits"]["train"]["augment"] == "light" and report["splits"]["select"]["size"] == 2
+    assert report["splits"]["report"]["source"] == f"{tmp_path / 'data'}/val"
