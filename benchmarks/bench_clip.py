@@ -142,7 +142,8 @@ def seed_study(args: argparse.Namespace, runs: Path) -> None:
                 cfg = dataclasses.replace(CFG, seed=seed)
                 config = upop.PruneConfig(p=0.75, allocation=allocation)
                 base = str(runs / "base" / "model.safetensors")
-                run.compress(cfg, config, base, search, args.epochs, 5e-4, 5e-4, str(runs / name), True)
+                recipe = run.Recipe(epochs_search=search, epochs=args.epochs)
+                run.compress(cfg, config, base, recipe, str(runs / name), True)
             r = json.loads((runs / name / "report.json").read_text())
             row[allocation] = r["compressed"]["metrics"]["r_mean"]
             row[f"{allocation}_searched"] = r["searched_metrics"]["r_mean"]
@@ -189,17 +190,8 @@ def main() -> None:
     if not (runs / "base" / "report.json").is_file():
         run.train(CFG, epochs=args.base_epochs, lr=1e-3, output_dir=str(runs / "base"), overwrite=True)
     for name, (_, config) in VARIANTS.items():
-        run.compress(
-            CFG,
-            config,
-            str(runs / "base" / "model.safetensors"),
-            args.epochs_search,
-            args.epochs,
-            5e-4,
-            5e-4,
-            str(runs / name),
-            overwrite=True,
-        )
+        recipe = run.Recipe(epochs_search=args.epochs_search, epochs=args.epochs)
+        run.compress(CFG, config, str(runs / "base" / "model.safetensors"), recipe, str(runs / name), overwrite=True)
     # timings in a fresh process (a long training run leaves caches and the allocator in a skewing state)
     subprocess.run(
         [

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# One prepared GPU check: real-size DeiT-Small, random weights. Needs the venv (make venv) and a CUDA device.
+# One prepared GPU check (about 3 minutes on one H100/H200): DeiT-Small and DeiT-Base, random weights. Needs a CUDA
+# device and the project's dependencies (the venv, or a python with torch, timm and transformers: PY=python3).
+# Extra arguments go to gpu_check.py, e.g. --out results_gpu.json.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 "$PY" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name(0))"
-"$PY" benchmarks/gpu_check.py --device cuda "$@"
+PYTHONPATH=src "$PY" benchmarks/gpu_check.py --device cuda "$@"
