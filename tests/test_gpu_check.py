@@ -21,3 +21,14 @@ def test_gpu_check_runs_at_tiny_size_on_cpu(tmp_path):
         assert abs(search["pruned_cost_fraction"] - 0.5) <= 0.05 and search["params"] < row["dense_params"]
     assert set(row["speedup"]["fp32"]) == {"elementwise", "aligned_8_32"} and row["search_step_ratio"] > 0
     assert (tmp_path / "r.json").is_file()
+
+
+def test_gpu_widths_runs_at_tiny_size_on_cpu(tmp_path):
+    path = Path(__file__).parents[1] / "benchmarks" / "gpu_widths.py"
+    spec = importlib.util.spec_from_file_location("gpu_widths", path)
+    gpu_widths = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_widths)
+    argv = "--device cpu --batch 2 --tokens 5 --width 16 --heads 2 --head-dims 8,7 --hidden 32,31 --iters 1".split()
+    result = gpu_widths.main(argv)
+    assert [r["head_dim"] for r in result["attention"]] == [8, 7, 8, 7]  # bf16, then fp32
+    assert [r["hidden"] for r in result["mlp"]] == [32, 31, 32, 31] and result["mlp"][0]["time_share"] == 1.0
