@@ -1,5 +1,6 @@
 """UPop: Unified and Progressive Pruning of vision and vision-language Transformers."""
 
+from upop.adapters import Adapter, BlockSpec, register_adapter, registered_adapters
 from upop.config import PruneConfig
 from upop.core.plan import Plan, apply_plan, load_compressed, save_compressed
 from upop.core.profile import measure_latency, profile
@@ -7,6 +8,8 @@ from upop.core.pruner import Pruner
 from upop.errors import UPopError
 
 __all__ = [
+    "Adapter",
+    "BlockSpec",
     "Plan",
     "PruneConfig",
     "Pruner",
@@ -15,6 +18,8 @@ __all__ = [
     "load_compressed",
     "measure_latency",
     "profile",
+    "register_adapter",
+    "registered_adapters",
     "save_compressed",
 ]
 __version__ = "0.1.0"
