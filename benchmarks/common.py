@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -29,3 +31,11 @@ def paired_latency(models: dict[str, Callable], x, iters: int, warmup: int = 5) 
     dense = times["dense"]
     speedup = {k: statistics.median(d / t for d, t in zip(dense, v)) for k, v in times.items()}
     return {k: statistics.median(v) for k, v in times.items()}, speedup
+
+
+def emit_json(result: dict, out: str | None) -> None:
+    """Print ``result`` as JSON, and write it to ``out`` too when given."""
+    text = json.dumps(result, indent=1)
+    print(text)
+    if out:
+        Path(out).write_text(text + "\n")

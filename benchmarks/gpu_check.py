@@ -14,7 +14,6 @@ Prints one JSON object (and writes it to --out); nothing is downloaded.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -25,6 +24,9 @@ import torch
 import upop
 from upop.engine.loop import amp_context, backward_and_step
 from upop.models import build_model
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import emit_json  # noqa: E402
 
 
 def _sync(device: torch.device) -> None:
@@ -156,10 +158,7 @@ def main(argv: list[str] | None = None) -> dict:
         "autocast": "bf16" if device.type != "cuda" or torch.cuda.is_bf16_supported() else "fp16",
         "models": [check(arch, device, args) for arch in args.models.split(",")],
     }
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    emit_json(result, args.out)
     return result
 
 

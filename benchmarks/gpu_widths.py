@@ -10,7 +10,6 @@ width relative to the full width (a width at full speed costs no more than its s
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -19,6 +18,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import emit_json  # noqa: E402
 
 
 class Attention(nn.Module):
@@ -114,10 +116,7 @@ def main(argv: list[str] | None = None) -> dict:
                     "width_share": h / hidden[0],
                 }
             )
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    emit_json(result, args.out)
     return result
 
 

@@ -6,11 +6,16 @@ import importlib.util
 from pathlib import Path
 
 
+def _benchmark(name: str):
+    path = Path(__file__).parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_gpu_check_runs_at_tiny_size_on_cpu(tmp_path):
-    path = Path(__file__).parents[1] / "benchmarks" / "gpu_check.py"
-    spec = importlib.util.spec_from_file_location("gpu_check", path)
-    gpu_check = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gpu_check)
+    gpu_check = _benchmark("gpu_check")
     argv = "--models vit-micro --device cpu --batch 4 --search-steps 3 --rounds 1 --steps 1 --iters 2".split()
     result = gpu_check.main([*argv, "--out", str(tmp_path / "r.json")])
     (row,) = result["models"]
@@ -24,10 +29,7 @@ def test_gpu_check_runs_at_tiny_size_on_cpu(tmp_path):
 
 
 def test_gpu_widths_runs_at_tiny_size_on_cpu(tmp_path):
-    path = Path(__file__).parents[1] / "benchmarks" / "gpu_widths.py"
-    spec = importlib.util.spec_from_file_location("gpu_widths", path)
-    gpu_widths = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gpu_widths)
+    gpu_widths = _benchmark("gpu_widths")
     argv = "--device cpu --batch 2 --tokens 5 --width 16 --heads 2 --head-dims 8,7 --hidden 32,31 --iters 1".split()
     result = gpu_widths.main(argv)
     assert [r["head_dim"] for r in result["attention"]] == [8, 7, 8, 7]  # bf16, then fp32
