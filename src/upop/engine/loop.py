@@ -141,12 +141,14 @@ class Progress:
         self.start = self.last = time.perf_counter()
         self.bar = tqdm(loader, desc=desc, disable=not (self.active and self.tty), leave=False, dynamic_ncols=True)
         self.postfix: dict[str, str] = {}
+        self.postfix_of: dict[str, Callable[[], str]] = {}
 
     def __iter__(self) -> Iterator[Any]:
         return iter(self.bar)
 
     def update(self, step_in_epoch: int, postfix: dict[str, Callable[[], str]]) -> None:
         """After a step; ``postfix`` values are computed only when shown (a bar refresh or a line)."""
+        self.postfix_of = postfix
         now = time.perf_counter()
         if now - self.last < (0.5 if self.tty else self.every):
             return
@@ -156,6 +158,11 @@ class Progress:
             self.bar.set_postfix(**self.postfix)
         elif self.active:
             self.line(step_in_epoch)
+
+    def finish(self) -> None:
+        """The epoch-end line (in a job log), with the last step's values."""
+        self.postfix = {k: f() for k, f in self.postfix_of.items()}
+        self.line(self.total, end=" done")
 
     def line(self, step_in_epoch: int, end: str = "") -> None:
         if not self.active or self.tty:
@@ -403,7 +410,7 @@ class _PhaseRun:
                 if every and self.loop["step"] % every == 0 and self.loop["batch"] < self.steps_per_epoch:
                     self.checkpoint()  # (the epoch-end checkpoint follows otherwise)
                 self.stop_if_asked()
-            progress.line(self.steps_per_epoch, end=" done")
+            progress.finish()
             self.end_epoch(epoch, time.perf_counter() - start)
             self.stop_if_asked()  # a signal during the evaluation: the epoch-end checkpoint is the one to resume
         last_metrics = last(self.model) if last is not None else None
