@@ -161,6 +161,9 @@ def every_adapter_has_models() -> set[str]:
     return set(registered_adapters()) - set(ADAPTER_MODELS)
 
 
+# the paper's element-wise granularity, for tests of the ranking's arithmetic (the default "auto" is measured)
+ELEMENTWISE = {"align_attn": 1, "align_mlp": 1}
+
 # CLI runs on a small slice of the built-in data; a later repetition of a flag overrides (argparse keeps the last)
 CLI_DATA = "--model vit-micro --train-size 256 --val-size 64 --batch-size 16".split()
 

@@ -44,7 +44,8 @@ def test_compress_writes_plan_weights_reports_and_a_step_log(compressed, capsys)
     for name in ("plan.json", "model.safetensors", "report.json", "report.md", "config.json", "log.jsonl"):
         assert (compressed / name).is_file(), name
     report = json.loads((compressed / "report.json").read_text())
-    assert abs(report["pruned_cost_fraction"] - 0.5) <= 0.01
+    elementwise = report["alignment"]["attn"] == report["alignment"]["mlp"] == 1  # "auto", measured on this CPU
+    assert abs(report["pruned_cost_fraction"] - 0.5) <= (0.01 if elementwise else 0.05)
     assert report["compressed"]["params"] < report["dense"]["params"]
     assert report["compressed"]["flops"] < report["dense"]["flops"]
     records = [json.loads(line) for line in (compressed / "log.jsonl").read_text().splitlines()]

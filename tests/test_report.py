@@ -8,12 +8,12 @@ import json
 from test_bad_input import _folder
 
 from upop.cli import main
-from upop.report import kept_grid, speed_ratio
+from upop.report import kept_grid, speed_text
 
 
 def test_a_slowdown_reads_slower_never_a_fraction_faster():
-    assert speed_ratio(10.0, 5.0) == "2.00x faster"
-    assert speed_ratio(5.0, 9.25) == "1.85x slower"
+    assert speed_text(2.0) == "2.00x faster"
+    assert speed_text(5.0 / 9.25) == "1.85x slower"
 
 
 def _row(name, tower, kind, kept, size):
@@ -41,3 +41,24 @@ def test_config_of_a_folder_run_does_not_record_the_builtin_worlds_settings(tmp_
     report = json.loads((out / "report.json").read_text())
     assert report["splits"]["train"]["augment"] == "light" and report["splits"]["select"]["size"] == 2
     assert report["splits"]["report"]["source"] == f"{tmp_path / 'data'}/val"
+
+
+def test_a_compressed_model_slower_than_dense_is_said_plainly(tmp_path, capsys, monkeypatch):
+    from helpers import CLI_DATA
+
+    from upop import run
+
+    real = run.paired_latency
+
+    def slower(models, inputs, iters=30, warmup=5):
+        latency, speedup = real(models, inputs, iters=3, warmup=1)
+        return {"dense": 0.008, "compressed": 0.010}, {**speedup, "compressed": 0.8}
+
+    monkeypatch.setattr(run, "paired_latency", slower)
+    out = tmp_path / "out"
+    assert main(["compress", *CLI_DATA, "--epochs-search", "1", "--epochs", "0", "--output-dir", str(out)]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("upop: warning: the compressed model is 1.25x slower than dense on cpu")
+    report = json.loads((out / "report.json").read_text())
+    assert report["slower_than_dense"] and report["speed"]["speedup"] == 0.8
+    assert "1.25x slower (SLOWER than dense)" in (out / "report.md").read_text()

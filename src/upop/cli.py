@@ -91,7 +91,7 @@ def _run_flags(p: argparse.ArgumentParser, what: str) -> None:
     )
 
 
-def _interval(text: str) -> int | str:
+def _auto_or_int(text: str) -> int | str:
     if text == "auto":
         return text
     try:
@@ -132,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--lr", type=float, default=5e-4, help="peak learning rate of retraining (cosine)")
     c.add_argument(
         "--interval",
-        type=_interval,
+        type=_auto_or_int,
         default="auto",
         help="re-rank every N search steps; auto (default) = min(50, T // 10): at least 10 re-rankings. An interval "
         "giving fewer than min(10, T) re-rankings is refused",
@@ -155,14 +155,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--distill-temperature", type=float, default=2.0, help="with --distill: the softmax temperature (2.0)"
     )
     c.add_argument("--cost", choices=("params", "flops"), default="params", help="what an element's removal saves")
-    c.add_argument(
-        "--align-attn",
-        type=int,
-        default=1,
-        help="keep a multiple of this many head dims per attention module (e.g. 8; default 1)",
+    align_help = (
+        "; auto (default): the smallest alignment whose widths this run's device runs at full speed, measured when "
+        "the search starts (8 on an H200 in bf16, typically 1 on a CPU); 1 is the paper's element-wise setting"
     )
     c.add_argument(
-        "--align-mlp", type=int, default=1, help="keep a multiple of this many neurons per MLP (e.g. 32; default 1)"
+        "--align-attn",
+        type=_auto_or_int,
+        default="auto",
+        help="keep a multiple of this many head dims per attention module" + align_help,
+    )
+    c.add_argument(
+        "--align-mlp",
+        type=_auto_or_int,
+        default="auto",
+        help="keep a multiple of this many neurons per MLP" + align_help,
     )
     c.add_argument(
         "--allocation",

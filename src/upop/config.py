@@ -37,9 +37,10 @@ class PruneConfig:
             Pruner).
         exclude: module names (exact) or ``re:``-prefixed patterns; structures whose module name matches are not
             pruned and do not count in the budget.
-        align_attn / align_mlp: keep a multiple of this many head dimensions / MLP neurons per structure (1, the
-            paper's setting). E.g. 8 and 32 give widths that CPU and GPU kernels run at full speed, at a coarser
-            budget granularity.
+        align_attn / align_mlp: keep a multiple of this many head dimensions / MLP neurons per structure. "auto"
+            (default): the smallest alignment whose widths the model's device runs at full speed, measured when the
+            Pruner is built (``upop.core.widths``): 8 on an H200 in bf16, where other widths run 2-5x slower than
+            their share; typically 1 on a CPU. 1 is the paper's setting (element-wise).
         allocation: "unified" (default, UPop): one ranking over every structure of every tower decides where the
             budget goes; "uniform": the same fraction p removed from each structure separately, ranked within it (the
             hand-picked-ratio baseline UPop is compared with).
@@ -54,8 +55,8 @@ class PruneConfig:
     w_mlp: float = 2e-4
     cost: str = "params"
     exclude: tuple[str, ...] = field(default_factory=tuple)
-    align_attn: int = 1
-    align_mlp: int = 1
+    align_attn: int | str = "auto"
+    align_mlp: int | str = "auto"
     allocation: str = "unified"
     towers: tuple[str, ...] = field(default_factory=tuple)
     version: int = CONFIG_VERSION
@@ -74,8 +75,9 @@ class PruneConfig:
             if getattr(self, name) < 0:
                 raise UPopError(f"{name} must be >= 0, got {getattr(self, name)!r}")
         for name in ("align_attn", "align_mlp"):
-            if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
-                raise UPopError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+            value = getattr(self, name)
+            if value != "auto" and (isinstance(value, bool) or not (isinstance(value, int) and value >= 1)):
+                raise UPopError(f"{name} must be a positive integer or 'auto', got {value!r}")
         if self.cost not in COST_MODELS:
             raise UPopError(f"cost must be one of {', '.join(COST_MODELS)}, got {self.cost!r}")
         if self.allocation not in ALLOCATIONS:

@@ -15,11 +15,9 @@ def _human(n: float) -> str:
     return f"{n:.0f}"
 
 
-def speed_ratio(dense_ms: float, compressed_ms: float) -> str:
+def speed_text(speedup: float) -> str:
     """ "1.34x faster" or "1.85x slower" (never "0.54x faster")."""
-    if compressed_ms <= dense_ms:
-        return f"{dense_ms / compressed_ms:.2f}x faster"
-    return f"{compressed_ms / dense_ms:.2f}x slower"
+    return f"{speedup:.2f}x faster" if speedup >= 1 else f"{1 / speedup:.2f}x slower"
 
 
 def _split_text(about: dict[str, Any]) -> str:
@@ -32,6 +30,15 @@ def _split_text(about: dict[str, Any]) -> str:
     if "seed" in about:
         parts.append(f"seed {about['seed']}, indices sha256 {about['indices_sha256']}")
     return ", ".join(parts)
+
+
+def _alignment_text(report: dict[str, Any]) -> str:
+    """ "widths multiples of 8 (head dims) / 1 (MLP), measured on cpu" or "... as given"."""
+    a = report.get("alignment") or {}
+    prune = report.get("prune", {})
+    attn, mlp = a.get("attn", prune.get("align_attn")), a.get("mlp", prune.get("align_mlp"))
+    how = "as given" if a.get("device") in (None, "given") else f"auto, measured on {a['device']}"
+    return f"kept widths multiples of {attn} (head dims) / {mlp} (MLP) ({how})"
 
 
 def report_header(report: dict[str, Any]) -> str:
@@ -66,7 +73,7 @@ def report_header(report: dict[str, Any]) -> str:
         f"- report split: {_split_text(splits.get('report', {}))} (every metric below is on this split)",
         f"- kept weights: {how}",
         f"- pruning: p = {report.get('p')} of the prunable {report.get('cost')}, {report.get('allocation')} "
-        f"allocation, align {prune.get('align_attn')}/{prune.get('align_mlp')}, T = {prune.get('total_steps')} "
+        f"allocation, {_alignment_text(report)}, T = {prune.get('total_steps')} "
         f"search steps, {report.get('rerankings')} re-rankings",
         f"- recipe: search {recipe.get('epochs_search')} epoch(s) at lr {recipe.get('lr_search')} "
         f"({recipe.get('search_schedule')}), retraining {recipe.get('epochs')} epoch(s) at lr {recipe.get('lr')} "
@@ -109,12 +116,19 @@ def comparison_table(report: dict[str, Any]) -> str:
             f"{dense['flops'] / comp['flops']:.2f}x fewer",
         )
     )
+    speed = report.get("speed") or {
+        "dense_ms": dense["latency_ms"],
+        "compressed_ms": comp["latency_ms"],
+        "speedup": dense["latency_ms"] / comp["latency_ms"],
+        "batch": report["latency_batch"],
+        "device": report["device"],
+    }
     rows.append(
         (
-            f"latency, batch {report['latency_batch']} ({report['device']})",
-            f"{dense['latency_ms']:.2f} ms",
-            f"{comp['latency_ms']:.2f} ms",
-            speed_ratio(dense["latency_ms"], comp["latency_ms"]),
+            f"latency, batch {speed['batch']} ({speed['device']}, back to back)",
+            f"{speed['dense_ms']:.2f} ms",
+            f"{speed['compressed_ms']:.2f} ms",
+            speed_text(speed["speedup"]) + (" (SLOWER than dense)" if speed["speedup"] < 1 else ""),
         )
     )
     rows.append(("kept attention dims", "1.000", f"{report['kept']['attn']:.3f}", ""))

@@ -26,7 +26,7 @@ from upop.adapters import find_adapter
 from upop.config import MIN_RERANKINGS, PruneConfig
 from upop.core.files import atomic_write
 from upop.core.plan import Plan, apply_plan, load_compressed, save_compressed
-from upop.core.profile import measure_latency, profile
+from upop.core.profile import measure_latency, paired_latency, profile
 from upop.core.pruner import Pruner
 from upop.core.ranking import schedule_summary
 from upop.data import augment
@@ -37,7 +37,7 @@ from upop.engine.lock import LOCK_FILE, DirLock
 from upop.engine.loop import LR_SCHEDULES, JsonlLog, Loaders, Phase, make_loaders, run_phase
 from upop.errors import UPopError
 from upop.models import build_model, default_image_size, load_weights, model_image_size
-from upop.report import comparison_table, heatmap_png, kept_by_tower, report_header
+from upop.report import comparison_table, heatmap_png, kept_by_tower, report_header, speed_text
 from upop.tasks import get_task
 from upop.tasks.base import DataConfig
 
@@ -477,6 +477,7 @@ def _search(
         "plan": pruner.plan().to_dict(),
         "rerankings": prune.rerankings(),
         "interval": pruner.interval,
+        "alignment": pruner.alignment.to_dict(),
     }
     return pruner.compress(), searched
 
@@ -512,7 +513,32 @@ def compress(
     with RunDir(output_dir, config, overwrite, ckpt, info) as out:
         if out.done is not None:
             return out.done
-        return _compress_in(setup, cfg, prune, recipe, model, out, max_nonfinite)
+        return _compress_in(setup, cfg, prune, recipe, model, out, max_nonfinite, pretrained)
+
+
+def _speed(cfg: RunConfig, setup: Setup, pretrained: str | None, model: torch.nn.Module, example: Any) -> dict:
+    """The compressed model against the dense one on the run's device, called back to back (median of per-call
+    ratios); a warning when the compressed model is slower."""
+    reference = new_model(cfg, setup, pretrained)
+    pairs = 30
+    latency, speedup = paired_latency({"dense": reference, "compressed": model}, example, iters=pairs)
+    del reference
+    speed = {
+        "dense_ms": 1000 * latency["dense"],
+        "compressed_ms": 1000 * latency["compressed"],
+        "speedup": speedup["compressed"],
+        "pairs": pairs,
+        "batch": batch_size_of(example),
+        "device": str(setup.info.device),
+    }
+    if speed["speedup"] < 1:
+        warn(
+            setup.info,
+            f"the compressed model is {speed_text(speed['speedup'])} than dense on {speed['device']} (batch "
+            f"{speed['batch']}, median of {pairs} back-to-back pairs): its widths run below full speed here; try "
+            "--align-attn 8 --align-mlp 8, or --align-attn auto --align-mlp auto on the device it will run on",
+        )
+    return speed
 
 
 def _compress_in(
@@ -523,6 +549,7 @@ def _compress_in(
     model: torch.nn.Module,
     out: RunDir,
     max_nonfinite: float,
+    pretrained: str | None,
 ) -> dict[str, Any]:
     info, task, loaders = setup.info, setup.task, setup.loaders
     teacher = copy.deepcopy(model).requires_grad_(False) if recipe.distill > 0 and recipe.epochs > 0 else None
@@ -568,6 +595,7 @@ def _compress_in(
         metrics = _selected_metrics(retrain, phase, evaluate, model)
     stop_point(info, "after retraining")
     compressed = _measure(model, task, loaders, info, example, metrics)
+    speed = _speed(cfg, setup, pretrained, model, example)
     report = {
         **_provenance(cfg, setup),
         "p": prune.p,
@@ -576,7 +604,10 @@ def _compress_in(
         "prune": prune.to_dict(),
         "recipe": dataclasses.asdict(recipe),
         "rerankings": searched.get("rerankings"),
+        "alignment": searched.get("alignment"),
         "latency_batch": batch_size_of(example),
+        "speed": speed,
+        "slower_than_dense": speed["speedup"] < 1,
         "dense": dense,
         "compressed": {**compressed, "epoch": retrain["selected_epoch"]},
         "compressed_last": {"metrics": retrain["last"], "epoch": recipe.epochs},

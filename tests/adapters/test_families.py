@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import hf_vit, images
+from helpers import ELEMENTWISE, hf_vit, images
 
 import upop
 from upop.adapters import find_adapter
@@ -56,7 +56,7 @@ def test_bf16_autocast_search_keeps_importance_finite_and_budget_met():
 
     torch.manual_seed(0)
     model = build_model("vit-micro", 5)
-    pruner = upop.Pruner(model, upop.PruneConfig(p=0.5, total_steps=6))
+    pruner = upop.Pruner(model, upop.PruneConfig(p=0.5, total_steps=6, **ELEMENTWISE))
     autocast, scaler = amp_context(torch.device("cpu"), True)
     assert scaler is None  # bf16 needs no scaler
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)

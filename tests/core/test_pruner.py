@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import build, hf_clip, hf_vit, images, logits, open_clip_model, timm_vit
+from helpers import ELEMENTWISE, build, hf_clip, hf_vit, images, logits, open_clip_model, timm_vit
 
 import upop
 from upop.core.ranking import pi_at
@@ -34,7 +34,7 @@ def _search(model, config, steps=None, example=None, optimizer_first=True):
 @pytest.mark.parametrize("p", [0.3, 0.5, 0.75])
 def test_end_of_search_meets_the_budget_and_masks_are_exact(factory, cost, p):
     model = build(factory, (4, 8, 3, 64))
-    pruner, _ = _search(model, upop.PruneConfig(p=p, total_steps=12, cost=cost), example=images(2))
+    pruner, _ = _search(model, upop.PruneConfig(p=p, total_steps=12, cost=cost, **ELEMENTWISE), example=images(2))
     assert pruner.finished() and pruner.pi == p
     assert abs(pruner.pruned_cost_fraction() - p) <= 0.01
     for mask, chosen in zip(pruner.masks, pruner.chosen):
@@ -158,14 +158,14 @@ def test_align_must_be_positive():
 @pytest.mark.parametrize("factory", [hf_clip, open_clip_model])
 def test_one_budget_spans_both_towers_and_uniform_allocation_prunes_each_structure_alike(factory):
     model = build(factory, (4, 8, 3, 64))
-    unified, _ = _search(model, upop.PruneConfig(p=0.5, total_steps=12))
+    unified, _ = _search(model, upop.PruneConfig(p=0.5, total_steps=12, **ELEMENTWISE))
     assert {s.tower for s in unified.structures} == {"vision", "text"}
     assert abs(unified.pruned_cost_fraction() - 0.5) <= 0.01
     per_structure = [float(c.float().mean()) for c in unified.chosen]
     assert max(per_structure) - min(per_structure) > 0.2  # the unified budget is not spread evenly
     unified.detach()
     model = build(factory, (4, 8, 3, 64))
-    uniform, _ = _search(model, upop.PruneConfig(p=0.5, total_steps=12, allocation="uniform"))
+    uniform, _ = _search(model, upop.PruneConfig(p=0.5, total_steps=12, allocation="uniform", **ELEMENTWISE))
     for s, c in zip(uniform.structures, uniform.chosen):
         assert abs(float(c.float().mean()) - 0.5) <= 0.5 / s.size + 1e-9, s.name  # p of every structure
     assert abs(uniform.pruned_cost_fraction() - 0.5) <= 0.02
@@ -187,7 +187,7 @@ def test_the_l1_weights_do_not_change_the_ranking(factory):
     choices = []
     for w_attn, w_mlp in ((0.0, 0.0), (4.8e-3, 2e-4), (0.3, 0.01)):
         model = build(factory, (4, 8, 3, 64))
-        pruner, _ = _search(model, upop.PruneConfig(p=0.5, total_steps=12, w_attn=w_attn, w_mlp=w_mlp))
+        pruner, _ = _search(model, upop.PruneConfig(p=0.5, total_steps=12, w_attn=w_attn, w_mlp=w_mlp, **ELEMENTWISE))
         choices.append(pruner.chosen)
         assert any(c.any() for c in pruner.chosen)
     for other in choices[1:]:
@@ -210,7 +210,7 @@ def test_the_compressed_model_has_p_fewer_prunable_parameters(factory, p):
     prunable = _prunable_params_by_hand(32, 64, 3)
     if factory is hf_clip:  # the text tower: 2 heads of 9 dims, MLP 67
         prunable += _prunable_params_by_hand(18, 67, 3)
-    pruner, _ = _search(model, upop.PruneConfig(p=p, total_steps=12))
+    pruner, _ = _search(model, upop.PruneConfig(p=p, total_steps=12, **ELEMENTWISE))
     compressed = pruner.compress()
     removed = dense - sum(t.numel() for t in compressed.parameters())
     assert abs(removed / prunable - p) <= 0.01

@@ -148,7 +148,8 @@ def test_cli_retrieval_train_compress_evaluate_with_the_builtin_clip(tmp_path, c
     report = json.loads((out / "report.json").read_text())
     assert set(report["kept_by_tower"]) == {"vision", "text"}
     assert {s["tower"] for s in report["per_structure"]} == {"vision", "text"}
-    assert abs(report["pruned_cost_fraction"] - 0.5) <= 0.01
+    elementwise = report["alignment"]["attn"] == report["alignment"]["mlp"] == 1  # "auto", measured on this CPU
+    assert abs(report["pruned_cost_fraction"] - 0.5) <= (0.01 if elementwise else 0.05)
     assert (out / "kept.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main(["evaluate", "--compressed", str(out)]) == 0
     evaluated = json.loads(capsys.readouterr().out)

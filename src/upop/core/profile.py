@@ -73,3 +73,35 @@ def measure_latency(model: nn.Module, example_inputs: Any, warmup: int = 5, iter
     finally:
         model.train(was_training)
     return statistics.median(times)
+
+
+def paired_latency(models: dict[str, Any], inputs: Any, iters: int = 30, warmup: int = 5) -> tuple[dict, dict]:
+    """Calls of every model (a module, called with ``inputs`` as ``call_model`` does, in eval mode; or any callable,
+    called with ``inputs`` as they are) back to back without gradients, ``iters`` times, the order alternating.
+    Returns (median seconds per model, speedup of each model over ``models["dense"]`` as the median of the
+    per-iteration ratios). Load from other tenants drifts slowly, so ratios of adjacent calls are far steadier than
+    ratios of separate medians."""
+    times: dict[str, list[float]] = {k: [] for k in models}
+    modules = {k: m for k, m in models.items() if isinstance(m, nn.Module)}
+    states = {k: m.training for k, m in modules.items()}
+    cuda = torch.cuda.is_available()
+    try:
+        for m in modules.values():
+            m.eval()
+        with torch.inference_mode():
+            for i in range(warmup + iters):
+                for name, model in list(models.items())[:: 1 if i % 2 else -1]:
+                    if cuda:
+                        torch.cuda.synchronize()
+                    start = time.perf_counter()
+                    call_model(model, inputs) if name in modules else model(inputs)
+                    if cuda:
+                        torch.cuda.synchronize()
+                    if i >= warmup:
+                        times[name].append(time.perf_counter() - start)
+    finally:
+        for k, m in modules.items():
+            m.train(states[k])
+    dense = times["dense"]
+    speedup = {k: statistics.median(d / t for d, t in zip(dense, v)) for k, v in times.items()}
+    return {k: statistics.median(v) for k, v in times.items()}, speedup

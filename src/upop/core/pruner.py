@@ -18,6 +18,7 @@ from upop.core.plan import Plan, fingerprint
 from upop.core.profile import call_model
 from upop.core.ranking import pi_at, select, selected_value, standardise
 from upop.core.structure import Slot, Structure, slice_structure
+from upop.core.widths import Alignment, measure_alignment
 from upop.errors import UPopError
 
 STATE_VERSION = 1
@@ -72,8 +73,11 @@ class Pruner:
     Args:
         model: the dense model (a DDP wrapper is unwrapped).
         config: the search configuration.
-        example_inputs: a batch as the model takes it (tensor, tuple or dict); needed for ``cost="flops"``.
+        example_inputs: a batch as the model takes it (tensor, tuple or dict); needed for ``cost="flops"``, and the
+            shape the widths of ``align="auto"`` are measured at (a default shape without it).
         adapter: an adapter name to force; by default the registry picks the one matching the model.
+        precisions: what ``align="auto"`` measures in ("fp32", "bf16", "fp16"); default fp32 and the device's half
+            precision on a GPU (where models are usually deployed in it), fp32 on a CPU.
     """
 
     def __init__(
@@ -82,6 +86,7 @@ class Pruner:
         config: PruneConfig | None = None,
         example_inputs: Any = None,
         adapter: str | None = None,
+        precisions: tuple[str, ...] | None = None,
     ) -> None:
         model = getattr(model, "module", model) if isinstance(model, nn.parallel.DistributedDataParallel) else model
         if getattr(model, "_upop_pruner", None) is not None:
@@ -107,11 +112,12 @@ class Pruner:
         self.masks = [torch.ones(s.size, device=device, requires_grad=True) for s in self.structures]
         self.importance = [torch.zeros(s.size, dtype=torch.float32, device=device) for s in self.structures]
         self.chosen = [torch.zeros(s.size, dtype=torch.bool) for s in self.structures]
-        if self.config.cost == "flops":
-            if example_inputs is None:
-                raise UPopError('cost="flops" needs example_inputs (a batch as the model takes it) to count tokens')
+        if self.config.cost == "flops" and example_inputs is None:
+            raise UPopError('cost="flops" needs example_inputs (a batch as the model takes it) to count tokens')
+        if example_inputs is not None:
             self._count_tokens(example_inputs)
         self.costs = [float(s.element_cost(self.config.cost)) for s in self.structures]
+        self.alignment = self._alignment(device, example_inputs, precisions)
         self.interval = self.config.rank_interval()
         self.step_count = 0
         self.skipped_steps = 0  # steps whose mask gradients were not finite (not accumulated)
@@ -171,7 +177,7 @@ class Pruner:
             idx = [i for i, s in enumerate(self.structures) if s.kind == kind]
             for i, z in zip(idx, standardise([self.importance[i].cpu() for i in idx])):
                 scores[i] = z
-        align = [self.config.align_attn if s.kind == "attn" else self.config.align_mlp for s in self.structures]
+        align = [self.alignment.of(s.kind) for s in self.structures]
         if self.config.allocation == "uniform":  # the same ratio in every structure, ranked within it
             chosen = [select([z], [c], self.pi, [a])[0] for z, c, a in zip(scores, self.costs, align)]
         else:
@@ -275,6 +281,7 @@ class Pruner:
             "masks": [m.detach().cpu().clone() for m in self.masks],
             "importance": [a.cpu().clone() for a in self.importance],
             "chosen": [c.clone() for c in self.chosen],
+            "alignment": [self.alignment.attn, self.alignment.mlp],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -287,6 +294,39 @@ class Pruner:
             for dst, src in zip(self.importance, state["importance"]):
                 dst.copy_(src)
         self.chosen = [c.clone().bool() for c in state["chosen"]]
+        if "alignment" in state:  # the resumed search keeps the widths it measured, not a new measurement
+            self.alignment.attn, self.alignment.mlp = (int(v) for v in state["alignment"])
+
+    def _alignment(self, device: torch.device, example_inputs: Any, precisions: tuple[str, ...] | None) -> Alignment:
+        """The alignment per kind: as configured, or for "auto" measured on ``device`` (rank 0's measurement on every
+        rank)."""
+        given = {k: getattr(self.config, f"align_{k}") for k in ("attn", "mlp")}
+        if "auto" not in given.values():
+            return Alignment(given["attn"], given["mlp"], "given")
+        if precisions is None:
+            half = "bf16" if device.type != "cuda" or torch.cuda.is_bf16_supported() else "fp16"
+            precisions = ("fp32", half) if device.type == "cuda" else ("fp32",)
+        batch = None
+        if example_inputs is not None:
+            first = (
+                example_inputs
+                if isinstance(example_inputs, torch.Tensor)
+                else next(
+                    v
+                    for v in (example_inputs.values() if isinstance(example_inputs, dict) else example_inputs)
+                    if isinstance(v, torch.Tensor)
+                )
+            )
+            batch = int(first.shape[0])
+        measured = measure_alignment(self.structures, device, batch, tuple(precisions))
+        for kind, value in given.items():
+            if value != "auto":
+                setattr(measured, kind, value)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            agreed = torch.tensor([measured.attn, measured.mlp], device=device)
+            dist.broadcast(agreed, src=0)
+            measured.attn, measured.mlp = int(agreed[0]), int(agreed[1])
+        return measured
 
     def _count_tokens(self, example_inputs: Any) -> None:
         """Run one forward to learn how many tokens per sample each structure's row linears see."""

@@ -1,0 +1,169 @@
+"""Widths a device runs at full speed, measured: what ``align="auto"`` resolves to.
+
+Matrix-product and attention kernels run fastest at widths that are multiples of their tile sizes. On an H200 in bf16
+a head_dim or MLP width that is not a multiple of 8 runs 2-5x slower than its share of the work
+(``benchmarks/gpu_widths.py``), so an element-wise 2x model can be slower than dense there; on a CPU in fp32 the
+penalty is small. Rather than assume a number, ``measure_alignment`` times probe modules shaped like the model's own
+structures (input width, heads, tokens, batch) on the run's device, in the precisions it will run in: for each
+candidate alignment a it times a width that is a multiple of a but not of 2a, just below a reference width that is a
+multiple of the largest candidate, and picks for each kind the smallest a whose widths (and those of every larger
+candidate) run no slower than ``tolerance`` times the reference width.
+
+Measurements are cached per device, precision and probe shape in ``$UPOP_CACHE_DIR/widths.json`` (default
+``~/.cache/upop``), so runs on one machine resolve "auto" alike (a resumed search also keeps the alignment it
+started with: the Pruner's state holds it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from upop.core.files import atomic_write
+
+CANDIDATES = (1, 2, 4, 8, 16, 32)
+TOLERANCE = 1.5  # a width this much slower than the (larger) reference width is not at full speed (GPU penalties: 2-5x)
+DEFAULT_SHAPE = (32, 64)  # (batch, tokens) probed when the Pruner was given no example inputs
+
+
+class _AttentionProbe(nn.Module):
+    def __init__(self, width: int, heads: int, head_dim: int) -> None:
+        super().__init__()
+        self.heads, self.head_dim = heads, head_dim
+        self.qkv = nn.Linear(width, 3 * heads * head_dim)
+        self.proj = nn.Linear(heads * head_dim, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, -1))
+
+
+class _MlpProbe(nn.Module):
+    def __init__(self, width: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(width, hidden), nn.Linear(hidden, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+@dataclass
+class Alignment:
+    """The resolved alignment per kind, and how it was found (``probes``: per kind and precision, the relative time
+    of each probed width)."""
+
+    attn: int
+    mlp: int
+    device: str = ""
+    probes: dict[str, Any] = field(default_factory=dict)
+
+    def of(self, kind: str) -> int:
+        return self.attn if kind == "attn" else self.mlp
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"attn": self.attn, "mlp": self.mlp, "device": self.device, "probes": self.probes}
+
+
+def _seconds(module: nn.Module, x: torch.Tensor, dtype: torch.dtype | None) -> float:
+    """The fastest of 5 repeats of the mean time of enough calls to last about 2 ms (a floor against timer noise)."""
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
+    autocast = torch.autocast(x.device.type, dtype=dtype) if dtype else torch.autocast(x.device.type, enabled=False)
+    with torch.inference_mode(), autocast:
+        for _ in range(2):
+            module(x)
+        sync()
+        start = time.perf_counter()
+        module(x)
+        sync()
+        calls = max(1, min(50, int(0.002 / max(time.perf_counter() - start, 1e-6))))
+        best = float("inf")
+        for _ in range(5):
+            sync()
+            start = time.perf_counter()
+            for _ in range(calls):
+                module(x)
+            sync()
+            best = min(best, (time.perf_counter() - start) / calls)
+    return best
+
+
+def _choose(size: int, build, x: torch.Tensor, dtype: torch.dtype | None) -> tuple[int, dict[int, float]]:
+    """(the smallest candidate alignment at full speed, {width: time relative to the reference width})."""
+    usable = [a for a in CANDIDATES if 2 * a <= size]
+    if len(usable) < 2:
+        return 1, {}
+    top = usable[-1]
+    reference = top * max(1, (size // 2) // top)  # about half the dense width: where pruned widths lie
+    widths = {a: reference - a for a in usable[:-1]}
+    base = _seconds(build(reference).to(x.device), x, dtype)
+    relative = {w: _seconds(build(w).to(x.device), x, dtype) / base for w in widths.values()}
+    slow = {a: relative[w] > TOLERANCE for a, w in widths.items()}
+    for a in usable:
+        if not any(slow[b] for b in usable[:-1] if b >= a and b % a == 0):
+            return a, {reference: 1.0, **relative}
+    return top, {reference: 1.0, **relative}
+
+
+def cache_path() -> Path:
+    return Path(os.environ.get("UPOP_CACHE_DIR") or Path.home() / ".cache" / "upop") / "widths.json"
+
+
+def _cached(key: str, measure) -> tuple[int, dict]:
+    path = cache_path()
+    try:
+        cache = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        cache = {}
+    if key in cache:
+        return int(cache[key]["align"]), cache[key]["relative"]
+    align, relative = measure()
+    cache[key] = {"align": align, "relative": {str(w): round(t, 3) for w, t in relative.items()}}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, json.dumps(cache, indent=1, sort_keys=True).encode())
+    except OSError:
+        pass  # a read-only home: measure again next time
+    return align, cache[key]["relative"]
+
+
+def measure_alignment(
+    structures: list, device: torch.device, batch: int | None = None, precisions: tuple[str, ...] = ("fp32",)
+) -> Alignment:
+    """Time probes shaped like the largest structure of each kind on ``device`` in each of ``precisions`` ("fp32",
+    "bf16", "fp16") and return the alignment per kind (the largest over the precisions). Cached (see above)."""
+    dtypes = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+    name = str(torch.cuda.get_device_name(device) if device.type == "cuda" else device.type)
+    result = Alignment(1, 1, name)
+    for kind in ("attn", "mlp"):
+        of_kind = [s for s in structures if s.kind == kind]
+        if not of_kind:
+            continue
+        s = max(of_kind, key=lambda s: s.size)
+        width, heads = s.rows[0].in_features, s.heads
+        tokens, rows = s.tokens or DEFAULT_SHAPE[1], batch or DEFAULT_SHAPE[0]
+
+        def build(w: int, width=width, heads=heads, kind=kind) -> nn.Module:
+            return _AttentionProbe(width, heads, w) if kind == "attn" else _MlpProbe(width, w)
+
+        chosen = 1
+        for precision in precisions:
+            key = f"{name}|{precision}|{kind}|width {width}|heads {heads}|tokens {tokens}|batch {rows}|size {s.size}"
+
+            def measure(precision=precision, build=build, size=s.size, shape=(rows, tokens, width)):
+                x = torch.randn(*shape, device=device)
+                return _choose(size, build, x, dtypes[precision])
+
+            a, relative = _cached(key, measure)
+            result.probes[f"{kind} {precision}"] = relative
+            chosen = max(chosen, a)
+        setattr(result, kind, chosen)
+    return result
