@@ -181,10 +181,14 @@ def main() -> None:
         "--seeds", type=lambda v: [int(x) for x in v.split(",")], default=[0, 1, 2], help="seeds of the 4x study"
     )
     parser.add_argument("--study-epochs-search", type=int, default=6, help="search epochs of the 4x seed study")
+    parser.add_argument("--study-only", action="store_true", help="only the seed study (reusing finished runs)")
     args = parser.parse_args()
     runs = ROOT / "runs" / "bench-clip"
     if args.measure_only:
         measure(args, runs)
+        return
+    if args.study_only:
+        seed_study(args, runs)
         return
     torch.set_num_threads(2)
     if not (runs / "base" / "report.json").is_file():

@@ -6,8 +6,9 @@ For each model (default timm DeiT-Small and DeiT-Base, random weights, 1000 clas
 2. a plain training step vs a UPop search step (masks, sparsity loss, ``Pruner.step``) under autocast: fastest of
    interleaved rounds;
 3. a short search under bf16/fp16 autocast on random data (checking that no NaN/inf reached the importance and that
-   the budget is met), for the element-wise default and for aligned widths (--align-attn 8 --align-mlp 32);
-4. dense vs both 2x models: speedups as the median of back-to-back ratios, fp32 and autocast.
+   the budget is met), with the default widths (align "auto", measured on this device), element-wise widths (align
+   1, the paper's) and fixed aligned widths (--align-attn 8 --align-mlp 32);
+4. dense vs the three 2x models: speedups as the median of back-to-back ratios, fp32 and autocast, batch 256 and 1.
 Prints one JSON object (and writes it to --out); nothing is downloaded.
 """
 
@@ -94,7 +95,7 @@ def searched(arch: str, x, y, steps: int, **align: int) -> tuple[torch.nn.Module
     """A 2x model from a short search under autocast, and what the search reports."""
     torch.manual_seed(0)
     model = build_model(arch, 1000).to(x.device)
-    pruner = upop.Pruner(model, upop.PruneConfig(p=0.5, total_steps=steps, **align))
+    pruner = upop.Pruner(model, upop.PruneConfig(p=0.5, total_steps=steps, **align), example_inputs=x)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     autocast, scaler = amp_context(x.device, True)
     model.train()
@@ -107,6 +108,7 @@ def searched(arch: str, x, y, steps: int, **align: int) -> tuple[torch.nn.Module
         "nonfinite_steps": pruner.skipped_steps,
         "importance_finite": all(bool(torch.isfinite(a).all()) for a in pruner.importance),
         "pruned_cost_fraction": pruner.pruned_cost_fraction(),
+        "alignment": pruner.alignment.to_dict(),
     }
     return pruner.compress(), report
 
@@ -125,7 +127,12 @@ def check(arch: str, device: torch.device, args: argparse.Namespace) -> dict:
     out["search_step_ratio"] = out["step_s"]["search"] / out["step_s"]["plain"]
     models = {"dense": dense.eval()}
     out["search"] = {}
-    for name, align in (("elementwise", {}), ("aligned_8_32", {"align_attn": 8, "align_mlp": 32})):
+    variants = {
+        "default_auto": {},
+        "elementwise": {"align_attn": 1, "align_mlp": 1},
+        "aligned_8_32": {"align_attn": 8, "align_mlp": 32},
+    }
+    for name, align in variants.items():
         model, report = searched(arch, x, y, args.search_steps, **align)
         report["flops_reduction"] = flops_here / upop.profile(model, x[:1])["flops"]
         report["params"] = sum(p.numel() for p in model.parameters())

@@ -2,9 +2,10 @@
 
 from upop.adapters import Adapter, BlockSpec, register_adapter, registered_adapters
 from upop.config import PruneConfig
-from upop.core.plan import Plan, apply_plan, load_compressed, save_compressed
+from upop.core.plan import Plan, apply_plan, save_compressed
 from upop.core.profile import measure_latency, profile
 from upop.core.pruner import Pruner
+from upop.deploy import load_compressed
 from upop.errors import UPopError
 
 __all__ = [

@@ -1,4 +1,4 @@
-"""The ``upop`` command: train | compress | evaluate. Flags follow the paper's scripts where they make sense.
+"""The ``upop`` command: train | compress | evaluate | export. Flags follow the paper's scripts where they make sense.
 Runs unchanged under ``torchrun --nproc_per_node=N`` (DDP)."""
 
 from __future__ import annotations
@@ -187,6 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
     _common(e, fallback_to_saved=True)
     e.add_argument("--compressed", default=None, help="a directory written by `upop compress`")
     e.add_argument("--pretrained", default=None, help="a dense checkpoint instead")
+
+    x = sub.add_parser("export", help="export a compressed directory to ONNX (checked against PyTorch)")
+    x.add_argument("compressed", help="a directory written by `upop compress`")
+    x.add_argument("--onnx", required=True, help="the .onnx file to write (dynamic batch dimension)")
     return parser
 
 
@@ -293,6 +297,14 @@ def _run(args: argparse.Namespace) -> None:
             args.max_nonfinite,
         )
         _print(report_header(report) + "\n\n" + comparison_table(report) + f"\nsaved to {args.output_dir}")
+    elif args.command == "export":
+        from upop.deploy import export_onnx
+
+        result = export_onnx(args.compressed, args.onnx)
+        _print(
+            f"wrote {args.onnx}: onnxruntime matches PyTorch on example inputs (max abs difference "
+            f"{result['max_abs_diff']:.2g} over {result['outputs']} output(s))"
+        )
     else:
         saved = run.read_run_config(args.compressed).get("run", {}) if args.compressed else {}
         result = run.evaluate(_run_config(args, saved), args.compressed, args.pretrained)

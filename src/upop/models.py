@@ -108,14 +108,17 @@ def default_image_size(spec: str) -> int | None:
     return BUILTIN_MODELS[spec].image_size if spec in BUILTIN_MODELS else None
 
 
-def build_model(spec: str, num_classes: int, image_size: int | None = None, kind: str = "classifier") -> nn.Module:
+def build_model(
+    spec: str, num_classes: int, image_size: int | None = None, kind: str = "classifier", weights: bool = True
+) -> nn.Module:
     """A dense model with freshly initialised weights (nothing is downloaded), of the ``kind`` the task needs.
 
     ``spec``: a built-in name (``vit-tiny``, ``clip-tiny``), ``timm:ARCH`` (any timm architecture, e.g.
     ``timm:deit_small_patch16_224``), ``hf:PATH`` (a local HF transformers directory with config.json and weights,
     loaded with from_pretrained; a CLIPModel for dual encoders, with its tokenizer files) or, for dual encoders,
     ``open_clip:ARCH:WEIGHTS`` (an open_clip architecture name or model-config JSON, and a local state dict in
-    open_clip/OpenAI format; ``open_clip:ARCH`` alone builds random weights)."""
+    open_clip/OpenAI format; ``open_clip:ARCH`` alone builds random weights). ``weights=False`` builds the architecture
+    of an ``hf:`` or ``open_clip:`` spec without reading its weight files (for loading compressed weights into it)."""
     if spec in BUILTIN_MODELS:
         builtin = BUILTIN_MODELS[spec]
         own = getattr(builtin, "kind", "classifier")
@@ -125,9 +128,9 @@ def build_model(spec: str, num_classes: int, image_size: int | None = None, kind
     family, _, arg = spec.partition(":")
     if kind == "dual_encoder":
         if family == "hf" and arg:
-            return _load_hf_clip(Path(arg))
+            return _load_hf_clip(Path(arg), weights)
         if family == "open_clip" and arg:
-            return _load_open_clip(arg)
+            return _load_open_clip(arg, weights)
         raise UPopError(
             f"model {spec!r} is not a dual encoder; accepted: clip-tiny, clip-micro, hf:PATH (CLIPModel), "
             "open_clip:ARCH:WEIGHTS"
@@ -145,11 +148,11 @@ def build_model(spec: str, num_classes: int, image_size: int | None = None, kind
                 pass  # a family without a fixed input size (e.g. a CNN): no img_size argument
         return timm.create_model(arg, pretrained=False, num_classes=num_classes)
     if kind == "hf" and arg:
-        return _load_hf(Path(arg), num_classes)
+        return _load_hf(Path(arg), num_classes, weights)
     raise UPopError(f"unknown model {spec!r}; accepted: {model_names()}")
 
 
-def _load_hf(path: Path, num_classes: int) -> nn.Module:
+def _load_hf(path: Path, num_classes: int, weights: bool = True) -> nn.Module:
     from transformers import AutoConfig, AutoModelForImageClassification
     from transformers.utils.logging import disable_progress_bar
 
@@ -168,12 +171,15 @@ def _load_hf(path: Path, num_classes: int) -> nn.Module:
             ignore_mismatched_sizes=True,
         )
     has_weights = any(path.glob("*.safetensors")) or any(path.glob("*.bin"))
-    if not has_weights:
+    if not (has_weights and weights):
+        config_kwargs = {k: v for k, v in kwargs.items() if k in ("num_labels", "id2label", "label2id")}
+        for key, value in config_kwargs.items():
+            setattr(config, key, value)
         return AutoModelForImageClassification.from_config(config)
     return AutoModelForImageClassification.from_pretrained(str(path), **kwargs)
 
 
-def _load_hf_clip(path: Path) -> nn.Module:
+def _load_hf_clip(path: Path, weights: bool = True) -> nn.Module:
     from transformers import AutoConfig, AutoTokenizer, CLIPModel
     from transformers.utils.logging import disable_progress_bar
 
@@ -188,7 +194,10 @@ def _load_hf_clip(path: Path) -> nn.Module:
         raise UPopError(f"{path} has no usable tokenizer files ({str(e).splitlines()[0][:120]})") from None
     disable_progress_bar()  # one line per error on stderr, no loading bars
     has_weights = any(path.glob("*.safetensors")) or any(path.glob("*.bin"))
-    model = CLIPModel.from_pretrained(str(path), local_files_only=True) if has_weights else CLIPModel(config)
+    if has_weights and weights:
+        model = CLIPModel.from_pretrained(str(path), local_files_only=True)
+    else:
+        model = CLIPModel(config)
     length = min(int(getattr(tokenizer, "model_max_length", 77) or 77), config.text_config.max_position_embeddings)
 
     def tokenize(texts: list[str]) -> dict[str, torch.Tensor]:
@@ -198,7 +207,7 @@ def _load_hf_clip(path: Path) -> nn.Module:
     return model
 
 
-def _load_open_clip(arg: str) -> nn.Module:
+def _load_open_clip(arg: str, load: bool = True) -> nn.Module:
     """``ARCH[:WEIGHTS]``: ARCH an open_clip model name or a model-config JSON file ({"embed_dim", "vision_cfg",
     "text_cfg"}); WEIGHTS a local state dict (open_clip or OpenAI key format), read without executing pickled code."""
     import open_clip
@@ -219,7 +228,7 @@ def _load_open_clip(arg: str) -> nn.Module:
             raise UPopError(f"open_clip has no architecture {arch!r} (give a name from open_clip.list_models())")
         model = open_clip.create_model(arch, pretrained=None)
         tokenizer = open_clip.get_tokenizer(arch)
-    if weights:
+    if weights and load:
         load_weights(model, weights)
     model.upop_tokenizer = tokenizer
     return model

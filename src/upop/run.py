@@ -25,11 +25,12 @@ import upop
 from upop.adapters import find_adapter
 from upop.config import MIN_RERANKINGS, PruneConfig
 from upop.core.files import atomic_write
-from upop.core.plan import Plan, apply_plan, load_compressed, save_compressed
+from upop.core.plan import Plan, apply_plan, save_compressed
 from upop.core.profile import measure_latency, paired_latency, profile
 from upop.core.pruner import Pruner
 from upop.core.ranking import schedule_summary
 from upop.data import augment
+from upop.deploy import load_compressed
 from upop.engine import dist as D
 from upop.engine import signals
 from upop.engine.checkpoint import Checkpointer, Snapshot
@@ -653,9 +654,7 @@ def evaluate(cfg: RunConfig, compressed: str | None = None, pretrained: str | No
         raise UPopError("evaluate needs exactly one of --compressed DIR or --pretrained FILE")
     setup = prepare(cfg)
     if compressed is not None:
-        dense = build_model(cfg.model, setup.num_outputs, cfg.data.image_size, kind=setup.task.model_kind)
-        model = load_compressed(dense, compressed)
-        model = model.to(setup.info.device)
+        model = load_compressed(compressed).to(setup.info.device)  # no dense weights read
     else:
         model = new_model(cfg, setup, pretrained)
     example = _example(setup.task, setup.loaders, model, setup.info)

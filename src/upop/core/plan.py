@@ -6,6 +6,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -134,22 +136,51 @@ def read_plan(directory: str | os.PathLike) -> Plan:
         raise UPopError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})") from None
 
 
-def load_compressed(dense_model: nn.Module, directory: str | os.PathLike) -> nn.Module:
-    """Apply the plan in ``directory`` to ``dense_model`` (a fresh model of the same architecture, changed in place)
-    and load the compressed weights (safetensors; nothing is unpickled). Returns the compressed model."""
+@contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """While inside, every parameter a module registers is moved to the meta device at once: a model is built with
+    its architecture and buffers but without memory (or initialisation work) for its weights. Buffers stay real."""
+    original = nn.Module.register_parameter
+
+    def register(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if param is not None and param.device.type != "meta":
+            param = nn.Parameter(param.detach().to("meta"), requires_grad=param.requires_grad)
+        original(module, name, param)
+
+    nn.Module.register_parameter = register  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original  # type: ignore[method-assign]
+
+
+def load_compressed(model: nn.Module | Callable[[], nn.Module], directory: str | os.PathLike) -> nn.Module:
+    """Apply the plan in ``directory`` to a model of the dense architecture and load the compressed weights
+    (safetensors; nothing is unpickled). Returns the compressed model.
+
+    ``model`` is a fresh dense model (changed in place), or a function that builds one: it is then built with its
+    parameters on the meta device, so no dense weights are allocated or read, and the compressed weights are loaded
+    in their place (``upop.load_compressed(directory)`` does this for a directory written by ``upop compress``)."""
     plan = read_plan(directory)
     weights = Path(directory) / WEIGHTS_FILE
     if not weights.is_file():
         raise UPopError(f"{directory} has a plan but no {WEIGHTS_FILE}")
-    model = apply_plan(dense_model, plan)
+    if not isinstance(model, nn.Module):
+        with parameters_on_meta():
+            model = model()
+    model = apply_plan(model, plan)
     try:
         state = load_file(str(weights))
     except (SafetensorError, OSError) as e:
         raise UPopError(f"{weights} is not a readable safetensors file: {e}") from None
+    on_meta = any(p.is_meta for p in model.parameters())
     try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing, unexpected = model.load_state_dict(state, strict=False, assign=on_meta)
     except RuntimeError as e:
         raise UPopError(f"{weights} does not fit the plan: {str(e).splitlines()[-1].strip()}") from None
     if missing or unexpected:
         raise UPopError(f"{weights} does not fit the plan: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    left = [name for name, p in model.named_parameters() if p.is_meta]
+    if left:
+        raise UPopError(f"{weights} holds no values for {', '.join(left[:3])}")
     return model

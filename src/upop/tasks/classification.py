@@ -211,4 +211,4 @@ class Classification(Task):
         return {name: 100.0 * float(metric.compute()) for name, metric in metrics.items()}
 
     def example_inputs(self, batch: Any, model: nn.Module | None = None) -> Any:
-        return batch[0]
+        return batch if isinstance(batch, torch.Tensor) else batch[0]
