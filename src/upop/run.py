@@ -654,7 +654,11 @@ def evaluate(cfg: RunConfig, compressed: str | None = None, pretrained: str | No
         raise UPopError("evaluate needs exactly one of --compressed DIR or --pretrained FILE")
     setup = prepare(cfg)
     if compressed is not None:
-        model = load_compressed(compressed).to(setup.info.device)  # no dense weights read
+
+        def build() -> torch.nn.Module:  # the architecture the flags name, on meta: no dense weights are read
+            return build_model(cfg.model, setup.num_outputs, cfg.data.image_size, setup.task.model_kind, False)
+
+        model = load_compressed(build, compressed).to(setup.info.device)
     else:
         model = new_model(cfg, setup, pretrained)
     example = _example(setup.task, setup.loaders, model, setup.info)
