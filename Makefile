@@ -20,7 +20,7 @@ test: venv
 # Trains a tiny ViT on the built-in shapes world once (cached in $(DEMO_BASE)), then compresses it 2x.
 demo: venv
 	@if [ ! -f $(DEMO_BASE)/model.safetensors ]; then \
-		$(UPOP) train --task classification --model vit-tiny --epochs 10 --output-dir $(DEMO_BASE); \
+		$(UPOP) train --task classification --model vit-tiny --epochs 12 --output-dir $(DEMO_BASE); \
 	fi
 	$(UPOP) compress --task classification --model vit-tiny --pretrained $(DEMO_BASE)/model.safetensors \
 		--p 0.5 --epochs-search 2 --epochs 2 --output-dir $(DEMO_OUT) --overwrite
