@@ -16,33 +16,12 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import emit_json  # noqa: E402
 
-
-class Attention(nn.Module):
-    def __init__(self, width: int, heads: int, head_dim: int) -> None:
-        super().__init__()
-        self.heads, self.head_dim = heads, head_dim
-        self.qkv = nn.Linear(width, 3 * heads * head_dim)
-        self.proj = nn.Linear(heads * head_dim, width)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, n, _ = x.shape
-        q, k, v = self.qkv(x).view(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, -1))
-
-
-class Mlp(nn.Module):
-    def __init__(self, width: int, hidden: int) -> None:
-        super().__init__()
-        self.fc1, self.fc2 = nn.Linear(width, hidden), nn.Linear(hidden, width)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))
+from upop.core.widths import AttentionProbe, MlpProbe  # noqa: E402  (the probes "auto" times, at any width)
 
 
 def timed(module: nn.Module, x: torch.Tensor, amp: bool, iters: int) -> float:
@@ -92,7 +71,7 @@ def main(argv: list[str] | None = None) -> dict:
         precision = "bf16" if amp else "fp32"
         full = None
         for d in head_dims:
-            t = timed(Attention(args.width, args.heads, d).to(device), x, amp, args.iters)
+            t = timed(AttentionProbe(args.width, args.heads, d).to(device), x, amp, args.iters)
             full = full or t
             result["attention"].append(
                 {
@@ -105,7 +84,7 @@ def main(argv: list[str] | None = None) -> dict:
             )
         full = None
         for h in hidden:
-            t = timed(Mlp(args.width, h).to(device), x, amp, args.iters)
+            t = timed(MlpProbe(args.width, h).to(device), x, amp, args.iters)
             full = full or t
             result["mlp"].append(
                 {

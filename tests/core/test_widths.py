@@ -27,7 +27,7 @@ def _scripted(slow_unless_multiple_of: int):
 @pytest.mark.parametrize("penalty_below, expected", [(1, 1), (4, 4), (8, 8), (16, 16)])
 def test_the_smallest_alignment_at_full_speed_is_chosen(monkeypatch, penalty_below, expected):
     monkeypatch.setattr(widths, "_seconds", _scripted(penalty_below))
-    build_mlp = lambda w: widths._MlpProbe(16, w)  # noqa: E731
+    build_mlp = lambda w: widths.MlpProbe(16, w)  # noqa: E731
     align, relative = widths._choose(768, build_mlp, torch.zeros(1, 1, 16), None)
     assert align == expected
     assert relative[384] == 1.0 and set(relative) == {384, 383, 382, 380, 376, 368}
@@ -87,5 +87,5 @@ def test_a_one_off_spike_from_another_tenant_does_not_coarsen_the_widths(monkeyp
         return width * (4.0 if width == 376 and calls["n"] < 12 else 1.0)  # 376: slow only the first time
 
     monkeypatch.setattr(widths, "_seconds", spiky)
-    align, relative = widths._choose(768, lambda w: widths._MlpProbe(16, w), torch.zeros(1, 1, 16), None)
+    align, relative = widths._choose(768, lambda w: widths.MlpProbe(16, w), torch.zeros(1, 1, 16), None)
     assert align == 1 and relative[376] < 1.5

@@ -34,7 +34,9 @@ TOLERANCE = 1.5  # a width this much slower than the (larger) reference width is
 DEFAULT_SHAPE = (32, 64)  # (batch, tokens) probed when the Pruner was given no example inputs
 
 
-class _AttentionProbe(nn.Module):
+class AttentionProbe(nn.Module):
+    """An attention module of ``heads`` heads of ``head_dim``: fused qkv projection, SDPA, output projection."""
+
     def __init__(self, width: int, heads: int, head_dim: int) -> None:
         super().__init__()
         self.heads, self.head_dim = heads, head_dim
@@ -47,7 +49,9 @@ class _AttentionProbe(nn.Module):
         return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, -1))
 
 
-class _MlpProbe(nn.Module):
+class MlpProbe(nn.Module):
+    """An MLP of ``hidden`` neurons: fc1, GELU, fc2."""
+
     def __init__(self, width: int, hidden: int) -> None:
         super().__init__()
         self.fc1, self.fc2 = nn.Linear(width, hidden), nn.Linear(hidden, width)
@@ -158,7 +162,7 @@ def measure_alignment(
         tokens, rows = s.tokens or DEFAULT_SHAPE[1], batch or DEFAULT_SHAPE[0]
 
         def build(w: int, width=width, heads=heads, kind=kind) -> nn.Module:
-            return _AttentionProbe(width, heads, w) if kind == "attn" else _MlpProbe(width, w)
+            return AttentionProbe(width, heads, w) if kind == "attn" else MlpProbe(width, w)
 
         chosen = 1
         for precision in precisions:
