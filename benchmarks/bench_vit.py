@@ -99,7 +99,7 @@ def recipe_study(args: argparse.Namespace, runs: Path, pretrained: Path) -> None
     print(text)
 
 
-def deit_small_row(iters: int, align_attn: int = 1, align_mlp: int = 1) -> dict[str, float]:
+def deit_small_row(iters: int, align_attn: int = 1, align_mlp: int = 1, granularity: str = "dim") -> dict[str, float]:
     """Real-size DeiT-Small (random weights, 197 tokens): dense vs a 2x plan from a 3-step search on random data.
     Latency and FLOPs only (no accuracy: nothing real to train on here)."""
     torch.manual_seed(0)
@@ -107,7 +107,9 @@ def deit_small_row(iters: int, align_attn: int = 1, align_mlp: int = 1) -> dict[
     model = build_model("timm:deit_small_patch16_224", 1000)
     model.load_state_dict(dense.state_dict())
     x, y = torch.randn(8, 3, 224, 224), torch.randint(0, 1000, (8,))
-    config = upop.PruneConfig(p=0.5, total_steps=3, interval=1, align_attn=align_attn, align_mlp=align_mlp)
+    config = upop.PruneConfig(
+        p=0.5, total_steps=3, interval=1, align_attn=align_attn, align_mlp=align_mlp, granularity=granularity
+    )
     pruner = upop.Pruner(model, config)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     for _ in range(3):
@@ -179,6 +181,7 @@ def measure(args: argparse.Namespace, runs: Path) -> None:
     steps = step_times(steps=10, rounds=3 * args.rounds, batch=128)
     deit = deit_small_row(args.latency_iters // 3)
     deit_aligned = deit_small_row(args.latency_iters // 3, align_attn=8, align_mlp=32)
+    deit_heads = deit_small_row(args.latency_iters // 3, granularity="head")
 
     dense_top1 = reports["0.5"]["dense"]["metrics"]["top1"]  # the report split (val scenes)
     rows = [
@@ -260,8 +263,21 @@ def measure(args: argparse.Namespace, runs: Path) -> None:
             f"{deit_aligned['latency_speedup'] / deit_aligned['flops_reduction']:.2f}",
         )
     )
+    rows.append(
+        (
+            "same, --granularity head (whole heads)",
+            "-",
+            "-",
+            "",
+            "",
+            f"{deit_heads['flops_reduction']:.2f}x",
+            f"{deit_heads['latency_speedup']:.2f}x",
+            f"{deit_heads['latency_speedup'] / deit_heads['flops_reduction']:.2f}",
+        )
+    )
     result["deit_small"] = deit
     result["deit_small_aligned"] = deit_aligned
+    result["deit_small_heads"] = deit_heads
     result["step_time_s"] = steps
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     table = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in rows]

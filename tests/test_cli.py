@@ -216,3 +216,15 @@ def test_hf_directory_through_compress_and_evaluate(tmp_path, capsys):
     capsys.readouterr()
     assert main(["evaluate", "--compressed", str(tmp_path / "out")]) == 0
     assert json.loads(capsys.readouterr().out)["metrics"] == pytest.approx(report["compressed"]["metrics"])
+
+
+def test_whole_head_granularity_end_to_end(base, tmp_path, capsys):
+    out = tmp_path / "heads"
+    assert main(compress_argv(base / "model.safetensors", out, "--granularity", "head", "--p", "0.5")) == 0
+    assert "kept attention heads" in capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    attn = [s for s in report["per_structure"] if s["kind"] == "attn"]
+    assert report["granularity"] == "head" and all(s["unit"] == "heads" and s["size"] == 2 for s in attn)
+    assert json.loads((out / "plan.json").read_text())["config"]["granularity"] == "head"
+    assert main(["evaluate", "--compressed", str(out)]) == 0
+    assert json.loads(capsys.readouterr().out)["metrics"] == pytest.approx(report["compressed"]["metrics"])

@@ -172,6 +172,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep a multiple of this many neurons per MLP" + align_help,
     )
     c.add_argument(
+        "--granularity",
+        choices=("dim", "head"),
+        default="dim",
+        help="an attention element: dim (default, the paper's: one head dimension shared by all heads) or head (whole "
+        "heads: head_dim is kept, heads are removed)",
+    )
+    c.add_argument(
         "--allocation",
         choices=("unified", "uniform"),
         default="unified",
@@ -275,6 +282,7 @@ def _run(args: argparse.Namespace) -> None:
             align_attn=args.align_attn,
             align_mlp=args.align_mlp,
             allocation=args.allocation,
+            granularity=args.granularity,
             towers=tuple(t for t in (args.towers or "").split(",") if t),
         )
         recipe = run.Recipe(

@@ -12,6 +12,7 @@ from upop.errors import UPopError
 CONFIG_VERSION = 1
 COST_MODELS = ("params", "flops")
 ALLOCATIONS = ("unified", "uniform")
+GRANULARITIES = ("dim", "head")
 MIN_RERANKINGS = 10  # a search re-ranks at least this often (or at every step when it is shorter)
 MAX_AUTO_INTERVAL = 50  # the paper's interval, for long searches
 
@@ -45,6 +46,9 @@ class PruneConfig:
             budget goes; "uniform": the same fraction p removed from each structure separately, ranked within it (the
             hand-picked-ratio baseline UPop is compared with).
         towers: prune only the structures of these towers (e.g. ("vision",)); empty = every tower.
+        granularity: what an attention element is: "dim" (default, the paper's: one head dimension, shared by all
+            heads and by q, k, v) or "head" (a whole head: the compressed attention keeps head_dim and loses heads;
+            its cost is its share of q/k/v/proj, ranked in the same list as MLP neurons).
         version: format version of this config, stored beside every output.
     """
 
@@ -59,6 +63,7 @@ class PruneConfig:
     align_mlp: int | str = "auto"
     allocation: str = "unified"
     towers: tuple[str, ...] = field(default_factory=tuple)
+    granularity: str = "dim"
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
@@ -80,6 +85,8 @@ class PruneConfig:
                 raise UPopError(f"{name} must be a positive integer or 'auto', got {value!r}")
         if self.cost not in COST_MODELS:
             raise UPopError(f"cost must be one of {', '.join(COST_MODELS)}, got {self.cost!r}")
+        if self.granularity not in GRANULARITIES:
+            raise UPopError(f"granularity must be one of {', '.join(GRANULARITIES)}, got {self.granularity!r}")
         if self.allocation not in ALLOCATIONS:
             raise UPopError(f"allocation must be one of {', '.join(ALLOCATIONS)}, got {self.allocation!r}")
         object.__setattr__(self, "exclude", tuple(self.exclude))

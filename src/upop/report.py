@@ -131,12 +131,13 @@ def comparison_table(report: dict[str, Any]) -> str:
             speed_text(speed["speedup"]) + (" (SLOWER than dense)" if speed["speedup"] < 1 else ""),
         )
     )
-    rows.append(("kept attention dims", "1.000", f"{report['kept']['attn']:.3f}", ""))
+    attn_unit = unit_of("attn", report.get("granularity", "dim"))
+    rows.append((f"kept attention {attn_unit}", "1.000", f"{report['kept']['attn']:.3f}", ""))
     rows.append(("kept MLP neurons", "1.000", f"{report['kept']['mlp']:.3f}", ""))
     by_tower = report.get("kept_by_tower") or {}
     if len(by_tower) > 1:
         for tower, kinds in by_tower.items():
-            for kind, label in (("attn", "attention dims"), ("mlp", "MLP neurons")):
+            for kind, label in (("attn", f"attention {attn_unit}"), ("mlp", "MLP neurons")):
                 if kind in kinds:
                     rows.append((f"kept {tower} {label}", "1.000", f"{kinds[kind]:.3f}", ""))
     rows.append(
@@ -164,7 +165,9 @@ def layer_of(name: str) -> int:
     return numbers[-1] if numbers else 0
 
 
-KIND_LABELS = {"attn": "attention dims", "mlp": "MLP neurons"}
+def unit_of(kind: str, granularity: str = "dim") -> str:
+    """What one element of a structure is: "dims" or "heads" (attention), "neurons" (MLP)."""
+    return "neurons" if kind == "mlp" else ("heads" if granularity == "head" else "dims")
 
 
 def kept_grid(
@@ -173,13 +176,15 @@ def kept_grid(
     """(column labels, layer indices, grid[layer][column] of (kept, size), None where absent). Columns are
     (tower, kind); the tower is named only when the model has several."""
     columns = sorted({(s.get("tower", "vision"), s["kind"]) for s in per_structure})
+    units = {s["kind"]: s.get("unit", unit_of(s["kind"])) for s in per_structure}
     layers = sorted({layer_of(s["name"]) for s in per_structure})
     grid: list[list[tuple[int, int] | None]] = [[None] * len(columns) for _ in layers]
     for s in per_structure:
         row, col = layers.index(layer_of(s["name"])), columns.index((s.get("tower", "vision"), s["kind"]))
         grid[row][col] = (s["kept"], s["size"])
     several = len({t for t, _ in columns}) > 1
-    labels = [f"{t} {KIND_LABELS[k]}" if several else KIND_LABELS[k] for t, k in columns]
+    names = {k: f"{'attention' if k == 'attn' else 'MLP'} {units[k]}" for k in units}
+    labels = [f"{t} {names[k]}" if several else names[k] for t, k in columns]
     return labels, layers, grid
 
 

@@ -38,7 +38,7 @@ from upop.engine.lock import LOCK_FILE, DirLock
 from upop.engine.loop import LR_SCHEDULES, JsonlLog, Loaders, Phase, make_loaders, run_phase
 from upop.errors import UPopError
 from upop.models import build_model, default_image_size, load_weights, model_image_size
-from upop.report import comparison_table, heatmap_png, kept_by_tower, report_header, speed_text
+from upop.report import comparison_table, heatmap_png, kept_by_tower, report_header, speed_text, unit_of
 from upop.tasks import get_task
 from upop.tasks.base import DataConfig
 
@@ -602,6 +602,7 @@ def _compress_in(
         "p": prune.p,
         "cost": prune.cost,
         "allocation": prune.allocation,
+        "granularity": prune.granularity,
         "prune": prune.to_dict(),
         "recipe": dataclasses.asdict(recipe),
         "rerankings": searched.get("rerankings"),
@@ -622,6 +623,7 @@ def _compress_in(
             {
                 "name": s["name"],
                 "kind": s["kind"],
+                "unit": unit_of(s["kind"], prune.granularity),
                 "tower": s.get("tower", "vision"),
                 "kept": len(s["kept"]),
                 "size": s["size"],

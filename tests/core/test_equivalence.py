@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from helpers import CASE_IDS, CASES, build, every_adapter_has_models, images, logits
+from helpers import CASE_IDS, CASES, ELEMENTWISE, build, every_adapter_has_models, images, logits
 
 import upop
 
@@ -21,14 +21,15 @@ def _patched(model):
     return sum(("forward" in vars(m)) + len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
 
 
+@pytest.mark.parametrize("granularity", ["dim", "head"])
 @pytest.mark.parametrize("adapter,factory,size", CASES, ids=CASE_IDS)
-def test_masks_at_one_are_bitwise_identity_and_detach_restores(adapter, factory, size):
+def test_masks_at_one_are_bitwise_identity_and_detach_restores(adapter, factory, size, granularity):
     model = build(factory, size)
     x = images()
     reference = copy.deepcopy(model)
     before = logits(model(x))
     patched_before = _patched(model)
-    pruner = upop.Pruner(model, upop.PruneConfig(p=0.5, total_steps=10))
+    pruner = upop.Pruner(model, upop.PruneConfig(p=0.5, total_steps=10, granularity=granularity, **ELEMENTWISE))
     assert pruner.adapter.name == adapter
     assert _patched(model) > patched_before  # masks really are attached
     assert torch.equal(logits(model(x)), before)
@@ -49,11 +50,12 @@ def _random_choice(pruner, seed):
     return chosen
 
 
+@pytest.mark.parametrize("granularity", ["dim", "head"])
 @pytest.mark.parametrize("adapter,factory,size", CASES, ids=CASE_IDS)
-def test_exact_masks_equal_compressed_outputs(adapter, factory, size):
+def test_exact_masks_equal_compressed_outputs(adapter, factory, size, granularity):
     model = build(factory, size)
     x = images()
-    pruner = upop.Pruner(model, upop.PruneConfig(p=0.5, total_steps=10))
+    pruner = upop.Pruner(model, upop.PruneConfig(p=0.5, total_steps=10, granularity=granularity, **ELEMENTWISE))
     pruner.set_choice(_random_choice(pruner, seed=sum(size)), value=0.0)
     masked = logits(model(x))
     params_before = sum(p.numel() for p in model.parameters())
@@ -66,7 +68,7 @@ def test_exact_masks_equal_compressed_outputs(adapter, factory, size):
     for s, entry in zip(pruner.structures, compressed._upop_plan.structures):
         assert s.size == len(entry["kept"])
         for slot in s.rows:
-            assert slot.out_features == slot.groups * len(entry["kept"])
+            assert slot.out_features == slot.groups * len(entry["kept"]) * slot.block
 
 
 def test_timm_unfused_attention_path_keeps_the_original_scale():
@@ -101,3 +103,24 @@ def test_a_deep_copy_of_a_masked_model_computes_with_its_own_weights():
             p.mul_(0.5)
     assert torch.equal(model(x), before)  # changing the copy's weights leaves the original alone
     assert not torch.equal(twin(x), before)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_whole_heads_keep_head_dim_and_scale_and_every_derived_attribute(fused):
+    from helpers import timm_vit
+
+    torch.manual_seed(0)
+    model = timm_vit(heads=4, head_dim=6).eval()
+    for block in model.blocks:
+        block.attn.fused_attn = fused
+    x = images()
+    pruner = upop.Pruner(model, upop.PruneConfig(p=0.5, total_steps=1, granularity="head", **ELEMENTWISE))
+    assert [s.size for s in pruner.structures if s.kind == "attn"] == [4, 4]
+    prune = {"blocks.0.attn": [True, False, True, False], "blocks.1.attn": [False, True, True, True]}
+    pruner.set_choice([torch.tensor(prune.get(s.name, [False] * s.size)) for s in pruner.structures], 0.0)
+    masked = model(x)
+    model = pruner.compress(force=True)
+    heads = [(b.attn.num_heads, b.attn.head_dim, b.attn.attn_dim, b.attn.scale) for b in model.blocks]
+    assert heads == [(2, 6, 12, 6**-0.5), (1, 6, 6, 6**-0.5)]
+    assert model.blocks[0].attn.qkv.out_features == 3 * 12 and model.blocks[1].attn.proj.in_features == 6
+    torch.testing.assert_close(model(x), masked, rtol=1e-5, atol=1e-5)

@@ -238,3 +238,50 @@ def test_element_costs_equal_the_real_deltas_of_removing_one_element(factory):
         stats = upop.profile(smaller, x)
         assert dense["params"] - stats["params"] == s.element_params(), s.name
         assert dense["flops"] - stats["flops"] == s.element_flops(), s.name
+
+
+@pytest.mark.parametrize("factory", [timm_vit, hf_vit, hf_clip, open_clip_model])
+def test_whole_heads_are_ranked_with_mlp_neurons_in_one_budget(factory):
+    model = build(factory, (4, 8, 3, 64))
+    config = upop.PruneConfig(p=0.5, total_steps=12, granularity="head", **ELEMENTWISE)
+    pruner, _ = _search(model, config)
+    heads = [s for s in pruner.structures if s.kind == "attn"]
+    assert all(s.block == 8 or s.block == 9 for s in heads) and all(s.size in (4, 2) for s in heads)
+    total = sum(c * s.size for c, s in zip(pruner.costs, pruner.structures))
+    biggest = max(c for c, s in zip(pruner.costs, pruner.structures) if s.kind == "attn")
+    assert abs(pruner.pruned_cost_fraction() - 0.5) <= biggest / total / 2 + 1e-9  # the closest a head allows
+    plan = pruner.plan()
+    assert plan.config["granularity"] == "head"
+
+
+def test_whole_head_costs_equal_the_real_deltas_and_the_plan_round_trips(tmp_path):
+    import copy
+
+    from upop.adapters import find_adapter
+    from upop.core.structure import slice_structure
+
+    model = build(hf_clip, (3, 6, 2, 20))
+    x = images(1)
+    pruner = upop.Pruner(model, upop.PruneConfig(cost="flops", granularity="head", **ELEMENTWISE), example_inputs=x)
+    structures = [s for s in pruner.structures if s.kind == "attn"]
+    pruner.detach()
+    dense = upop.profile(model, x)
+    for s in structures:
+        smaller = copy.deepcopy(model)
+        twin = next(t for t in find_adapter(smaller).structures(smaller, "head") if t.name == s.name)
+        slice_structure(twin, torch.arange(1, s.size))
+        stats = upop.profile(smaller, x)
+        assert dense["params"] - stats["params"] == s.element_params(), s.name
+        assert dense["flops"] - stats["flops"] == s.element_flops(), s.name
+    reference = copy.deepcopy(model)
+    pruner = upop.Pruner(model, upop.PruneConfig(p=0.5, total_steps=1, granularity="head", **ELEMENTWISE))
+    pruner.set_choice([torch.arange(s.size) % 2 == 1 for s in pruner.structures], 0.0)
+    compressed = pruner.compress(force=True)
+    upop.save_compressed(compressed, tmp_path)
+    loaded = upop.load_compressed(reference, tmp_path)
+    assert torch.equal(loaded(images(3)), compressed(images(3)))
+
+
+def test_granularity_is_dim_or_head():
+    with pytest.raises(upop.UPopError, match="granularity must be one of dim, head"):
+        upop.PruneConfig(granularity="channel")

@@ -12,6 +12,7 @@ registering an adapter never imports its library, and a model of a library that 
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import sys
 from collections.abc import Callable
@@ -35,7 +36,10 @@ class BlockSpec:
         cols: (child linear name, groups) pairs whose input columns are sliced.
         size: the block's mask length (head_dim for attention, hidden width for an MLP).
         heads: attention heads of the block (None for an MLP).
-        resize: ``resize(block, old, new)`` keeps the block's own attributes true after slicing.
+        resize: ``resize(block, old, new)`` keeps the block's own attributes true after slicing head dims (or MLP
+            neurons).
+        resize_heads: for attention, ``resize_heads(block, old_heads, new_heads)`` keeps them true after whole heads
+            were sliced away (head_dim unchanged); without it the family supports only head-dim granularity.
         check: returns a reason why masking this block would not match slicing it (or None when it is fine).
         at: the structure is this child of the matched block (e.g. "mlp" of a residual block holding attention and
             MLP); rows/cols are then relative to it. A row may also name a 2-D weight parameter (a packed projection
@@ -51,6 +55,7 @@ class BlockSpec:
     resize: Callable[[nn.Module, int, int], None] | None = None
     check: Callable[[nn.Module], str | None] | None = None
     at: str = ""
+    resize_heads: Callable[[nn.Module, int, int], None] | None = None
 
     def resolved_types(self) -> tuple[type, ...]:
         out = []
@@ -88,8 +93,9 @@ class Adapter:
         types = tuple(t for spec in self.blocks for t in spec.resolved_types())
         return bool(types) and any(isinstance(m, types) for m in model.modules())
 
-    def structures(self, model: nn.Module) -> list[Structure]:
-        """Every prunable structure of ``model``, in module order."""
+    def structures(self, model: nn.Module, granularity: str = "dim") -> list[Structure]:
+        """Every prunable structure of ``model``, in module order. ``granularity`` "head" makes each attention
+        structure's elements whole heads instead of head dimensions."""
         found: list[Structure] = []
         resolved = [(spec, spec.resolved_types()) for spec in self.blocks]
         for name, module in model.named_modules():
@@ -97,8 +103,25 @@ class Adapter:
                 if types and isinstance(module, types):
                     target = module.get_submodule(spec.at) if spec.at else module
                     path = ".".join(p for p in (name, spec.at) if p)
-                    found.append(self._structure(path, target, spec))
+                    structure = self._structure(path, target, spec)
+                    if granularity == "head" and spec.kind == "attn":
+                        structure = self._as_heads(structure, spec)
+                    found.append(structure)
         return found
+
+    def _as_heads(self, s: Structure, spec: BlockSpec) -> Structure:
+        """The same attention with whole heads as its elements: n = heads, B = head_dim, and each slot's groups
+        divided by the heads (3 for a fused qkv, 1 for q, k, v or the output projection)."""
+        if spec.resize_heads is None:
+            raise UPopError(f"the {self.name} adapter supports head-dimension granularity only ({s.name})")
+        heads, head_dim = s.heads, s.size
+
+        def regroup(slots: list[Slot]) -> list[Slot]:
+            return [dataclasses.replace(slot, groups=slot.groups // heads) for slot in slots]
+
+        return dataclasses.replace(
+            s, size=heads, block=head_dim, heads=1, rows=regroup(s.rows), cols=regroup(s.cols), resize=spec.resize_heads
+        )
 
     def _structure(self, name: str, module: nn.Module, spec: BlockSpec) -> Structure:
         if spec.check is not None:

@@ -13,6 +13,10 @@ def _attn_resize(attn: nn.Module, old: int, new: int) -> None:
     attn.head_dim = new  # forward views q/k/v as (..., -1, head_dim); `scale` keeps 1/sqrt(old)
 
 
+def _attn_resize_heads(attn: nn.Module, old: int, new: int) -> None:
+    attn.num_heads = new  # forward views q/k/v as (..., -1, head_dim): head_dim and `scale` are unchanged
+
+
 register_adapter(
     Adapter(
         name="hf-clip",
@@ -30,6 +34,7 @@ register_adapter(
                 size=lambda m: m.head_dim,
                 heads=lambda m: m.num_heads,
                 resize=_attn_resize,
+                resize_heads=_attn_resize_heads,
             ),
             BlockSpec(
                 kind="mlp",

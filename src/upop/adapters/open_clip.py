@@ -7,7 +7,7 @@ from __future__ import annotations
 from torch import nn
 
 from upop.adapters.base import Adapter, BlockSpec, register_adapter
-from upop.core.compact import compact_mha
+from upop.core.compact import compact_mha, compact_mha_heads
 
 
 def _attn_check(attn: nn.MultiheadAttention) -> str | None:
@@ -33,6 +33,7 @@ register_adapter(
                 heads=lambda m: m.num_heads,
                 resize=compact_mha,
                 check=_attn_check,
+                resize_heads=compact_mha_heads,
             ),
             BlockSpec(
                 kind="mlp",

@@ -33,6 +33,11 @@ def _attn_resize(attn: nn.Module, old: int, new: int) -> None:
     attn.scale = new**-0.5
 
 
+def _attn_resize_heads(attn: nn.Module, old: int, new: int) -> None:
+    attn.num_heads = new  # head_dim and the softmax scale are unchanged
+    attn.attn_dim = new * attn.head_dim
+
+
 def _mlp_check(mlp: nn.Module) -> str | None:
     if not isinstance(getattr(mlp, "norm", nn.Identity()), nn.Identity):
         return "a norm over the hidden layer (scale_mlp_norm) is not supported"
@@ -53,6 +58,7 @@ register_adapter(
                 heads=lambda m: m.num_heads,
                 resize=_attn_resize,
                 check=_attn_check,
+                resize_heads=_attn_resize_heads,
             ),
             BlockSpec(
                 kind="mlp",

@@ -106,3 +106,11 @@ def compact_mha(attn: nn.MultiheadAttention, old: int, new: int) -> None:
         attn.scale = old**-0.5  # the original head_dim's softmax scale
         attn.__class__ = CompactMultiheadAttention
     attn.head_dim = new
+
+
+def compact_mha_heads(attn: nn.MultiheadAttention, old: int, new: int) -> None:
+    """Make ``attn`` with whole heads sliced away (``old`` -> ``new`` heads, head_dim unchanged) run."""
+    if not isinstance(attn, CompactMultiheadAttention):
+        attn.scale = attn.head_dim**-0.5
+        attn.__class__ = CompactMultiheadAttention
+    attn.num_heads = new

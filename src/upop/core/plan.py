@@ -96,7 +96,8 @@ def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
     mismatch = fingerprint_mismatch(plan.fingerprint, model)
     if mismatch:
         raise UPopError(f"the plan was made for another architecture than this {type(model).__name__}: {mismatch}")
-    structures = {s.name: s for s in find_adapter(model, plan.adapter).structures(model)}
+    granularity = plan.config.get("granularity", "dim")
+    structures = {s.name: s for s in find_adapter(model, plan.adapter).structures(model, granularity)}
     for entry in plan.structures:
         if entry["name"] not in structures:
             raise UPopError(f"the plan names {entry['name']!r}, which the {plan.adapter} adapter does not find")

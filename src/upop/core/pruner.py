@@ -25,7 +25,8 @@ STATE_VERSION = 1
 
 
 def _masked_forward(module: nn.Module, *args: Any, mask: torch.Tensor, slot: Slot, **kwargs: Any) -> Any:
-    """Forward of a module whose projection ``slot`` (output rows laid out (groups, n)) is scaled by ``mask`` (n,).
+    """Forward of a module whose projection ``slot`` (output rows laid out (groups, n, block)) is scaled by ``mask``
+    (n,).
 
     The mask scales the weight rows and bias instead of the output: (x W^T + b) * m == x (W * m)^T + b * m, but the
     extra work and memory are weight-sized rather than activation-sized, and the mask gradient comes from the weight
@@ -36,6 +37,7 @@ def _masked_forward(module: nn.Module, *args: Any, mask: torch.Tensor, slot: Slo
     params = module._parameters
     weight, bias = params[slot.weight_name], params.get(slot.bias_name)
     m = mask.to(dtype=weight.dtype, device=weight.device)
+    m = m.repeat_interleave(slot.block) if slot.block > 1 else m  # a whole head: its head_dim rows
     m = m.repeat(slot.groups) if slot.groups > 1 else m
     params[slot.weight_name] = weight * m.unsqueeze(1)
     if bias is not None:
@@ -51,7 +53,7 @@ def _masked_forward(module: nn.Module, *args: Any, mask: torch.Tensor, slot: Slo
 def _attach_mask(slot: Slot, mask: torch.Tensor) -> None:
     # A method bound to the module (not a closure over it): a deep copy of the model binds to the copied module.
     # The slot is copied without its module so that the bound method does not keep the original alive.
-    bare = Slot(slot.path, None, slot.groups, slot.weight_name, slot.bias_name)  # type: ignore[arg-type]
+    bare = Slot(slot.path, None, slot.groups, slot.weight_name, slot.bias_name, slot.block)  # type: ignore[arg-type]
     slot.module.forward = types.MethodType(functools.partial(_masked_forward, mask=mask, slot=bare), slot.module)
 
 
@@ -96,7 +98,7 @@ class Pruner:
         self.config.check_schedule()
         self.adapter = find_adapter(model, adapter)
         self.fingerprint = fingerprint(model)
-        found = self.adapter.structures(model)
+        found = self.adapter.structures(model, self.config.granularity)
         towers = sorted({s.tower for s in found})
         unknown = [t for t in self.config.towers if t not in towers]
         if unknown:
@@ -318,7 +320,9 @@ class Pruner:
                 )
             )
             batch = int(first.shape[0])
-        measured = measure_alignment(self.structures, device, batch, tuple(precisions))
+        # whole heads: the widths do not change, only the number of heads, which no tile size constrains
+        probed = [s for s in self.structures if s.block == 1]
+        measured = measure_alignment(probed, device, batch, tuple(precisions))
         for kind, value in given.items():
             if value != "auto":
                 setattr(measured, kind, value)

@@ -1,9 +1,11 @@
 """Structures: one prunable unit with one mask vector, and the slices of weights its elements own.
 
-A structure of size n owns, in each of its *row* linears, the output rows laid out as (G, n) (G groups: 3 * heads for
-a fused qkv projection, heads for a separate q, k or v projection, 1 for an MLP's first layer), and in each of its
-*column* linears the input columns laid out as (G, n) (heads for an attention output projection, 1 for an MLP's
-second layer). Element j of the mask scales row/column j of every group. This one layout covers fused qkv (timm),
+A structure of size n owns, in each of its *row* linears, the output rows laid out as (G, n, B) (G groups: 3 * heads
+for a fused qkv projection, heads for a separate q, k or v projection, 1 for an MLP's first layer; B the rows of one
+element, 1 but for whole heads), and in each of its *column* linears the input columns laid out as (G, n, B) (heads
+for an attention output projection, 1 for an MLP's second layer). Element j of the mask scales the B rows/columns j of
+every group. Head-dimension granularity (the paper's) has B = 1 and G counting heads; whole-head granularity has
+n = heads, B = head_dim and G = 3 (fused qkv) or 1. This one layout covers fused qkv (timm),
 separate q/k/v (HF ViT/DeiT, CLIP, BLIP, BERT), packed ``in_proj_weight`` (``nn.MultiheadAttention``: a row "linear"
 that is a weight/bias pair of parameters of the attention module itself), cross-attention (rows of another input
 width) and MLP pairs.
@@ -26,13 +28,14 @@ KINDS = ("attn", "mlp")
 class Slot:
     """A weight matrix (out, in) and its bias of a structure: by default a Linear's ``weight`` and ``bias``; for a
     packed projection, the parameters ``weight``/``bias`` names of ``module`` (e.g. ``in_proj_weight``). ``path`` is
-    its name in the model, ``groups`` the G of the (G, n) layout."""
+    its name in the model, ``groups`` the G and ``block`` the B of the (G, n, B) layout."""
 
     path: str
     module: nn.Module
     groups: int
     weight_name: str = "weight"
     bias_name: str = "bias"
+    block: int = 1
 
     @property
     def weight(self) -> torch.Tensor:
@@ -70,7 +73,8 @@ class Structure:
         size: n, the number of elements (mask length).
         rows: linears whose output rows are owned (and masked after the layer), each laid out as (G, n).
         cols: linears whose input columns are owned, each laid out as (G, n).
-        heads: attention heads (0 for an MLP); used for the attention-matmul FLOPs of an element.
+        heads: the attention heads an element spans (0 for an MLP; 1 for a whole head); with ``block`` it gives the
+            attention-matmul FLOPs of an element.
         module: the block itself (attention or MLP module), handed to ``resize``.
         resize: adapter callback ``resize(module, old_size, new_size)`` that makes the block's own bookkeeping true
             after slicing (head_dim, all_head_size, softmax scale...).
@@ -88,19 +92,24 @@ class Structure:
     resize: Callable[[nn.Module, int, int], None] | None = None
     tokens: int = 0
     tower: str = "vision"
+    block: int = 1
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"structure kind must be one of {KINDS}, got {self.kind!r}")
+        for slot in (*self.rows, *self.cols):
+            slot.block = self.block
         for slot in self.rows:
-            if slot.out_features != slot.groups * self.size:
+            if slot.out_features != slot.groups * self.size * self.block:
                 raise UPopError(
                     f"{self.name}: {slot.path} has {slot.out_features} outputs, not {slot.groups} x {self.size}"
+                    + (f" x {self.block}" if self.block > 1 else "")
                 )
         for slot in self.cols:
-            if slot.in_features != slot.groups * self.size:
+            if slot.in_features != slot.groups * self.size * self.block:
                 raise UPopError(
                     f"{self.name}: {slot.path} has {slot.in_features} inputs, not {slot.groups} x {self.size}"
+                    + (f" x {self.block}" if self.block > 1 else "")
                 )
 
     def element_params(self) -> int:
@@ -110,7 +119,7 @@ class Structure:
             n += slot.groups * (slot.in_features + (slot.bias is not None))
         for slot in self.cols:
             n += slot.groups * slot.out_features
-        return n
+        return n * self.block
 
     def element_flops(self) -> int:
         """FLOPs (2 per multiply-add) one element costs per sample at ``tokens`` tokens: its share of every linear, and
@@ -122,7 +131,8 @@ class Structure:
             macs += slot.groups * slot.in_features * self.tokens
         for slot in self.cols:
             macs += slot.groups * slot.out_features * self.tokens
-        macs += self.heads * 2 * self.tokens * self.tokens
+        macs *= self.block
+        macs += self.heads * self.block * 2 * self.tokens * self.tokens  # (head, dim) pairs in q @ k^T and attn @ v
         return 2 * macs
 
     def element_cost(self, cost: str) -> int:
@@ -130,16 +140,17 @@ class Structure:
 
 
 def slice_rows(slot: Slot, size: int, keep: torch.Tensor) -> None:
-    """Keep output rows ``keep`` of every group of ``slot`` (laid out as (groups, size)), in place."""
-    w = slot.weight.detach().unflatten(0, (slot.groups, size))[:, keep].flatten(0, 1)
+    """Keep the output rows of elements ``keep`` in every group of ``slot`` (laid out (groups, size, block))."""
+    layout = (slot.groups, size, slot.block)
+    w = slot.weight.detach().unflatten(0, layout)[:, keep].flatten(0, 2)
     b = slot.bias
-    b = b.detach().unflatten(0, (slot.groups, size))[:, keep].flatten(0, 1) if b is not None else None
+    b = b.detach().unflatten(0, layout)[:, keep].flatten(0, 2) if b is not None else None
     slot.set(w, b)
 
 
 def slice_cols(slot: Slot, size: int, keep: torch.Tensor) -> None:
-    """Keep input columns ``keep`` of every group of ``slot`` (laid out as (groups, size)), in place."""
-    w = slot.weight.detach().unflatten(1, (slot.groups, size))[:, :, keep].flatten(1, 2)
+    """Keep the input columns of elements ``keep`` in every group of ``slot`` (laid out (groups, size, block))."""
+    w = slot.weight.detach().unflatten(1, (slot.groups, size, slot.block))[:, :, keep].flatten(1, 3)
     slot.set(w, None)
 
 
