@@ -37,11 +37,10 @@ def _masked_forward(module: nn.Module, *args: Any, mask: torch.Tensor, slot: Slo
     params = module._parameters
     weight, bias = params[slot.weight_name], params.get(slot.bias_name)
     m = mask.to(dtype=weight.dtype, device=weight.device)
-    m = m.repeat_interleave(slot.block) if slot.block > 1 else m  # a whole head: its head_dim rows
-    m = m.repeat(slot.groups) if slot.groups > 1 else m
-    params[slot.weight_name] = weight * m.unsqueeze(1)
+    layout = (slot.groups, m.numel(), slot.block)  # the mask broadcast over groups and block: one multiply, no copies
+    params[slot.weight_name] = (weight.view(*layout, -1) * m.view(1, -1, 1, 1)).view(weight.shape)
     if bias is not None:
-        params[slot.bias_name] = bias * m
+        params[slot.bias_name] = (bias.view(layout) * m.view(1, -1, 1)).view(bias.shape)
     try:
         return type(module).forward(module, *args, **kwargs)
     finally:
@@ -112,7 +111,9 @@ class Pruner:
             raise UPopError(f"no prunable structure left in the {type(model).__name__} (all excluded or none found)")
         device = next(model.parameters()).device
         self.masks = [torch.ones(s.size, device=device, requires_grad=True) for s in self.structures]
-        self.importance = [torch.zeros(s.size, dtype=torch.float32, device=device) for s in self.structures]
+        # one flat fp32 accumulator; the per-structure entries are views of it, so a step adds once
+        self._importance = torch.zeros(sum(s.size for s in self.structures), dtype=torch.float32, device=device)
+        self.importance = list(torch.split(self._importance, [s.size for s in self.structures]))
         self.chosen = [torch.zeros(s.size, dtype=torch.bool) for s in self.structures]
         if self.config.cost == "flops" and example_inputs is None:
             raise UPopError('cost="flops" needs example_inputs (a batch as the model takes it) to count tokens')
@@ -140,9 +141,10 @@ class Pruner:
     def sparsity_loss(self) -> torch.Tensor:
         """w_attn * sum |attention masks| + w_mlp * sum |MLP masks| (a scalar tensor to add to the task loss)."""
         total = self.masks[0].new_zeros(())
-        for structure, mask in zip(self.structures, self.masks):
-            weight = self.config.w_attn if structure.kind == "attn" else self.config.w_mlp
-            total = total + weight * mask.abs().sum()
+        for kind, weight in (("attn", self.config.w_attn), ("mlp", self.config.w_mlp)):
+            masks = [m for m, s in zip(self.masks, self.structures) if s.kind == kind]
+            if masks:  # one concatenation per kind: a few ops per step, not a few per structure
+                total = total + weight * torch.cat(masks).abs().sum()
         return total
 
     def step(self, grad_scale: float = 1.0, skip: bool = False) -> None:
@@ -162,8 +164,7 @@ class Pruner:
             dist.all_reduce(grads, op=dist.ReduceOp.SUM)
             grads /= dist.get_world_size()
         if not skip and torch.isfinite(grads).all():
-            for acc, g in zip(self.importance, torch.split(grads, [s.size for s in self.structures])):
-                acc += g
+            self._importance += grads
         else:
             self.skipped_steps += 1  # a NaN/inf step must not corrupt the ranking
         self.step_count += 1
