@@ -7,7 +7,8 @@ For each model (default timm DeiT-Small and DeiT-Base, random weights, 1000 clas
    interleaved rounds;
 3. a short search under bf16/fp16 autocast on random data (checking that no NaN/inf reached the importance and that
    the budget is met), with the default widths (align "auto", measured on this device), element-wise widths (align
-   1, the paper's), fixed aligned widths (--align-attn 8 --align-mlp 32) and whole heads (--granularity head);
+   1, the paper's), fixed aligned widths (--align-attn 8 --align-mlp 32), whole heads (--granularity head) and the
+   latency cost (--cost latency, measured on this device);
 4. dense vs the three 2x models: speedups as the median of back-to-back ratios, fp32 and autocast, batch 256 and 1.
 Prints one JSON object (and writes it to --out); nothing is downloaded.
 """
@@ -132,6 +133,7 @@ def check(arch: str, device: torch.device, args: argparse.Namespace) -> dict:
         "elementwise": {"align_attn": 1, "align_mlp": 1},
         "aligned_8_32": {"align_attn": 8, "align_mlp": 32},
         "whole_heads": {"granularity": "head"},
+        "latency_cost": {"cost": "latency"},
     }
     for name, align in variants.items():
         model, report = searched(arch, x, y, args.search_steps, **align)

@@ -228,3 +228,19 @@ def test_whole_head_granularity_end_to_end(base, tmp_path, capsys):
     assert json.loads((out / "plan.json").read_text())["config"]["granularity"] == "head"
     assert main(["evaluate", "--compressed", str(out)]) == 0
     assert json.loads(capsys.readouterr().out)["metrics"] == pytest.approx(report["compressed"]["metrics"])
+
+
+def test_latency_cost_with_a_table_measured_by_upop_latency_table(base, tmp_path, capsys):
+    table = tmp_path / "table.json"
+    assert main(["latency-table", *CLI_DATA, "--output", str(table)]) == 0
+    assert "2 structure shape(s) measured on cpu" in capsys.readouterr().out
+    assert all("|fp32|latency|" in key for key in json.loads(table.read_text()))
+    out = tmp_path / "lat"
+    argv = compress_argv(base / "model.safetensors", out, "--cost", "latency", "--latency-table", str(table))
+    assert main(argv) == 0
+    assert "latency of the pruned structures (cost table)" in capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    assert report["cost"] == "latency" and report["latency_cost"]["kept_ms"] < report["latency_cost"]["dense_ms"]
+    missing = str(tmp_path / "x.json")
+    argv = compress_argv(base / "model.safetensors", tmp_path / "o2", "--cost", "latency", "--latency-table", missing)
+    assert "cannot read the latency table" in _fail(capsys, argv, tmp_path / "o2")  # before the directory exists

@@ -20,11 +20,12 @@ def test_gpu_check_runs_at_tiny_size_on_cpu(tmp_path):
     result = gpu_check.main([*argv, "--out", str(tmp_path / "r.json")])
     (row,) = result["models"]
     assert row["gflops_per_image"]["device"] == row["gflops_per_image"]["cpu"] > 0
-    for name in ("default_auto", "elementwise", "aligned_8_32", "whole_heads"):
+    variants = {"default_auto", "elementwise", "aligned_8_32", "whole_heads", "latency_cost"}
+    for name in variants:
         search = row["search"][name]
         assert search["importance_finite"] and search["nonfinite_steps"] == 0
         assert abs(search["pruned_cost_fraction"] - 0.5) <= 0.05 and search["params"] < row["dense_params"]
-    assert set(row["speedup"]["fp32"]) == {"default_auto", "elementwise", "aligned_8_32", "whole_heads"}
+    assert set(row["speedup"]["fp32"]) == variants
     assert row["search_step_ratio"] > 0
     assert row["search"]["default_auto"]["alignment"]["device"] == "cpu"
     assert (tmp_path / "r.json").is_file()

@@ -154,7 +154,18 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--distill-temperature", type=float, default=2.0, help="with --distill: the softmax temperature (2.0)"
     )
-    c.add_argument("--cost", choices=("params", "flops"), default="params", help="what an element's removal saves")
+    c.add_argument(
+        "--cost",
+        choices=("params", "flops", "latency"),
+        default="params",
+        help="what an element's removal saves: params (default), flops, or latency (measured on this run's device "
+        "per structure shape and kept width, or read from --latency-table)",
+    )
+    c.add_argument(
+        "--latency-table",
+        default=None,
+        help="with --cost latency: a table measured on the deploying machine by `upop latency-table`",
+    )
     align_help = (
         "; auto (default): the smallest alignment whose widths this run's device runs at full speed, measured when "
         "the search starts (8 on an H200 in bf16, typically 1 on a CPU); 1 is the paper's element-wise setting"
@@ -194,6 +205,13 @@ def build_parser() -> argparse.ArgumentParser:
     _common(e, fallback_to_saved=True)
     e.add_argument("--compressed", default=None, help="a directory written by `upop compress`")
     e.add_argument("--pretrained", default=None, help="a dense checkpoint instead")
+
+    lt = sub.add_parser(
+        "latency-table", help="measure a model's latency per structure shape and kept width on this machine"
+    )
+    _common(lt)
+    lt.add_argument("--granularity", choices=("dim", "head"), default="dim", help="dims (default) or whole heads")
+    lt.add_argument("--output", required=True, help="the JSON table to write (pass it to compress --latency-table)")
 
     x = sub.add_parser("export", help="export a compressed directory to ONNX (checked against PyTorch)")
     x.add_argument("compressed", help="a directory written by `upop compress`")
@@ -283,6 +301,7 @@ def _run(args: argparse.Namespace) -> None:
             align_mlp=args.align_mlp,
             allocation=args.allocation,
             granularity=args.granularity,
+            latency_table=args.latency_table,
             towers=tuple(t for t in (args.towers or "").split(",") if t),
         )
         recipe = run.Recipe(
@@ -305,6 +324,9 @@ def _run(args: argparse.Namespace) -> None:
             args.max_nonfinite,
         )
         _print(report_header(report) + "\n\n" + comparison_table(report) + f"\nsaved to {args.output_dir}")
+    elif args.command == "latency-table":
+        table = run.latency_table(_run_config(args), args.granularity, args.output)
+        _print(f"wrote {args.output}: {len(table)} structure shape(s) measured on {run.device_name(args.device)}")
     elif args.command == "export":
         from upop.deploy import export_onnx
 

@@ -10,7 +10,7 @@ from typing import Any
 from upop.errors import UPopError
 
 CONFIG_VERSION = 1
-COST_MODELS = ("params", "flops")
+COST_MODELS = ("params", "flops", "latency")
 ALLOCATIONS = ("unified", "uniform")
 GRANULARITIES = ("dim", "head")
 MIN_RERANKINGS = 10  # a search re-ranks at least this often (or at every step when it is shorter)
@@ -34,8 +34,12 @@ class PruneConfig:
             constant w * sign(m) = w to the gradient of every mask element of a kind, and the per-kind
             standardisation of the ranking removes any constant. They are kept for compatibility with the paper's
             scripts and show in the logged loss.
-        cost: what an element's removal saves: "params" (default) or "flops" (at the example input size given to the
-            Pruner).
+        cost: what an element's removal saves: "params" (default), "flops" (at the example input size given to the
+            Pruner) or "latency": measured on the model's device, per structure shape, as a table of the time of a
+            module shaped like the structure at kept widths (``upop.core.widths.latency_curves``), so the one ranking
+            spends the budget where time goes (an element's saving depends on the width it leaves).
+        latency_table: for cost="latency", a JSON table measured on the deploying machine (``upop latency-table``)
+            to use instead of measuring here.
         exclude: module names (exact) or ``re:``-prefixed patterns; structures whose module name matches are not
             pruned and do not count in the budget.
         align_attn / align_mlp: keep a multiple of this many head dimensions / MLP neurons per structure. "auto"
@@ -64,6 +68,7 @@ class PruneConfig:
     allocation: str = "unified"
     towers: tuple[str, ...] = field(default_factory=tuple)
     granularity: str = "dim"
+    latency_table: str | None = None
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:

@@ -143,6 +143,16 @@ def comparison_table(report: dict[str, Any]) -> str:
     rows.append(
         ("pruned share of prunable cost", "", f"{report['pruned_cost_fraction']:.4f}", f"target p={report['p']}")
     )
+    table = report.get("latency_cost")
+    if table:
+        rows.append(
+            (
+                "latency of the pruned structures (cost table)",
+                f"{table['dense_ms']:.3f} ms",
+                f"{table['kept_ms']:.3f} ms",
+                f"target {table['target_ms']:.3f} ms",
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     lines = ["| " + " | ".join(cell.ljust(w) for cell, w in zip(r, widths)) + " |" for r in rows]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")

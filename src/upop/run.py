@@ -26,7 +26,7 @@ from upop.adapters import find_adapter
 from upop.config import MIN_RERANKINGS, PruneConfig
 from upop.core.files import atomic_write
 from upop.core.plan import Plan, apply_plan, save_compressed
-from upop.core.profile import measure_latency, paired_latency, profile
+from upop.core.profile import batch_size_of, measure_latency, paired_latency, profile
 from upop.core.pruner import Pruner
 from upop.core.ranking import schedule_summary
 from upop.data import augment
@@ -397,14 +397,6 @@ def _example(task: Any, loaders: Loaders, model: torch.nn.Module, info: D.DistIn
     return example.to(info.device) if isinstance(example, torch.Tensor) else example
 
 
-def batch_size_of(example: Any) -> int:
-    """The batch size of model inputs (a tensor, or the first tensor of a tuple or dict)."""
-    if isinstance(example, torch.Tensor):
-        return int(example.shape[0])
-    values = example.values() if isinstance(example, dict) else example
-    return next(int(v.shape[0]) for v in values if isinstance(v, torch.Tensor))
-
-
 def _measure(
     model: torch.nn.Module,
     task: Any,
@@ -479,6 +471,7 @@ def _search(
         "rerankings": prune.rerankings(),
         "interval": pruner.interval,
         "alignment": pruner.alignment.to_dict(),
+        "latency_cost": pruner.latency_summary(),
     }
     return pruner.compress(), searched
 
@@ -503,6 +496,11 @@ def compress(
     find_adapter(model)  # fail before any work if the family is not supported
     prune = dataclasses.replace(prune, total_steps=recipe.epochs_search * len(loaders.train))
     prune.check_schedule()
+    if prune.latency_table is not None:  # before the output directory exists
+        try:
+            json.loads(Path(prune.latency_table).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise UPopError(f"cannot read the latency table {prune.latency_table}: {e}") from None
     config = {
         "run": cfg.to_dict(),
         "prune": prune.to_dict(),
@@ -607,6 +605,7 @@ def _compress_in(
         "recipe": dataclasses.asdict(recipe),
         "rerankings": searched.get("rerankings"),
         "alignment": searched.get("alignment"),
+        "latency_cost": searched.get("latency_cost"),
         "latency_batch": batch_size_of(example),
         "speed": speed,
         "slower_than_dense": speed["speedup"] < 1,
@@ -637,6 +636,31 @@ def _compress_in(
         files["kept.png"] = heatmap_png(report["per_structure"], f"{cfg.model}, p={prune.p} ({prune.allocation})")
     out.finish(report, files, lambda d: save_compressed(model, d))
     return report
+
+
+def device_name(device: str | None) -> str:
+    info = D.setup(device)
+    return torch.cuda.get_device_name(info.device) if info.device.type == "cuda" else info.device.type
+
+
+def latency_table(cfg: RunConfig, granularity: str, output: str) -> dict[str, Any]:
+    """Measure the latency table of ``cfg.model``'s structures at the run's batch and input size on this machine and
+    write it to ``output`` (for ``compress --cost latency --latency-table`` elsewhere)."""
+    info = D.setup(cfg.device)
+    task = get_task(cfg.task)
+    size = cfg.data.image_size or default_image_size(cfg.model)
+    model = build_model(cfg.model, 1000 if task.model_kind == "classifier" else 0, size, kind=task.model_kind)
+    size = size or model_image_size(model)
+    model = model.to(info.device)
+    example = task.example_inputs(torch.randn(cfg.batch_size, 3, size, size, device=info.device), model)
+    config = PruneConfig(cost="latency", granularity=granularity, align_attn=1, align_mlp=1)
+    pruner = Pruner(model, config, example_inputs=example)
+    pruner.detach()
+    try:
+        atomic_write(Path(output), _json_bytes(pruner.latency_tables))
+    except OSError as e:
+        raise UPopError(f"cannot write {output}: {e.strerror or e}") from None
+    return pruner.latency_tables
 
 
 def read_run_config(directory: str | os.PathLike) -> dict[str, Any]:

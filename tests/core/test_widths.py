@@ -89,3 +89,60 @@ def test_a_one_off_spike_from_another_tenant_does_not_coarsen_the_widths(monkeyp
     monkeypatch.setattr(widths, "_seconds", spiky)
     align, relative = widths._choose(768, lambda w: widths.MlpProbe(16, w), torch.zeros(1, 1, 16), None)
     assert align == 1 and relative[376] < 1.5
+
+
+# ------------------------------------------------------------------------------------------------ cost="latency"
+def test_a_latency_table_becomes_a_non_decreasing_curve_over_every_width():
+    curve = widths.curve_from_table({"2": 1.0, "4": 3.0, "6": 2.5, "8": 5.0}, 8)  # 6 measured below 4: noise
+    assert curve.shape == (9,) and curve[0] == 0.0  # extrapolated along the first segment, at least 0
+    assert curve.tolist() == pytest.approx([0.0, 0.0, 1.0, 2.0, 3.0, 3.0, 3.0, 4.0, 5.0])
+    assert all(a <= b for a, b in zip(curve, curve[1:]))
+
+
+def test_select_with_a_curve_charges_each_unit_the_time_it_saves():
+    from upop.core.ranking import select
+
+    scores = [torch.tensor([4.0, 3.0, 2.0, 1.0]), torch.tensor([3.5, 2.5, 1.5, 0.5])]
+    linear = [torch.arange(5, dtype=torch.float64) * 2.0, torch.arange(5, dtype=torch.float64)]
+    assert all(torch.equal(a, b) for a, b in zip(select(scores, linear, 0.5), select(scores, [2.0, 1.0], 0.5)))
+    # structure 0: its last 2 elements' removal saves nothing (a flat curve below width 3); structure 1 is linear
+    flat = torch.tensor([0.0, 6.0, 6.0, 6.0, 6.0], dtype=torch.float64)  # keeping >= 1 element costs the same
+    chosen = select(scores, [flat, torch.arange(5, dtype=torch.float64)], 0.4)  # total 6 + 4 = 10: cut at 4
+    # order 4.0(s0) 3.5(s1) 3.0(s0) 2.5(s1) 2.0(s0): costs 0, 1, 0, 1, 0, ... -> the prefix closest to 4 takes all
+    # three prunable units of structure 0 (free) and three of structure 1
+    assert chosen[0].tolist() == [True, True, True, False] and chosen[1].tolist() == [True, True, True, False]
+
+
+def test_a_latency_cost_search_measures_once_per_shape_and_meets_its_budget(tmp_path, monkeypatch):
+    monkeypatch.setenv("UPOP_CACHE_DIR", str(tmp_path))
+    calls = []
+
+    def seconds(module, x, dtype):  # attention time grows with the square of its width, the MLP linearly
+        calls.append(1)
+        w = module.head_dim if hasattr(module, "head_dim") else module.fc1.out_features
+        return (w * w * 1e-3) if hasattr(module, "head_dim") else w * 1e-3
+
+    monkeypatch.setattr(widths, "_seconds", seconds)
+    model = build(timm_vit, (2, 16, 3, 64))
+    config = upop.PruneConfig(p=0.5, total_steps=6, cost="latency", align_attn=1, align_mlp=1)
+    pruner = upop.Pruner(model, config, example_inputs=images(4))
+    assert len(pruner.latency_tables) == 2 and len(calls) == 2 * widths.LATENCY_POINTS  # 3 blocks, 2 shapes
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    for _ in range(6):
+        (model(images(4)).square().mean() + pruner.sparsity_loss()).backward()
+        opt.step()
+        opt.zero_grad()
+        pruner.step()
+    assert abs(pruner.pruned_cost_fraction() - 0.5) <= 0.05
+    summary = pruner.latency_summary()
+    assert summary["kept_ms"] == pytest.approx(summary["target_ms"], rel=0.1)
+    table = tmp_path / "table.json"
+    table.write_text(json.dumps(pruner.latency_tables))
+    pruner.detach()
+    monkeypatch.setattr(widths, "_seconds", lambda *a: pytest.fail("a given table must not be measured"))
+    given = upop.Pruner(model, upop.PruneConfig(**{**config.to_dict(), "latency_table": str(table)}), images(4))
+    assert all(torch.equal(a, b) for a, b in zip(given.costs, pruner.costs))
+    given.detach()
+    other = build(timm_vit, (2, 16, 3, 48))  # another MLP width: not in the table
+    with pytest.raises(upop.UPopError, match=r"has no entry for latency\|mlp neurons\|width 32.*upop latency-table"):
+        upop.Pruner(other, upop.PruneConfig(**{**config.to_dict(), "latency_table": str(table)}), images(4))

@@ -41,6 +41,14 @@ def call_model(model: nn.Module, inputs: Any) -> Any:
     return model(inputs)
 
 
+def batch_size_of(inputs: Any) -> int:
+    """The batch size of model inputs (a tensor, or the first tensor of a tuple or dict)."""
+    if isinstance(inputs, torch.Tensor):
+        return int(inputs.shape[0])
+    values = inputs.values() if isinstance(inputs, dict) else inputs
+    return next(int(v.shape[0]) for v in values if isinstance(v, torch.Tensor))
+
+
 def profile(model: nn.Module, example_inputs: Any) -> dict[str, int]:
     """{"params": parameter count, "flops": forward FLOPs at ``example_inputs`` (2 per multiply-add, whole batch),
     attention matmuls included on every device}."""

@@ -15,10 +15,10 @@ from torch import nn
 from upop.adapters import find_adapter
 from upop.config import PruneConfig
 from upop.core.plan import Plan, fingerprint
-from upop.core.profile import call_model
-from upop.core.ranking import pi_at, select, selected_value, standardise
+from upop.core.profile import batch_size_of, call_model
+from upop.core.ranking import Cost, pi_at, removed_cost, select, selected_value, standardise, total_cost
 from upop.core.structure import Slot, Structure, slice_structure
-from upop.core.widths import Alignment, measure_alignment
+from upop.core.widths import Alignment, latency_curves, measure_alignment
 from upop.errors import UPopError
 
 STATE_VERSION = 1
@@ -115,11 +115,14 @@ class Pruner:
         self._importance = torch.zeros(sum(s.size for s in self.structures), dtype=torch.float32, device=device)
         self.importance = list(torch.split(self._importance, [s.size for s in self.structures]))
         self.chosen = [torch.zeros(s.size, dtype=torch.bool) for s in self.structures]
-        if self.config.cost == "flops" and example_inputs is None:
-            raise UPopError('cost="flops" needs example_inputs (a batch as the model takes it) to count tokens')
+        if self.config.cost in ("flops", "latency") and example_inputs is None:
+            raise UPopError(
+                f'cost="{self.config.cost}" needs example_inputs (a batch as the model takes it) for the token counts'
+            )
         if example_inputs is not None:
             self._count_tokens(example_inputs)
-        self.costs = [float(s.element_cost(self.config.cost)) for s in self.structures]
+        self.latency_tables: dict[str, Any] = {}
+        self.costs: list[Cost] = self._costs(device, example_inputs)
         self.alignment = self._alignment(device, example_inputs, precisions)
         self.interval = self.config.rank_interval()
         self.step_count = 0
@@ -212,8 +215,9 @@ class Pruner:
 
     def pruned_cost_fraction(self) -> float:
         """The fraction of the total prunable cost that the chosen elements hold."""
-        total = sum(c * s.size for c, s in zip(self.costs, self.structures))
-        return sum(c * int(ch.sum()) for c, ch in zip(self.costs, self.chosen)) / total
+        total = sum(total_cost(c, s.size) for c, s in zip(self.costs, self.structures))
+        removed = [removed_cost(c, s.size, int(ch.sum())) for c, s, ch in zip(self.costs, self.structures, self.chosen)]
+        return float(sum(removed)) / total
 
     def finished(self) -> bool:
         return self.step_count >= self.config.total_steps
@@ -300,6 +304,30 @@ class Pruner:
         if "alignment" in state:  # the resumed search keeps the widths it measured, not a new measurement
             self.alignment.attn, self.alignment.mlp = (int(v) for v in state["alignment"])
 
+    def _costs(self, device: torch.device, example_inputs: Any) -> list[Cost]:
+        """Per structure, the cost of an element (params, FLOPs) or the measured latency curve T(w) (rank 0's on every
+        rank: one decision everywhere)."""
+        if self.config.cost != "latency":
+            return [float(s.element_cost(self.config.cost)) for s in self.structures]
+        precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if device.type == "cuda" else "fp32"
+        curves, self.latency_tables = latency_curves(
+            self.structures, device, batch_size_of(example_inputs), precision, self.config.latency_table
+        )
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            flat = torch.cat(curves).to(device)
+            dist.broadcast(flat, src=0)
+            curves = list(torch.split(flat.cpu(), [s.size + 1 for s in self.structures]))
+        return curves
+
+    def latency_summary(self) -> dict[str, float] | None:
+        """For cost="latency": the structures' measured time dense, kept, and the target (ms per example batch)."""
+        if self.config.cost != "latency":
+            return None
+        dense = sum(float(c[s.size]) for c, s in zip(self.costs, self.structures))
+        kept = sum(float(c[s.size - int(ch.sum())]) for c, s, ch in zip(self.costs, self.structures, self.chosen))
+        prunable = sum(total_cost(c, s.size) for c, s in zip(self.costs, self.structures))
+        return {"dense_ms": 1e3 * dense, "kept_ms": 1e3 * kept, "target_ms": 1e3 * (dense - self.config.p * prunable)}
+
     def _alignment(self, device: torch.device, example_inputs: Any, precisions: tuple[str, ...] | None) -> Alignment:
         """The alignment per kind: as configured, or for "auto" measured on ``device`` (rank 0's measurement on every
         rank)."""
@@ -309,18 +337,7 @@ class Pruner:
         if precisions is None:
             half = "bf16" if device.type != "cuda" or torch.cuda.is_bf16_supported() else "fp16"
             precisions = ("fp32", half) if device.type == "cuda" else ("fp32",)
-        batch = None
-        if example_inputs is not None:
-            first = (
-                example_inputs
-                if isinstance(example_inputs, torch.Tensor)
-                else next(
-                    v
-                    for v in (example_inputs.values() if isinstance(example_inputs, dict) else example_inputs)
-                    if isinstance(v, torch.Tensor)
-                )
-            )
-            batch = int(first.shape[0])
+        batch = batch_size_of(example_inputs) if example_inputs is not None else None
         # whole heads: the widths do not change, only the number of heads, which no tile size constrains
         probed = [s for s in self.structures if s.block == 1]
         measured = measure_alignment(probed, device, batch, tuple(precisions))

@@ -46,14 +46,31 @@ def _units(score: torch.Tensor, align: int) -> tuple[torch.Tensor, torch.Tensor,
     return order, unit, (1 if r else 0) + (n // a - 1)
 
 
+Cost = float | torch.Tensor  # per element, or a curve T(w) for w = 0..n: the cost of keeping w elements
+
+
+def removed_cost(cost: Cost, n: int, removed: torch.Tensor | int) -> torch.Tensor | float:
+    """What removing ``removed`` elements of a structure of ``n`` saves: c * removed for a cost per element, T(n) -
+    T(n - removed) for a curve (a measured latency table: the saving of an element depends on the width)."""
+    if isinstance(cost, torch.Tensor):
+        return cost[n] - cost[n - removed]
+    return float(cost) * removed
+
+
+def total_cost(cost: Cost, n: int) -> float:
+    """The cost of a whole structure: c * n, or T(n) - T(0)."""
+    return float(removed_cost(cost, n, n))
+
+
 def select(
-    scores: list[torch.Tensor], costs: list[float], ratio: float, align: list[int] | None = None
+    scores: list[torch.Tensor], costs: list[Cost], ratio: float, align: list[int] | None = None
 ) -> list[torch.Tensor]:
     """Choose the elements to prune, over all structures in one ranking.
 
     Args:
         scores: per structure, standardised scores (n_i,); a larger score means less important.
-        costs: per structure, the cost of one of its elements (what removing it saves).
+        costs: per structure, the cost of one of its elements (what removing it saves), or a curve T(w), w = 0..n_i,
+            of the cost of keeping w elements (a unit's cost is then the drop of T over the widths it removes).
         ratio: the fraction of the total cost (over all structures) to remove.
         align: per structure, keep a multiple of this many elements (1, the paper's setting, by default). Larger
             values give hardware-friendly widths (e.g. head_dim a multiple of 8) at a coarser budget granularity.
@@ -71,14 +88,19 @@ def select(
         order, unit, count = _units(s, a)
         members.append((i, order))
         unit_of.append(unit + offset)
-        unit_cost_each.append(torch.full((count,), float(c), dtype=torch.float64))
+        sizes = torch.bincount(unit, minlength=count).double()
+        if isinstance(c, torch.Tensor):  # units are removed in order: each takes the width down by its size
+            after = (s.numel() - torch.cumsum(sizes, 0)).long()
+            unit_cost_each.append((c.double()[after + sizes.long()] - c.double()[after]).clamp(min=0))
+        else:
+            unit_cost_each.append(float(c) * sizes)
         offset += count
     element_unit = torch.cat(unit_of)
     element_score = torch.cat([flat_scores[i][order] for i, order in members])
     size = torch.zeros(offset, dtype=torch.float64).index_add_(0, element_unit, torch.ones_like(element_score))
     unit_score = torch.zeros(offset, dtype=torch.float64).index_add_(0, element_unit, element_score) / size
-    unit_cost = torch.cat(unit_cost_each) * size
-    target = ratio * sum(float(c) * s.numel() for s, c in zip(flat_scores, costs))
+    unit_cost = torch.cat(unit_cost_each)
+    target = ratio * sum(total_cost(c, s.numel()) for s, c in zip(flat_scores, costs))
     # Stable sort: ties keep structure order, then within-structure order, on every rank and run.
     order = torch.sort(unit_score, descending=True, stable=True).indices
     cumulative = torch.cumsum(unit_cost[order], 0)

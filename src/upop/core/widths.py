@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -127,22 +128,21 @@ def cache_path() -> Path:
     return Path(os.environ.get("UPOP_CACHE_DIR") or Path.home() / ".cache" / "upop") / "widths.json"
 
 
-def _cached(key: str, measure) -> tuple[int, dict]:
+def _cached(key: str, measure: Callable[[], Any]) -> Any:
+    """The cached measurement under ``key``, or ``measure()`` (JSON-able), stored for next time."""
     path = cache_path()
     try:
         cache = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         cache = {}
-    if key in cache:
-        return int(cache[key]["align"]), cache[key]["relative"]
-    align, relative = measure()
-    cache[key] = {"align": align, "relative": {str(w): round(t, 3) for w, t in relative.items()}}
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, json.dumps(cache, indent=1, sort_keys=True).encode())
-    except OSError:
-        pass  # a read-only home: measure again next time
-    return align, cache[key]["relative"]
+    if key not in cache:
+        cache[key] = measure()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(path, json.dumps(cache, indent=1, sort_keys=True).encode())
+        except OSError:
+            pass  # a read-only home: measure again next time
+    return cache[key]
 
 
 def measure_alignment(
@@ -169,11 +169,96 @@ def measure_alignment(
             key = f"{name}|{precision}|{kind}|width {width}|heads {heads}|tokens {tokens}|batch {rows}|size {s.size}"
 
             def measure(precision=precision, build=build, size=s.size, shape=(rows, tokens, width)):
-                x = torch.randn(*shape, device=device)
-                return _choose(size, build, x, dtypes[precision])
+                align, relative = _choose(size, build, torch.randn(*shape, device=device), dtypes[precision])
+                return {"align": align, "relative": {str(w): round(t, 3) for w, t in relative.items()}}
 
-            a, relative = _cached(key, measure)
+            found = _cached(key, measure)
+            a, relative = int(found["align"]), found["relative"]
             result.probes[f"{kind} {precision}"] = relative
             chosen = max(chosen, a)
         setattr(result, kind, chosen)
     return result
+
+
+# ------------------------------------------------------------------------------------------------ latency tables
+LATENCY_POINTS = 8  # widths measured per structure shape: n * k / 8 for k = 1..8
+
+
+def _shape_key(s, batch: int, precision: str, device_name: str) -> str:
+    unit = "heads" if s.block > 1 else "dims" if s.kind == "attn" else "neurons"
+    width = s.rows[0].in_features
+    return (
+        f"{device_name}|{precision}|latency|{s.kind} {unit}|width {width}|heads {s.heads}|block {s.block}"
+        f"|tokens {s.tokens or DEFAULT_SHAPE[1]}|batch {batch}|size {s.size}"
+    )
+
+
+def _probe(s, w: int) -> nn.Module:
+    """A module shaped like structure ``s`` kept at ``w`` elements."""
+    width = s.rows[0].in_features
+    if s.kind == "mlp":
+        return MlpProbe(width, w)
+    if s.block > 1:  # whole heads: w heads of the structure's head_dim
+        return AttentionProbe(width, w, s.block)
+    return AttentionProbe(width, s.heads, w)
+
+
+def _measure_curve(s, device: torch.device, batch: int, dtype: torch.dtype | None) -> dict[str, float]:
+    x = torch.randn(batch, s.tokens or DEFAULT_SHAPE[1], s.rows[0].in_features, device=device)
+    widths = sorted({max(1, round(s.size * k / LATENCY_POINTS)) for k in range(1, LATENCY_POINTS + 1)})
+    return {str(w): _seconds(_probe(s, w).to(device), x, dtype) for w in widths}
+
+
+def curve_from_table(table: dict[str, float], n: int) -> torch.Tensor:
+    """T(w), w = 0..n, from measured {width: seconds}: made non-decreasing (timing noise must not make an element's
+    removal cost negative), interpolated linearly between measured widths, extrapolated to T(0) along the first
+    segment (at least 0)."""
+    points = sorted((int(w), t) for w, t in table.items())
+    widths = torch.tensor([w for w, _ in points], dtype=torch.float64)
+    times = torch.cummax(torch.tensor([t for _, t in points], dtype=torch.float64), 0).values
+    if len(points) == 1:
+        return torch.linspace(0, float(times[0]), n + 1, dtype=torch.float64)
+    grid = torch.arange(n + 1, dtype=torch.float64)
+    index = torch.searchsorted(widths, grid).clamp(1, len(points) - 1)
+    w0, w1, t0, t1 = widths[index - 1], widths[index], times[index - 1], times[index]
+    curve = t0 + (grid - w0) * (t1 - t0) / (w1 - w0)
+    return torch.cummax(curve.clamp(min=0), 0).values
+
+
+def latency_curves(
+    structures: list, device: torch.device, batch: int | None, precision: str, table_file: str | None = None
+) -> tuple[list[torch.Tensor], dict[str, Any]]:
+    """Per structure, the measured latency T(w) of a module shaped like it at every kept width w = 0..n (seconds per
+    forward of ``batch`` samples, in ``precision`` on ``device``), and the table it came from. Shapes shared by
+    several structures are measured once; measurements are cached like the alignment's. With ``table_file`` (built on
+    the deploying machine, e.g. by ``upop latency-table``) nothing is measured: every shape must be in it."""
+    dtypes = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+    name = str(torch.cuda.get_device_name(device) if device.type == "cuda" else device.type)
+    rows = batch or DEFAULT_SHAPE[0]
+    given: dict[str, Any] | None = None
+    if table_file is not None:
+        try:
+            given = json.loads(Path(table_file).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            from upop.errors import UPopError
+
+            raise UPopError(f"cannot read the latency table {table_file}: {e}") from None
+    tables: dict[str, Any] = {}
+    curves = []
+    for s in structures:
+        key = _shape_key(s, rows, precision, name)
+        if key not in tables:
+            if given is not None:
+                found = next((v for k, v in given.items() if k.split("|", 1)[1] == key.split("|", 1)[1]), None)
+                if found is None:
+                    from upop.errors import UPopError
+
+                    raise UPopError(
+                        f"the latency table {table_file} has no entry for {key.split('|', 2)[2]} in {precision}; "
+                        "build it for this model and batch on the deploying machine (upop latency-table)"
+                    )
+                tables[key] = found
+            else:
+                tables[key] = _cached(key, lambda s=s: _measure_curve(s, device, rows, dtypes[precision]))
+        curves.append(curve_from_table(tables[key], s.size))
+    return curves, tables
