@@ -1,16 +1,17 @@
-"""GPU check, one prepared script (benchmarks/gpu_check.sh on a machine with a CUDA device; a CPU test runs it at tiny
-size so it cannot rot).
+"""GPU check, one prepared script (benchmarks/gpu_check.sh on a machine with a CUDA device, about 5 minutes on one
+H100/H200; a CPU test runs it at tiny size so it cannot rot). Random weights; nothing is downloaded.
 
-For each model (default timm DeiT-Small and DeiT-Base, random weights, 1000 classes):
-1. FLOPs of one image counted on the device and on the CPU (``upop.profile`` counts attention on both);
+For each model (default timm DeiT-Small, DeiT-Base and an HF CLIP ViT-B/16 built from its config):
+1. FLOPs of one sample counted on the device and on the CPU (``upop.profile`` counts attention on both);
 2. a plain training step vs a UPop search step (masks, sparsity loss, ``Pruner.step``) under autocast: fastest of
    interleaved rounds;
-3. a short search under bf16/fp16 autocast on random data (checking that no NaN/inf reached the importance and that
-   the budget is met), with the default widths (align "auto", measured on this device), element-wise widths (align
-   1, the paper's), fixed aligned widths (--align-attn 8 --align-mlp 32), whole heads (--granularity head) and the
-   latency cost (--cost latency, measured on this device);
-4. dense vs the three 2x models: speedups as the median of back-to-back ratios, fp32 and autocast, batch 256 and 1.
-Prints one JSON object (and writes it to --out); nothing is downloaded.
+3. 2x models from a short search under autocast on random data (no NaN/inf may reach the importance; the budget must
+   be met): default widths (align "auto", measured on this device), element-wise (align 1, the paper's), aligned
+   8/32, whole heads, latency cost; and hand-sliced uniform 2x shapes of the same budget (every structure keeps its
+   first half, as multiples of 8 dims, or half its heads), the reference for what the hardware allows;
+4. each tower of dense vs every 2x model: speedups as the median of back-to-back ratios, in fp32 and autocast at the
+   batch, and autocast at batch 1; with ``--compile-model``, dense vs default under torch.compile too.
+Prints one JSON object (and writes it to --out).
 """
 
 from __future__ import annotations
@@ -19,9 +20,13 @@ import argparse
 import statistics
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 import upop
 from upop.engine.loop import amp_context, backward_and_step
@@ -30,46 +35,122 @@ from upop.models import build_model
 sys.path.insert(0, str(Path(__file__).parent))
 from common import emit_json  # noqa: E402
 
+CLIP_SIZES = {  # vision (width, heads, layers, mlp, image, patch), text (width, heads, layers, mlp, tokens)
+    "B16": ((768, 12, 12, 3072, 224, 16), (512, 8, 12, 2048, 77)),
+    "tiny": ((32, 2, 2, 64, 16, 4), (24, 2, 2, 48, 7)),
+}
+
+
+@dataclass
+class Workload:
+    """How to build, feed, train and time one model."""
+
+    name: str
+    build: Callable[[], torch.nn.Module]
+    inputs: Callable[[int], Any]  # batch -> inputs as the model takes them
+    loss: Callable[[torch.nn.Module, Any], torch.Tensor]
+    towers: dict[str, Callable[[torch.nn.Module, Any], Any]]
+
+
+def _timm(arch: str, device: torch.device) -> Workload:
+    size = build_model(arch, 1000).patch_embed.img_size[0]
+
+    def inputs(batch: int) -> torch.Tensor:
+        return torch.randn(batch, 3, size, size, device=device, generator=None)
+
+    def loss(model, x):
+        y = torch.arange(x.shape[0], device=x.device) % 1000
+        return F.cross_entropy(model(x), y)
+
+    return Workload(arch, lambda: build_model(arch, 1000).to(device), inputs, loss, {"image": lambda m, x: m(x)})
+
+
+def _hf_clip(size: str, device: torch.device) -> Workload:
+    from transformers import CLIPConfig, CLIPModel
+
+    (vw, vh, vl, vm, image, patch), (tw, th, tl, tm, tokens) = CLIP_SIZES[size]
+    config = CLIPConfig(
+        vision_config=dict(
+            hidden_size=vw,
+            num_attention_heads=vh,
+            num_hidden_layers=vl,
+            intermediate_size=vm,
+            image_size=image,
+            patch_size=patch,
+        ),
+        text_config=dict(
+            hidden_size=tw,
+            num_attention_heads=th,
+            num_hidden_layers=tl,
+            intermediate_size=tm,
+            max_position_embeddings=tokens,
+        ),
+        projection_dim=min(vw, tw),
+    )
+
+    def inputs(batch: int) -> dict[str, torch.Tensor]:
+        return {
+            "pixel_values": torch.randn(batch, 3, image, image, device=device),
+            "input_ids": torch.randint(1, 1000, (batch, tokens), device=device),
+            "attention_mask": torch.ones(batch, tokens, dtype=torch.long, device=device),
+        }
+
+    def loss(model, x):
+        logits = model(**x).logits_per_image.float()
+        labels = torch.arange(logits.shape[0], device=logits.device)
+        return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+
+    towers = {
+        "vision": lambda m, x: m.get_image_features(pixel_values=x["pixel_values"]),
+        "text": lambda m, x: m.get_text_features(input_ids=x["input_ids"], attention_mask=x["attention_mask"]),
+    }
+    return Workload(f"hf-clip:{size}", lambda: CLIPModel(config).to(device), inputs, loss, towers)
+
+
+def workload(spec: str, device: torch.device) -> Workload:
+    return _hf_clip(spec.split(":", 1)[1], device) if spec.startswith("hf-clip:") else _timm(spec, device)
+
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
 
 
-def speedups(models: dict, x: torch.Tensor, amp: bool, iters: int) -> dict[str, float]:
-    """Median over ``iters`` rounds of dense time / model time, the models called back to back in alternating
-    order (ratios of adjacent calls are steadier than ratios of separate medians on shared machines)."""
-    autocast, _ = amp_context(x.device, amp)
+def speedups(models: dict, tower: Callable, x: Any, amp: bool, iters: int, device: torch.device) -> dict[str, float]:
+    """Median over ``iters`` rounds of dense time / model time for one tower, the models called back to back in
+    alternating order (ratios of adjacent calls are steadier than ratios of separate medians)."""
+    autocast, _ = amp_context(device, amp)
     times: dict[str, list[float]] = {k: [] for k in models}
     with torch.inference_mode(), autocast():
         for m in models.values():
             m.eval()
-            m(x)
+            tower(m, x)
         for i in range(iters + 2):
             for name, m in list(models.items())[:: 1 if i % 2 else -1]:
-                _sync(x.device)
+                _sync(device)
                 start = time.perf_counter()
-                m(x)
-                _sync(x.device)
+                tower(m, x)
+                _sync(device)
                 if i >= 2:
                     times[name].append(time.perf_counter() - start)
     dense = times["dense"]
     return {k: statistics.median(d / t for d, t in zip(dense, v)) for k, v in times.items() if k != "dense"}
 
 
-def step_times(arch: str, x, y, amp: bool, rounds: int, steps: int) -> dict[str, float]:
-    """Seconds per training step, plain vs search (fastest of interleaved rounds)."""
+def step_times(w: Workload, x: Any, device: torch.device, rounds: int, steps: int) -> dict[str, float]:
+    """Seconds per training step under autocast, plain vs search (fastest of interleaved rounds)."""
 
     def make(search: bool):
         torch.manual_seed(0)
-        model = build_model(arch, 1000).to(x.device).train()
-        pruner = upop.Pruner(model, upop.PruneConfig(p=0.5, total_steps=10**6)) if search else None
+        model = w.build().train()
+        config = upop.PruneConfig(p=0.5, total_steps=10**6, align_attn=1, align_mlp=1)
+        pruner = upop.Pruner(model, config) if search else None
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        autocast, scaler = amp_context(x.device, amp)
+        autocast, scaler = amp_context(device, True)
 
         def step():
             with autocast():
-                loss = torch.nn.functional.cross_entropy(model(x), y)
+                loss = w.loss(model, x)
             if pruner is not None:
                 loss = loss.float() + pruner.sparsity_loss()
             scale, taken = backward_and_step(loss, opt, scaler)
@@ -82,27 +163,27 @@ def step_times(arch: str, x, y, amp: bool, rounds: int, steps: int) -> dict[str,
     best = {k: float("inf") for k in runners}
     for r in range(rounds + 1):
         for name, step in list(runners.items())[:: 1 if r % 2 else -1]:
-            _sync(x.device)
+            _sync(device)
             start = time.perf_counter()
             for _ in range(steps):
                 step()
-            _sync(x.device)
+            _sync(device)
             if r:
                 best[name] = min(best[name], (time.perf_counter() - start) / steps)
     return best
 
 
-def searched(arch: str, x, y, steps: int, **align: int) -> tuple[torch.nn.Module, dict]:
+def searched(w: Workload, x: Any, device: torch.device, steps: int, **settings: Any) -> tuple[torch.nn.Module, dict]:
     """A 2x model from a short search under autocast, and what the search reports."""
     torch.manual_seed(0)
-    model = build_model(arch, 1000).to(x.device)
-    pruner = upop.Pruner(model, upop.PruneConfig(p=0.5, total_steps=steps, **align), example_inputs=x)
+    model = w.build()
+    pruner = upop.Pruner(model, upop.PruneConfig(p=0.5, total_steps=steps, **settings), example_inputs=x)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    autocast, scaler = amp_context(x.device, True)
+    autocast, scaler = amp_context(device, True)
     model.train()
     for _ in range(steps):
         with autocast():
-            loss = torch.nn.functional.cross_entropy(model(x), y)
+            loss = w.loss(model, x)
         scale, taken = backward_and_step(loss.float() + pruner.sparsity_loss(), opt, scaler)
         pruner.step(grad_scale=scale, skip=not taken)
     report = {
@@ -114,51 +195,79 @@ def searched(arch: str, x, y, steps: int, **align: int) -> tuple[torch.nn.Module
     return pruner.compress(), report
 
 
-def check(arch: str, device: torch.device, args: argparse.Namespace) -> dict:
+def hand_sliced(w: Workload, granularity: str) -> torch.nn.Module:
+    """The uniform 2x shape, sliced by hand: every structure keeps the first half of its elements (dims as
+    multiples of 8 where there are 16 or more, or heads), no search."""
     torch.manual_seed(0)
-    dense = build_model(arch, 1000).to(device)
-    size = dense.patch_embed.img_size[0]
-    x = torch.randn(args.batch, 3, size, size, device=device)
-    y = torch.randint(0, 1000, (args.batch,), device=device)
-    out: dict = {"model": arch, "batch": args.batch}
-    flops_here = upop.profile(dense, x[:1])["flops"]
-    flops_cpu = upop.profile(build_model(arch, 1000), x[:1].cpu())["flops"]
-    out["gflops_per_image"] = {"device": flops_here / 1e9, "cpu": flops_cpu / 1e9}
-    out["step_s"] = step_times(arch, x, y, True, args.rounds, args.steps)
+    model = w.build()
+    pruner = upop.Pruner(
+        model, upop.PruneConfig(p=0.5, total_steps=1, granularity=granularity, align_attn=1, align_mlp=1)
+    )
+    choice = []
+    for s in pruner.structures:
+        keep = max(1, s.size // 2)
+        keep = keep // 8 * 8 if s.block == 1 and keep >= 8 else keep
+        choice.append(torch.arange(s.size) >= keep)
+    pruner.set_choice(choice, 0.0)
+    return pruner.compress(force=True)
+
+
+VARIANTS = {
+    "default_auto": {},
+    "elementwise": {"align_attn": 1, "align_mlp": 1},
+    "aligned_8_32": {"align_attn": 8, "align_mlp": 32},
+    "whole_heads": {"granularity": "head"},
+    "latency_cost": {"cost": "latency"},
+}
+
+
+def check(spec: str, device: torch.device, args: argparse.Namespace) -> dict:
+    w = workload(spec, device)
+    torch.manual_seed(0)
+    dense = w.build()
+    x, x1 = w.inputs(args.batch), w.inputs(1)
+    out: dict = {"model": w.name, "batch": args.batch}
+    flops_here = upop.profile(dense, x1)["flops"]
+    on_cpu = {k: v.cpu() for k, v in x1.items()} if isinstance(x1, dict) else x1.cpu()
+    out["gflops_per_sample"] = {"device": flops_here / 1e9, "cpu": upop.profile(dense.cpu(), on_cpu)["flops"] / 1e9}
+    dense.to(device)
+    out["step_s"] = step_times(w, x, device, args.rounds, args.steps)
     out["search_step_ratio"] = out["step_s"]["search"] / out["step_s"]["plain"]
     models = {"dense": dense.eval()}
     out["search"] = {}
-    variants = {
-        "default_auto": {},
-        "elementwise": {"align_attn": 1, "align_mlp": 1},
-        "aligned_8_32": {"align_attn": 8, "align_mlp": 32},
-        "whole_heads": {"granularity": "head"},
-        "latency_cost": {"cost": "latency"},
-    }
-    for name, align in variants.items():
-        model, report = searched(arch, x, y, args.search_steps, **align)
-        report["flops_reduction"] = flops_here / upop.profile(model, x[:1])["flops"]
+    for name, settings in VARIANTS.items():
+        model, report = searched(w, x, device, args.search_steps, **settings)
+        report["flops_reduction"] = flops_here / upop.profile(model, x1)["flops"]
         report["params"] = sum(p.numel() for p in model.parameters())
         out["search"][name] = report
         models[name] = model.eval()
+    for granularity in ("dim", "head"):
+        model = hand_sliced(w, granularity)
+        models[f"uniform_{granularity}s_hand_sliced"] = model.eval()
     out["dense_params"] = sum(p.numel() for p in dense.parameters())
-    out["speedup"] = {
-        "fp32": speedups(models, x, False, args.iters),
-        "autocast": speedups(models, x, True, args.iters),
-    }
-    out["speedup_batch1_autocast"] = speedups(models, x[:1], True, args.iters)
+    out["speedup"] = {}
+    for tower_name, tower in w.towers.items():
+        out["speedup"][tower_name] = {
+            "fp32": speedups(models, tower, x, False, args.iters, device),
+            "autocast": speedups(models, tower, x, True, args.iters, device),
+            "autocast_batch1": speedups(models, tower, x1, True, args.iters, device),
+        }
+        if spec == args.compile_model:
+            compiled = {k: torch.compile(models[k]) for k in ("dense", "default_auto")}
+            out["speedup"][tower_name]["autocast_compiled"] = speedups(compiled, tower, x, True, args.iters, device)
     return out
 
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--models", default="timm:deit_small_patch16_224,timm:deit_base_patch16_224")
+    ap.add_argument("--models", default="timm:deit_small_patch16_224,timm:deit_base_patch16_224,hf-clip:B16")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--search-steps", type=int, default=40)
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the step-time comparison")
     ap.add_argument("--steps", type=int, default=10, help="steps per round of the step-time comparison")
     ap.add_argument("--iters", type=int, default=30, help="back-to-back forward pairs per speedup")
+    ap.add_argument("--compile-model", default="timm:deit_base_patch16_224", help="also time this one compiled")
     ap.add_argument("--out", default=None, help="also write the JSON here")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
@@ -166,7 +275,7 @@ def main(argv: list[str] | None = None) -> dict:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
         "autocast": "bf16" if device.type != "cuda" or torch.cuda.is_bf16_supported() else "fp16",
-        "models": [check(arch, device, args) for arch in args.models.split(",")],
+        "models": [check(spec, device, args) for spec in args.models.split(",")],
     }
     emit_json(result, args.out)
     return result
