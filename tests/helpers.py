@@ -169,12 +169,12 @@ CLI_DATA = "--model vit-micro --train-size 256 --val-size 64 --batch-size 16".sp
 
 
 def compress_argv(pretrained, out, *extra: str) -> list[str]:
-    """`upop compress` of the built-in vit-micro for one search and one retraining epoch."""
+    """`upop compress` of the built-in vit-micro (from ``pretrained``, or random weights when None) for one search
+    and one retraining epoch; ``extra`` flags override (e.g. "--epochs", "0")."""
     return [
         "compress",
         *CLI_DATA,
-        "--pretrained",
-        str(pretrained),
+        *(["--pretrained", str(pretrained)] if pretrained is not None else []),
         *"--epochs-search 1 --epochs 1".split(),
         *extra,
         "--output-dir",

@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers import CLI_DATA, build, images, timm_vit
+from helpers import CLI_DATA, build, compress_argv, images, timm_vit
 
 import upop
 from upop.cli import main
@@ -19,7 +19,7 @@ from upop.models import build_model
 @pytest.fixture(scope="module")
 def compressed(tmp_path_factory):
     out = tmp_path_factory.mktemp("deploy") / "c"
-    assert main(["compress", *CLI_DATA, "--epochs-search", "1", "--epochs", "0", "--output-dir", str(out)]) == 0
+    assert main(compress_argv(None, out, "--epochs", "0")) == 0
     return out
 
 

@@ -44,7 +44,7 @@ def test_config_of_a_folder_run_does_not_record_the_builtin_worlds_settings(tmp_
 
 
 def test_a_compressed_model_slower_than_dense_is_said_plainly(tmp_path, capsys, monkeypatch):
-    from helpers import CLI_DATA
+    from helpers import compress_argv
 
     from upop import run
 
@@ -56,7 +56,7 @@ def test_a_compressed_model_slower_than_dense_is_said_plainly(tmp_path, capsys, 
 
     monkeypatch.setattr(run, "paired_latency", slower)
     out = tmp_path / "out"
-    assert main(["compress", *CLI_DATA, "--epochs-search", "1", "--epochs", "0", "--output-dir", str(out)]) == 0
+    assert main(compress_argv(None, out, "--epochs", "0")) == 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("upop: warning: the compressed model is 1.25x slower than dense on cpu")
     report = json.loads((out / "report.json").read_text())

@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from helpers import CLI_DATA
+from helpers import CLI_DATA, compress_argv
 
 from upop.cli import main
 from upop.tasks import DataConfig, get_task
@@ -68,7 +68,7 @@ def test_keep_best_chooses_on_the_select_split_and_reports_the_report_split(tmp_
 @pytest.fixture(scope="module")
 def compressed(tmp_path_factory):
     out = tmp_path_factory.mktemp("splits") / "c"
-    assert main(["compress", *CLI_DATA, "--epochs-search", "1", "--epochs", "2", "--output-dir", str(out)]) == 0
+    assert main(compress_argv(None, out, "--epochs", "2")) == 0
     return out
 
 
