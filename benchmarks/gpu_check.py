@@ -17,6 +17,7 @@ Prints one JSON object (and writes it to --out).
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -275,8 +276,12 @@ def main(argv: list[str] | None = None) -> dict:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
         "autocast": "bf16" if device.type != "cuda" or torch.cuda.is_bf16_supported() else "fp16",
-        "models": [check(spec, device, args) for spec in args.models.split(",")],
+        "models": [],
     }
+    for spec in args.models.split(","):
+        result["models"].append(check(spec, device, args))
+        if args.out:  # after every model, so a run cut short keeps what it finished
+            Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     emit_json(result, args.out)
     return result
 
