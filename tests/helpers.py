@@ -128,12 +128,124 @@ def open_clip_model(
     return DualEncoderUnderTest(CLIP(embed_dim=12, vision_cfg=vision, text_cfg=text), vocab)
 
 
-# adapter name -> model factories (each takes heads, head_dim, depth, mlp_hidden, image)
+def _token_batch(n: int, vocab: int, length: int = 7) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and an attention mask derived from the batch size (fixed per n), with padding."""
+    g = torch.Generator().manual_seed(n)
+    ids = torch.randint(3, vocab - 1, (n, length), generator=g)
+    lengths = torch.randint(2, length + 1, (n,), generator=g)
+    attention = (torch.arange(length) < lengths[:, None]).long()
+    return ids * attention, attention
+
+
+def _blip_configs(heads: int, head_dim: int, depth: int, mlp_hidden: int, image: int, vocab: int = 50):
+    """BLIP vision and text configs: the text has another head count, head_dim and MLP width than the vision, and its
+    cross-attention reads the vision width."""
+    from transformers.models.blip.configuration_blip import BlipTextConfig, BlipVisionConfig
+
+    vision = BlipVisionConfig(
+        hidden_size=heads * head_dim,
+        num_attention_heads=heads,
+        num_hidden_layers=depth,
+        intermediate_size=mlp_hidden,
+        image_size=image,
+        patch_size=4,
+    )
+    text = BlipTextConfig(
+        vocab_size=vocab,
+        hidden_size=2 * (head_dim + 1),
+        num_attention_heads=2,
+        num_hidden_layers=depth,
+        intermediate_size=mlp_hidden + 3,
+        encoder_hidden_size=heads * head_dim,
+        max_position_embeddings=16,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=vocab - 1,
+        sep_token_id=vocab - 1,
+    )
+    return vision, text
+
+
+class BlipRetrievalUnderTest(nn.Module):
+    """HF BlipForImageTextRetrieval called as ``model(images)``: the ITM logits (text cross-attending to the image)
+    and the ITC similarities of the batch, concatenated. The BLIP model is the child ``blip``."""
+
+    def __init__(self, blip: nn.Module, vocab: int) -> None:
+        super().__init__()
+        self.blip, self.vocab = blip, vocab
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        ids, attention = _token_batch(images.shape[0], self.vocab)
+        itm = self.blip(input_ids=ids, pixel_values=images, attention_mask=attention, use_itm_head=True).itm_score
+        itc = self.blip(input_ids=ids, pixel_values=images, attention_mask=attention, use_itm_head=False).itm_score
+        return torch.cat([itm, itc], dim=-1)
+
+
+def hf_blip_retrieval(
+    heads: int = 3, head_dim: int = 7, depth: int = 2, mlp_hidden: int = 19, image: int = 16
+) -> nn.Module:
+    from transformers import BlipConfig, BlipForImageTextRetrieval
+
+    vision, text = _blip_configs(heads, head_dim, depth, mlp_hidden, image)
+    config = BlipConfig(vision_config=vision.to_dict(), text_config=text.to_dict(), image_text_hidden_size=12)
+    return BlipRetrievalUnderTest(BlipForImageTextRetrieval(config), 50)
+
+
+class BertUnderTest(nn.Module):
+    """An HF BertModel called as ``model(images)``: token ids derived from the batch size."""
+
+    def __init__(self, bert: nn.Module, vocab: int) -> None:
+        super().__init__()
+        self.bert, self.vocab = bert, vocab
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        ids, attention = _token_batch(images.shape[0], self.vocab)
+        return self.bert(input_ids=ids, attention_mask=attention).last_hidden_state.flatten(1)
+
+
+def hf_bert(heads: int = 3, head_dim: int = 7, depth: int = 2, mlp_hidden: int = 19, image: int = 16) -> nn.Module:
+    from transformers import BertConfig, BertModel
+
+    config = BertConfig(
+        vocab_size=50,
+        hidden_size=heads * head_dim,
+        num_attention_heads=heads,
+        num_hidden_layers=depth,
+        intermediate_size=mlp_hidden,
+        max_position_embeddings=16,
+    )
+    return BertUnderTest(BertModel(config, add_pooling_layer=False), 50)
+
+
+class NlvrUnderTest(nn.Module):
+    """UPop's BlipNlvr called as ``model(images)``: each image is paired with the batch's images in reverse order."""
+
+    def __init__(self, nlvr: nn.Module, vocab: int) -> None:
+        super().__init__()
+        self.nlvr, self.vocab = nlvr, vocab
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        ids, attention = _token_batch(images.shape[0], self.vocab)
+        return self.nlvr(torch.stack([images, images.flip(0)], dim=1), ids, attention)
+
+
+def blip_nlvr(heads: int = 3, head_dim: int = 7, depth: int = 2, mlp_hidden: int = 19, image: int = 16) -> nn.Module:
+    from upop.blip import BlipNlvr
+
+    vision, text = _blip_configs(heads, head_dim, depth, mlp_hidden, image)
+    return NlvrUnderTest(BlipNlvr(vision, text, enc_token_id=2), 50)
+
+
+# adapter name -> model factories (each takes heads, head_dim, depth, mlp_hidden, image). A model holding blocks of
+# several families (BLIP) is listed under each family it tests.
 ADAPTER_MODELS = {
     "timm-vit": [timm_vit],
     "hf-vit": [hf_vit, hf_deit],
     "hf-clip": [hf_clip],
     "open-clip": [open_clip_model],
+    "hf-bert": [hf_bert],
+    "hf-blip": [hf_blip_retrieval],
+    "blip-nlvr": [blip_nlvr],
 }
 
 # (heads, head_dim, depth, mlp_hidden): odd head dims, one head, odd widths

@@ -180,13 +180,33 @@ def supported() -> str:
     return "; ".join(f"{a.name} ({a.description})" for a in _REGISTRY.values())
 
 
+class Composite(Adapter):
+    """A model that holds blocks of several families (e.g. BLIP: a ViT and a BERT): the structures of every part, in
+    module order. Its name joins the parts' names with "+", so a plan names them all."""
+
+    def __init__(self, parts: list[Adapter]) -> None:
+        super().__init__("+".join(a.name for a in parts), "; ".join(a.description for a in parts), ())
+        self.parts = parts
+
+    def matches(self, model: nn.Module) -> bool:
+        return all(a.matches(model) for a in self.parts)
+
+    def structures(self, model: nn.Module, granularity: str = "dim") -> list[Structure]:
+        order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+        found = [s for a in self.parts for s in a.structures(model, granularity)]
+        return sorted(found, key=lambda s: order.get(s.name, len(order)))
+
+
 def find_adapter(model: nn.Module, name: str | None = None) -> Adapter:
-    """The adapter for ``model`` (or the one called ``name``). Raises UPopError listing what is supported."""
+    """The adapter for ``model`` (or the one called ``name``; "a+b" names a composite): every registered family the
+    model holds blocks of, one adapter or their composite. Raises UPopError listing what is supported."""
     if name is not None:
-        if name not in _REGISTRY:
-            raise UPopError(f"no adapter named {name!r}; supported: {supported()}")
-        return _REGISTRY[name]
-    for adapter in _REGISTRY.values():
-        if adapter.matches(model):
-            return adapter
-    raise UPopError(f"no UPop adapter for a {type(model).__name__}; supported: {supported()}")
+        unknown = [n for n in name.split("+") if n not in _REGISTRY]
+        if unknown:
+            raise UPopError(f"no adapter named {unknown[0]!r}; supported: {supported()}")
+        parts = [_REGISTRY[n] for n in name.split("+")]
+        return parts[0] if len(parts) == 1 else Composite(parts)
+    parts = [adapter for adapter in _REGISTRY.values() if adapter.matches(model)]
+    if not parts:
+        raise UPopError(f"no UPop adapter for a {type(model).__name__}; supported: {supported()}")
+    return parts[0] if len(parts) == 1 else Composite(parts)

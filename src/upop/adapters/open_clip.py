@@ -7,7 +7,7 @@ from __future__ import annotations
 from torch import nn
 
 from upop.adapters.base import Adapter, BlockSpec, register_adapter
-from upop.core.compact import compact_mha, compact_mha_heads
+from upop.adapters.compact_mha import compact_mha, compact_mha_heads
 
 
 def _attn_check(attn: nn.MultiheadAttention) -> str | None:

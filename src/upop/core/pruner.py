@@ -4,7 +4,6 @@ progressive schedule, and compresses the model. It is the only stateful part of 
 from __future__ import annotations
 
 import functools
-import math
 import types
 from typing import Any
 
@@ -351,17 +350,20 @@ class Pruner:
         return measured
 
     def _count_tokens(self, example_inputs: Any) -> None:
-        """Run one forward to learn how many tokens per sample each structure's row linears see."""
+        """Run one forward to learn how many tokens per sample each slot of each structure sees: every token that
+        reaches it over the forward, divided by the batch (a model that encodes two images per sample counts both).
+        A slot whose module is not called (a projection applied by its parent's functional code) sees the queries."""
         seen: dict[int, int] = {}
         handles = []
-        for i, s in enumerate(self.structures):
-            lin = s.rows[0].module
+        slots = {id(slot.module): slot.module for s in self.structures for slot in (*s.rows, *s.cols)}
+        for key, module in slots.items():
 
-            def hook(module, inputs, out, i=i):
-                x = inputs[0]
-                seen[i] = math.prod(x.shape[1:-1]) if x.dim() > 2 else 1
+            def hook(module, inputs, out, key=key):
+                x = inputs[0] if inputs else None
+                if isinstance(x, torch.Tensor) and x.dim() >= 1:
+                    seen[key] = seen.get(key, 0) + (x.numel() // x.shape[-1] if x.dim() > 1 else 1)
 
-            handles.append(lin.register_forward_hook(hook))
+            handles.append(module.register_forward_hook(hook))
         was_training = self.model.training
         try:
             self.model.eval()
@@ -371,5 +373,8 @@ class Pruner:
             self.model.train(was_training)
             for h in handles:
                 h.remove()
-        for i, s in enumerate(self.structures):
-            s.tokens = seen.get(i, 0)
+        batch = max(1, batch_size_of(example_inputs))
+        for s in self.structures:
+            s.tokens = seen.get(id(s.rows[0].module), 0) // batch
+            for slot in (*s.rows, *s.cols):
+                slot.tokens = seen.get(id(slot.module), 0) // batch or s.tokens

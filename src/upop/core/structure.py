@@ -36,6 +36,7 @@ class Slot:
     weight_name: str = "weight"
     bias_name: str = "bias"
     block: int = 1
+    tokens: int = 0  # tokens per sample this matrix sees at the profiling input (set for a FLOPs cost)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -78,7 +79,9 @@ class Structure:
         module: the block itself (attention or MLP module), handed to ``resize``.
         resize: adapter callback ``resize(module, old_size, new_size)`` that makes the block's own bookkeeping true
             after slicing (head_dim, all_head_size, softmax scale...).
-        tokens: tokens per sample seen by the row linears at the profiling input (set when a FLOPs cost is asked).
+        tokens: query tokens per sample (those the first row linear sees) at the profiling input (set when a FLOPs
+            cost is asked); each slot holds its own count (key/value linears of a cross-attention see the other
+            tower's tokens).
         tower: the tower the structure is in ("vision", "text", ...), for per-tower reports and restrictions.
     """
 
@@ -122,17 +125,20 @@ class Structure:
         return n * self.block
 
     def element_flops(self) -> int:
-        """FLOPs (2 per multiply-add) one element costs per sample at ``tokens`` tokens: its share of every linear, and
-        for attention its share of q @ k^T and attn @ v in every head."""
+        """FLOPs (2 per multiply-add) one element costs per sample: its share of every linear at the tokens that
+        linear sees, and for attention its share of q @ k^T and attn @ v in every head, which cost query tokens x key
+        tokens (the first row linear sees the queries, the last the keys/values: the same tokens in self-attention,
+        the other tower's in cross-attention)."""
         if self.tokens <= 0:
             raise UPopError(f"{self.name}: no token count; a FLOPs cost needs example inputs given to the Pruner")
         macs = 0
         for slot in self.rows:
-            macs += slot.groups * slot.in_features * self.tokens
+            macs += slot.groups * slot.in_features * (slot.tokens or self.tokens)
         for slot in self.cols:
-            macs += slot.groups * slot.out_features * self.tokens
+            macs += slot.groups * slot.out_features * (slot.tokens or self.tokens)
         macs *= self.block
-        macs += self.heads * self.block * 2 * self.tokens * self.tokens  # (head, dim) pairs in q @ k^T and attn @ v
+        keys = self.rows[-1].tokens or self.tokens
+        macs += self.heads * self.block * 2 * self.tokens * keys  # (head, dim) pairs in q @ k^T and attn @ v
         return 2 * macs
 
     def element_cost(self, cost: str) -> int:

@@ -64,18 +64,18 @@ def scene_captions(world: ShapesWorld, i: int) -> list[str]:
 
 
 class WordTokenizer:
-    """Whitespace tokenizer over ``VOCAB``: ``<bos>`` words ``<eos>``, padded with ``<pad>`` (id 0) to
-    ``context_length``. Called on a list of strings it returns {"input_ids", "attention_mask"} (long tensors). The
-    ``<eos>`` id is the highest."""
+    """Whitespace tokenizer over ``vocab`` (default ``VOCAB``, the captions' words; it starts with ``<pad>``, ``<bos>``
+    and ends with ``<eos>``): ``<bos>`` words ``<eos>``, padded with ``<pad>`` (id 0) to ``context_length``. Called
+    on a list of strings it returns {"input_ids", "attention_mask"} (long tensors). The ``<eos>`` id is the highest."""
 
-    def __init__(self, context_length: int = CONTEXT_LENGTH) -> None:
-        self.context_length = context_length
-        self.ids = {w: i for i, w in enumerate(VOCAB)}
-        self.pad_id, self.bos_id, self.eos_id = 0, 1, len(VOCAB) - 1
+    def __init__(self, context_length: int = CONTEXT_LENGTH, vocab: tuple[str, ...] = VOCAB) -> None:
+        self.context_length, self.vocab = context_length, vocab
+        self.ids = {w: i for i, w in enumerate(vocab)}
+        self.pad_id, self.bos_id, self.eos_id = 0, 1, len(vocab) - 1
 
     @property
     def vocab_size(self) -> int:
-        return len(VOCAB)
+        return len(self.vocab)
 
     def __call__(self, texts: list[str]) -> dict[str, torch.Tensor]:
         ids = torch.full((len(texts), self.context_length), self.pad_id, dtype=torch.long)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from upop.core.compact import CompactMultiheadAttention, compact_mha
+from upop.adapters.compact_mha import CompactMultiheadAttention, compact_mha
 from upop.core.structure import Slot, Structure, slice_structure
 
 

@@ -1,0 +1,191 @@
+"""BLIP models built from HF transformers BLIP parts, and the key map of the original BLIP checkpoints.
+
+``BlipNlvr`` is BLIP's NLVR2 model (HF has no class for it): one ``BlipVisionModel`` encodes both images; the text
+encoder is BLIP's BERT (HF ``BlipTextEmbeddings``/``BlipTextLayer``) whose cross-attention is twin: in every layer
+one branch attends to the left image and one to the right, each with its own query/key/value and output projection.
+In the first half of the layers the two branch outputs are averaged, in the second half concatenated and merged by
+a Linear(2h -> h) (the released checkpoints apply no activation there), then added to the input and normalised. The
+first text token is replaced by the encoder token; a Linear-ReLU-Linear head on its final state gives 2 logits
+(False, True).
+
+``convert_original`` maps the keys of the released BLIP checkpoints (``model_base_nlvr.pth``,
+``model_base_retrieval_{coco,flickr}.pth``: a timm-style ViT ``visual_encoder``, BERT ``text_encoder``) to these
+models' keys, through one table.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.models.blip.configuration_blip import BlipTextConfig, BlipVisionConfig
+from transformers.models.blip.modeling_blip import BlipVisionModel
+from transformers.models.blip.modeling_blip_text import BlipTextEmbeddings, BlipTextLayer, BlipTextSelfAttention
+
+
+class TwinBranch(nn.Module):
+    """One image's half of a twin cross-attention: BLIP's text cross-attention (queries from the text, keys and values
+    from the image) and its own output projection."""
+
+    def __init__(self, config: BlipTextConfig) -> None:
+        super().__init__()
+        self.self = BlipTextSelfAttention(config, True)
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(self, hidden: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        return self.dense(self.self(hidden, encoder_hidden_states=image)[0])
+
+
+class TwinCrossAttention(nn.Module):
+    def __init__(self, config: BlipTextConfig, merge: bool) -> None:
+        super().__init__()
+        self.branches = nn.ModuleList([TwinBranch(config), TwinBranch(config)])
+        self.merge_layer = nn.Linear(2 * config.hidden_size, config.hidden_size) if merge else None
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, hidden: torch.Tensor, images: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        left, right = (branch(hidden, image) for branch, image in zip(self.branches, images))
+        mixed = self.merge_layer(torch.cat([left, right], dim=-1)) if self.merge_layer is not None else (left + right) / 2
+        return self.LayerNorm(self.dropout(mixed) + hidden)
+
+
+class NlvrTextLayer(BlipTextLayer):
+    """BLIP's text layer (self-attention, MLP) with a twin cross-attention between them."""
+
+    def __init__(self, config: BlipTextConfig, layer_num: int, merge: bool) -> None:
+        super().__init__(config, layer_num)
+        self.crossattention = TwinCrossAttention(config, merge)
+
+    def forward(self, hidden: torch.Tensor, mask: torch.Tensor, images: tuple) -> torch.Tensor:  # type: ignore[override]
+        x = self.attention(hidden, attention_mask=mask)[0]
+        x = self.crossattention(x, images)
+        return self.output(self.intermediate(x), x)
+
+
+class _Layers(nn.Module):
+    def __init__(self, layers: list[nn.Module]) -> None:
+        super().__init__()
+        self.layer = nn.ModuleList(layers)
+
+
+class NlvrTextEncoder(nn.Module):
+    def __init__(self, config: BlipTextConfig) -> None:
+        super().__init__()
+        n = config.num_hidden_layers
+        self.embeddings = BlipTextEmbeddings(config)
+        self.encoder = _Layers([NlvrTextLayer(config, i, merge=i >= n // 2) for i in range(n)])
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, images: tuple) -> torch.Tensor:
+        hidden = self.embeddings(input_ids=input_ids)
+        mask = (1.0 - attention_mask[:, None, None, :].to(hidden.dtype)) * torch.finfo(hidden.dtype).min
+        for layer in self.encoder.layer:
+            hidden = layer(hidden, mask, images)
+        return hidden
+
+
+class BlipNlvr(nn.Module):
+    """BLIP for NLVR2: ``forward(pixel_values (B, 2, 3, S, S), input_ids (B, L), attention_mask (B, L))`` -> logits
+    (B, 2), index 1 = the statement is true."""
+
+    def __init__(self, vision: BlipVisionConfig, text: BlipTextConfig, enc_token_id: int) -> None:
+        super().__init__()
+        text.encoder_hidden_size = vision.hidden_size
+        self.vision_config, self.text_config, self.enc_token_id = vision, text, int(enc_token_id)
+        self.vision_model = BlipVisionModel(vision)
+        self.text_encoder = NlvrTextEncoder(text)
+        h = text.hidden_size
+        self.cls_head = nn.Sequential(nn.Linear(h, h), nn.ReLU(), nn.Linear(h, 2))
+        self.text_encoder.apply(self._init)
+        self.cls_head.apply(self._init)
+
+    def _init(self, m: nn.Module) -> None:
+        """BERT's initialisation (normal(0, initializer_range), zero biases, unit norms)."""
+        std = getattr(self.text_config, "initializer_range", 0.02)
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=std)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+        if isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    def forward(
+        self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        b = pixel_values.shape[0]
+        image = self.vision_model(pixel_values=pixel_values.flatten(0, 1)).last_hidden_state.unflatten(0, (b, 2))
+        ids = input_ids.clone()
+        ids[:, 0] = self.enc_token_id
+        if attention_mask is None:
+            attention_mask = torch.ones_like(ids)
+        hidden = self.text_encoder(ids, attention_mask, (image[:, 0], image[:, 1]))
+        return self.cls_head(hidden[:, 0])
+
+    def upop_convert_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return convert_original(state)
+
+
+# ------------------------------------------------------------------------------------- original checkpoint keys
+ORIGINAL_KEYS: tuple[tuple[str, str], ...] = (  # (pattern in the released BLIP checkpoints, key here)
+    (r"^visual_encoder\.cls_token$", "vision_model.embeddings.class_embedding"),
+    (r"^visual_encoder\.pos_embed$", "vision_model.embeddings.position_embedding"),
+    (r"^visual_encoder\.patch_embed\.proj\.", "vision_model.embeddings.patch_embedding."),
+    (r"^visual_encoder\.blocks\.(\d+)\.norm1\.", r"vision_model.encoder.layers.\1.layer_norm1."),
+    (r"^visual_encoder\.blocks\.(\d+)\.norm2\.", r"vision_model.encoder.layers.\1.layer_norm2."),
+    (r"^visual_encoder\.blocks\.(\d+)\.attn\.qkv\.", r"vision_model.encoder.layers.\1.self_attn.qkv."),
+    (r"^visual_encoder\.blocks\.(\d+)\.attn\.proj\.", r"vision_model.encoder.layers.\1.self_attn.projection."),
+    (r"^visual_encoder\.blocks\.(\d+)\.mlp\.", r"vision_model.encoder.layers.\1.mlp."),
+    (r"^visual_encoder\.norm\.", "vision_model.post_layernorm."),
+    (r"\.crossattention\.self([01])\.", r".crossattention.branches.\1.self."),
+    (r"\.crossattention\.output\.dense([01])\.", r".crossattention.branches.\1.dense."),
+    (r"\.crossattention\.output\.(merge_layer|LayerNorm)\.", r".crossattention.\1."),
+)
+DROPPED = re.compile(r"(_m\.|^(image|text|idx|ptr)_queue$|position_ids$)")  # momentum encoders, queues, buffers
+
+
+def convert_original(state: dict[str, Any]) -> dict[str, Any]:
+    """A released BLIP checkpoint's state dict in these models' keys (unchanged when it is not in that layout):
+    renamed by ``ORIGINAL_KEYS``, without the momentum encoders and queues that only pre-training uses."""
+    if not any(k.startswith("visual_encoder.") for k in state):
+        return state
+    out = {}
+    for key, value in state.items():
+        if DROPPED.search(key):
+            continue
+        for pattern, replacement in ORIGINAL_KEYS:
+            key = re.sub(pattern, replacement, key)
+        out[key] = value
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ built-in BLIP
+def tiny_configs(
+    image_size: int, patch_size: int, width: int, heads: int, depth: int, text_width: int, vocab: int, context: int
+) -> tuple[BlipVisionConfig, BlipTextConfig]:
+    vision = BlipVisionConfig(
+        hidden_size=width,
+        num_attention_heads=heads,
+        num_hidden_layers=depth,
+        intermediate_size=4 * width,
+        image_size=image_size,
+        patch_size=patch_size,
+    )
+    text = BlipTextConfig(
+        vocab_size=vocab,
+        hidden_size=text_width,
+        num_attention_heads=heads,
+        num_hidden_layers=depth,
+        intermediate_size=4 * text_width,
+        encoder_hidden_size=width,
+        max_position_embeddings=context,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=vocab - 1,
+        sep_token_id=vocab - 1,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    return vision, text
