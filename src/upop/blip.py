@@ -48,7 +48,9 @@ class TwinCrossAttention(nn.Module):
 
     def forward(self, hidden: torch.Tensor, images: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         left, right = (branch(hidden, image) for branch, image in zip(self.branches, images))
-        mixed = self.merge_layer(torch.cat([left, right], dim=-1)) if self.merge_layer is not None else (left + right) / 2
+        if self.merge_layer is None:
+            return self.LayerNorm(self.dropout((left + right) / 2) + hidden)
+        mixed = self.merge_layer(torch.cat([left, right], dim=-1))
         return self.LayerNorm(self.dropout(mixed) + hidden)
 
 

@@ -28,9 +28,7 @@ TEMPLATES = (
 )
 WORDS = sorted({w for t in TEMPLATES for w in t.split() if "{" not in w})
 # the built-in BLIP's vocabulary: the captions' words, the statements' words and BLIP's encoder token
-BLIP_VOCAB: tuple[str, ...] = (
-    ("<pad>", "<bos>", "<enc>") + tuple(sorted((set(VOCAB[2:-1]) | set(WORDS)))) + ("<eos>",)
-)
+BLIP_VOCAB: tuple[str, ...] = ("<pad>", "<bos>", "<enc>") + tuple(sorted(set(VOCAB[2:-1]) | set(WORDS))) + ("<eos>",)
 CANDIDATES = 64  # scene pairs tried at once when looking for one that gives a statement the wanted label
 
 
@@ -51,9 +49,9 @@ def _truth(t: int, a: int, left: torch.Tensor, right: torch.Tensor, facts) -> tu
     colours, shapes, count = facts
     if t < 4:
         table = colours if t < 2 else shapes
-        l, r = table[left, a], table[right, a]
-        allowed = l | r  # one of the two always holds it: the other image decides
-        return ((l & r) if t % 2 == 0 else (l ^ r)), allowed
+        in_left, in_right = table[left, a], table[right, a]
+        allowed = in_left | in_right  # one of the two always holds it: the other image decides
+        return ((in_left & in_right) if t % 2 == 0 else (in_left ^ in_right)), allowed
     cl, cr = count[left], count[right]
     label = cl > cr if t == 4 else (cr > cl if t == 5 else cl == cr)
     return label, torch.ones_like(label)
