@@ -149,6 +149,7 @@ def _blip_configs(heads: int, head_dim: int, depth: int, mlp_hidden: int, image:
         intermediate_size=mlp_hidden,
         image_size=image,
         patch_size=4,
+        initializer_range=0.02,  # HF's default 1e-10 would make every vision output nearly the same
     )
     text = BlipTextConfig(
         vocab_size=vocab,

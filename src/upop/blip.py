@@ -16,6 +16,7 @@ models' keys, through one table.
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,6 +24,8 @@ from torch import nn
 from transformers.models.blip.configuration_blip import BlipTextConfig, BlipVisionConfig
 from transformers.models.blip.modeling_blip import BlipVisionModel
 from transformers.models.blip.modeling_blip_text import BlipTextEmbeddings, BlipTextLayer, BlipTextSelfAttention
+
+from upop.errors import UPopError
 
 
 class TwinBranch(nn.Module):
@@ -163,6 +166,71 @@ def convert_original(state: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+# ------------------------------------------------------------------------------------------------ HF BLIP directories
+HF_TO_TWIN: tuple[tuple[str, str], ...] = (  # an HF BLIP text encoder's single cross-attention, into each branch
+    (r"\.crossattention\.self\.", r".crossattention.branches.{i}.self."),
+    (r"\.crossattention\.output\.dense\.", r".crossattention.branches.{i}.dense."),
+    (r"\.crossattention\.output\.LayerNorm\.", r".crossattention.LayerNorm."),
+)
+
+
+def hf_tokenizer(path: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    vocabularies = ("tokenizer.json", "vocab.txt", "vocab.json", "*.model")
+    if not any(any(path.glob(pattern)) for pattern in vocabularies):  # transformers would build an empty one
+        raise UPopError(f"{path} has no usable tokenizer files (none of {', '.join(vocabularies)})")
+    try:
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError, TypeError) as e:
+        raise UPopError(f"{path} has no usable tokenizer files ({str(e).splitlines()[0][:120]})") from None
+
+
+def load_hf_nlvr(path: Path, weights: bool = True) -> BlipNlvr:
+    """``BlipNlvr`` from a local HF BLIP directory (e.g. an image-text-matching model): its vision and text configs,
+    its tokenizer, and (``weights``) its vision encoder and text encoder, the one cross-attention copied into both
+    branches, as BLIP initialises NLVR from a pre-trained model. The merge layers and the head start fresh."""
+    from transformers import AutoConfig
+
+    if not (path / "config.json").is_file():
+        raise UPopError(f"{path} is not an HF model directory (no config.json)")
+    config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    if config.model_type != "blip":
+        raise UPopError(f"{path} holds a {config.model_type!r} model; NLVR needs an HF BLIP model")
+    tokenizer = hf_tokenizer(path)
+    enc = tokenizer.convert_tokens_to_ids("[ENC]") if "[ENC]" in tokenizer.get_vocab() else tokenizer.cls_token_id
+    model = BlipNlvr(config.vision_config, config.text_config, enc)
+    length = min(int(getattr(tokenizer, "model_max_length", 35) or 35), config.text_config.max_position_embeddings)
+
+    def tokenize(texts: list[str]) -> dict[str, torch.Tensor]:
+        out = tokenizer(texts, padding="longest", truncation=True, max_length=length, return_tensors="pt")
+        return {"input_ids": out["input_ids"], "attention_mask": out["attention_mask"]}
+
+    model.upop_tokenizer = tokenize
+    files = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
+    if weights and files:
+        from upop.models import read_state_dict
+
+        state: dict[str, torch.Tensor] = {}
+        for f in files:
+            state.update(read_state_dict(f))
+        own = model.state_dict()
+        mapped = {}
+        for key, value in state.items():
+            if not key.startswith(("vision_model.", "text_encoder.")):
+                continue
+            for i in (0, 1):
+                new = key
+                for pattern, replacement in HF_TO_TWIN:
+                    new = re.sub(pattern, replacement.format(i=i), new)
+                mapped[new] = value
+        missing = [k for k in own if k not in mapped and "merge_layer" not in k and not k.startswith("cls_head.")]
+        if missing:
+            raise UPopError(f"{path} does not hold BLIP's vision and text encoders: missing {', '.join(missing[:3])}")
+        model.load_state_dict({**own, **{k: v for k, v in mapped.items() if k in own}})
+    return model
+
+
 # ------------------------------------------------------------------------------------------------ built-in BLIP
 def tiny_configs(
     image_size: int, patch_size: int, width: int, heads: int, depth: int, text_width: int, vocab: int, context: int
@@ -174,6 +242,9 @@ def tiny_configs(
         intermediate_size=4 * width,
         image_size=image_size,
         patch_size=patch_size,
+        # HF BLIP's vision default (1e-10) suits only loading weights over it, and BERT's 0.02 (for width 768)
+        # leaves a narrow model's cross-attention too weak to learn from: 1/sqrt(width) in both
+        initializer_range=width**-0.5,
     )
     text = BlipTextConfig(
         vocab_size=vocab,
@@ -187,6 +258,7 @@ def tiny_configs(
         bos_token_id=1,
         eos_token_id=vocab - 1,
         sep_token_id=vocab - 1,
+        initializer_range=text_width**-0.5,
         hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0,
     )

@@ -86,7 +86,41 @@ class BuiltinCLIP:
         return model
 
 
-BUILTIN_MODELS: dict[str, BuiltinViT | BuiltinCLIP] = {
+@dataclass(frozen=True)
+class BuiltinBLIP:
+    """A BLIP small enough to train on 2 CPU cores (vision and text of one depth and head count), with the word-level
+    tokenizer of the built-in captions and statements: ``BlipNlvr`` for NLVR."""
+
+    image_size: int
+    patch_size: int
+    width: int
+    heads: int
+    depth: int
+    text_width: int
+    kinds: tuple[str, ...] = ("nlvr",)
+
+    def build(self, num_classes: int, image_size: int | None = None, kind: str = "nlvr") -> nn.Module:
+        from upop.blip import BlipNlvr, tiny_configs
+        from upop.data.captions import WordTokenizer
+        from upop.data.statements import BLIP_VOCAB
+
+        tokenizer = WordTokenizer(vocab=BLIP_VOCAB)
+        vision, text = tiny_configs(
+            image_size or self.image_size,
+            self.patch_size,
+            self.width,
+            self.heads,
+            self.depth,
+            self.text_width,
+            tokenizer.vocab_size,
+            tokenizer.context_length,
+        )
+        model = BlipNlvr(vision, text, enc_token_id=tokenizer.ids["<enc>"])
+        model.upop_tokenizer = tokenizer
+        return model
+
+
+BUILTIN_MODELS: dict[str, BuiltinViT | BuiltinCLIP | BuiltinBLIP] = {
     "vit-tiny": BuiltinViT(image_size=32, patch_size=8, embed_dim=64, depth=4, num_heads=2),
     "vit-micro": BuiltinViT(image_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0),
     "clip-tiny": BuiltinCLIP(
@@ -95,8 +129,14 @@ BUILTIN_MODELS: dict[str, BuiltinViT | BuiltinCLIP] = {
     "clip-micro": BuiltinCLIP(
         image_size=16, patch_size=4, vision_width=32, vision_heads=2, text_width=24, text_heads=2, depth=2, embed_dim=16
     ),
+    "blip-tiny": BuiltinBLIP(image_size=32, patch_size=8, width=64, heads=2, depth=3, text_width=64),
+    "blip-micro": BuiltinBLIP(image_size=16, patch_size=4, width=32, heads=2, depth=2, text_width=24),
 }
-MODEL_KINDS = {"classifier": "an image classifier", "dual_encoder": "a dual (image-text) encoder"}
+MODEL_KINDS = {
+    "classifier": "an image classifier",
+    "dual_encoder": "a dual (image-text) encoder",
+    "nlvr": "an NLVR model (two images and a statement)",
+}
 
 
 def model_names() -> str:
@@ -121,11 +161,19 @@ def build_model(
     of an ``hf:`` or ``open_clip:`` spec without reading its weight files (for loading compressed weights into it)."""
     if spec in BUILTIN_MODELS:
         builtin = BUILTIN_MODELS[spec]
-        own = getattr(builtin, "kind", "classifier")
-        if own != kind:
-            raise UPopError(f"{spec} is {MODEL_KINDS[own]}; this task needs {MODEL_KINDS[kind]}")
+        kinds = getattr(builtin, "kinds", (getattr(builtin, "kind", "classifier"),))
+        if kind not in kinds:
+            raise UPopError(f"{spec} is {MODEL_KINDS[kinds[0]]}; this task needs {MODEL_KINDS[kind]}")
+        if isinstance(builtin, BuiltinBLIP):
+            return builtin.build(num_classes, image_size, kind)
         return builtin.build(num_classes, image_size)
     family, _, arg = spec.partition(":")
+    if kind == "nlvr":
+        if family == "hf" and arg:
+            from upop.blip import load_hf_nlvr
+
+            return load_hf_nlvr(Path(arg), weights)
+        raise UPopError(f"model {spec!r} is not an NLVR model; accepted: blip-tiny, blip-micro, hf:PATH (an HF BLIP)")
     if kind == "dual_encoder":
         if family == "hf" and arg:
             return _load_hf_clip(Path(arg), weights)
@@ -262,8 +310,8 @@ def model_image_size(model: nn.Module) -> int:
     if visual is not None and getattr(visual, "image_size", None):
         size = visual.image_size
         return int(size[0] if isinstance(size, (tuple, list)) else size)
-    config = getattr(model, "config", None)
-    config = getattr(config, "vision_config", config)  # CLIP: the vision tower's
+    config = getattr(model, "config", model)
+    config = getattr(config, "vision_config", config)  # CLIP, BLIP: the vision tower's
     if config is not None and getattr(config, "image_size", None):
         size = config.image_size
         return int(size[0] if isinstance(size, (tuple, list)) else size)
@@ -322,6 +370,9 @@ def _why_unreadable(path: Path, error: Exception) -> str:
 def load_weights(model: nn.Module, path: str | Path) -> None:
     """Load a local state dict into ``model``, strictly; a mismatch names the first differing keys."""
     state = read_state_dict(path)
+    convert = getattr(model, "upop_convert_state", None)
+    if convert is not None:  # a model that also reads another layout (e.g. the released BLIP checkpoints)
+        state = convert(state)
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]

@@ -5,7 +5,8 @@ image decides them: "both images contain a red object", "only one image contains
 more objects than the right image", "the two images have the same number of objects". For the presence statements
 at least one of the two images always holds the named colour or shape (which one is random), so the answer turns on
 the other image. Labels are balanced: each sample draws its label first and then a pair of scenes that makes the
-statement take it. Deterministic from the seed.
+statement take it. Only objects that show count (a small object can hide behind a large one). Deterministic from the
+seed.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from collections.abc import Callable
 import torch
 
 from upop.data.captions import VOCAB
-from upop.data.shapes import COLOUR_NAMES, SHAPES, ShapesWorld
+from upop.data.shapes import COLOUR_NAMES, MAX_OBJECTS, SHAPES, ShapesWorld
 
 TEMPLATES = (
     "both images contain a {colour} object",
@@ -29,19 +30,33 @@ TEMPLATES = (
 WORDS = sorted({w for t in TEMPLATES for w in t.split() if "{" not in w})
 # the built-in BLIP's vocabulary: the captions' words, the statements' words and BLIP's encoder token
 BLIP_VOCAB: tuple[str, ...] = ("<pad>", "<bos>", "<enc>") + tuple(sorted(set(VOCAB[2:-1]) | set(WORDS))) + ("<eos>",)
+ACTIVE = tuple(range(len(TEMPLATES)))  # the templates drawn from
+MIN_VISIBLE = 4  # pixels of an object that must show for a statement to count it
 CANDIDATES = 64  # scene pairs tried at once when looking for one that gives a statement the wanted label
 
 
-def _facts(world: ShapesWorld) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per scene: colours present (N, C), shapes present (N, S), object count (N,)."""
-    present = torch.arange(4)[None, :] < world.count[:, None]
+def _facts(world: ShapesWorld, visible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per scene, from its visible objects only: colours present (N, C), shapes present (N, S), object count (N,)."""
     colours = torch.zeros(world.n, len(COLOUR_NAMES), dtype=torch.bool)
     shapes = torch.zeros(world.n, len(SHAPES), dtype=torch.bool)
-    for k in range(4):
-        rows = present[:, k].nonzero().squeeze(1)
+    for k in range(visible.shape[1]):
+        rows = visible[:, k].nonzero().squeeze(1)
         colours[rows, world.colour[rows, k]] = True
         shapes[rows, world.shape[rows, k]] = True
-    return colours, shapes, world.count
+    return colours, shapes, visible.sum(1)
+
+
+def render_visible(world: ShapesWorld) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every scene rendered (N, 3, S, S) uint8, and which objects are visible (N, MAX_OBJECTS): at least
+    ``MIN_VISIBLE`` pixels of it show (a small object may hide wholly behind a large one, and then a statement must
+    not count it)."""
+    chunks, visible = [], []
+    for start in range(0, world.n, 4096):
+        x, seg = world.render(torch.arange(start, min(world.n, start + 4096)))
+        chunks.append((x * 255).round().to(torch.uint8))
+        ids = torch.arange(1, MAX_OBJECTS + 1).view(1, -1, 1)
+        visible.append((seg.flatten(1).unsqueeze(1) == ids).sum(2) >= MIN_VISIBLE)
+    return torch.cat(chunks), torch.cat(visible)
 
 
 def _truth(t: int, a: int, left: torch.Tensor, right: torch.Tensor, facts) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,16 +72,20 @@ def _truth(t: int, a: int, left: torch.Tensor, right: torch.Tensor, facts) -> tu
     return label, torch.ones_like(label)
 
 
-def statement_pairs(n: int, seed: int) -> tuple[ShapesWorld, torch.Tensor, list[str], torch.Tensor]:
-    """``n`` samples over a world of 2n scenes: (world, scene pairs (n, 2), statements, labels (n,) in {0, 1})."""
-    world = ShapesWorld(max(2 * n, 16), seed=seed)
-    facts = _facts(world)
+def statement_pairs(
+    n: int, seed: int, image_size: int = 32, noise: float = 0.1
+) -> tuple[ShapesWorld, torch.Tensor, torch.Tensor, torch.Tensor, list[str], torch.Tensor]:
+    """``n`` samples over a world of 2n scenes: (world, its images (2n, 3, S, S) uint8, visible objects (2n, 4),
+    scene pairs (n, 2), statements, labels (n,) in {0, 1})."""
+    world = ShapesWorld(max(2 * n, 16), seed=seed, image_size=image_size, noise=noise)
+    pixels, visible = render_visible(world)
+    facts = _facts(world, visible)
     g = torch.Generator().manual_seed(seed * 7919 + 17)
     pairs = torch.empty(n, 2, dtype=torch.long)
     labels = torch.empty(n, dtype=torch.long)
     sentences = []
     for i in range(n):
-        t = int(torch.randint(len(TEMPLATES), (1,), generator=g))
+        t = ACTIVE[int(torch.randint(len(ACTIVE), (1,), generator=g))]
         want = bool(torch.randint(2, (1,), generator=g))
         while True:
             a = int(torch.randint(len(COLOUR_NAMES) if t < 2 else len(SHAPES), (1,), generator=g))
@@ -79,19 +98,12 @@ def statement_pairs(n: int, seed: int) -> tuple[ShapesWorld, torch.Tensor, list[
         labels[i] = int(want)
         words = {"colour": COLOUR_NAMES[a] if t < 2 else "", "shape": SHAPES[a] if 2 <= t < 4 else ""}
         sentences.append(TEMPLATES[t].format(**words))
-    return world, pairs, sentences, labels
+    return world, pixels, visible, pairs, sentences, labels
 
 
 def statement_split(
     n: int, seed: int, image_size: int, noise: float, normalise: Callable[[torch.Tensor], torch.Tensor]
 ) -> tuple[Callable[[int], torch.Tensor], list[str], torch.Tensor]:
-    """(sample i -> its two images (2, 3, S, S) normalised, statements, labels) of ``n`` built-in samples. The
-    world's scenes are rendered once and kept as uint8."""
-    world, pairs, sentences, labels = statement_pairs(n, seed)
-    world = ShapesWorld(world.n, seed=seed, image_size=image_size, noise=noise)
-    chunks = []
-    for start in range(0, world.n, 4096):
-        x, _ = world.render(torch.arange(start, min(world.n, start + 4096)))
-        chunks.append((x * 255).round().to(torch.uint8))
-    pixels = torch.cat(chunks)
+    """(sample i -> its two images (2, 3, S, S) normalised, statements, labels) of ``n`` built-in samples."""
+    _, pixels, _, pairs, sentences, labels = statement_pairs(n, seed, image_size, noise)
     return (lambda i: normalise(pixels[pairs[i]].float() / 255)), sentences, labels
