@@ -62,3 +62,33 @@ def test_a_compressed_model_slower_than_dense_is_said_plainly(tmp_path, capsys, 
     report = json.loads((out / "report.json").read_text())
     assert report["slower_than_dense"] and report["speed"]["speedup"] == 0.8
     assert "1.25x slower (SLOWER than dense)" in (out / "report.md").read_text()
+
+
+def test_heatmap_grid_gives_each_twin_cross_attention_branch_its_own_column():
+    rows = [
+        {"name": "vision_model.encoder.layers.1.self_attn", "kind": "attn", "tower": "vision", "kept": 3, "size": 8},
+        {"name": "text_encoder.encoder.layer.1.attention", "kind": "attn", "tower": "text", "kept": 4, "size": 8},
+        {
+            "name": "text_encoder.encoder.layer.1.crossattention.branches.0",
+            "kind": "attn",
+            "tower": "cross",
+            "kept": 5,
+            "size": 8,
+        },
+        {
+            "name": "text_encoder.encoder.layer.1.crossattention.branches.1",
+            "kind": "attn",
+            "tower": "cross",
+            "kept": 6,
+            "size": 8,
+        },
+    ]
+    labels, layers, grid = kept_grid(rows)
+    assert layers == [1]
+    assert labels == [
+        "cross attention dims (0)",
+        "cross attention dims (1)",
+        "text attention dims",
+        "vision attention dims",
+    ]
+    assert grid[0] == [(5, 8), (6, 8), (4, 8), (3, 8)]

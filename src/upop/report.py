@@ -169,10 +169,20 @@ def kept_by_tower(per_structure: list[dict[str, Any]]) -> dict[str, dict[str, fl
     return {t: {k: v[0] / v[1] for k, v in kinds.items()} for t, kinds in totals.items()}
 
 
+def _numbers(name: str) -> list[int]:
+    return [int(part) for part in name.split(".") if re.fullmatch(r"\d+", part)]
+
+
 def layer_of(name: str) -> int:
-    """The block index in a structure's module name: its last integer component (0 if none)."""
-    numbers = [int(part) for part in name.split(".") if re.fullmatch(r"\d+", part)]
-    return numbers[-1] if numbers else 0
+    """The block index in a structure's module name: its first integer component (0 if none)."""
+    numbers = _numbers(name)
+    return numbers[0] if numbers else 0
+
+
+def branch_of(name: str) -> str:
+    """What tells apart structures of one kind in one block (e.g. the twin cross-attention branches ``.0``/``.1``
+    of NLVR): the integer components after the block index, or "" when there are none."""
+    return ".".join(str(n) for n in _numbers(name)[1:])
 
 
 def unit_of(kind: str, granularity: str = "dim") -> str:
@@ -184,17 +194,20 @@ def kept_grid(
     per_structure: list[dict[str, Any]],
 ) -> tuple[list[str], list[int], list[list[tuple[int, int] | None]]]:
     """(column labels, layer indices, grid[layer][column] of (kept, size), None where absent). Columns are
-    (tower, kind); the tower is named only when the model has several."""
-    columns = sorted({(s.get("tower", "vision"), s["kind"]) for s in per_structure})
+    (tower, kind, branch); the tower is named only when the model has several, the branch only where a block has
+    several structures of one kind (NLVR's twin cross-attention)."""
+    def column(s: dict[str, Any]) -> tuple[str, str, str]:
+        return s.get("tower", "vision"), s["kind"], branch_of(s["name"])
+
+    columns = sorted({column(s) for s in per_structure})
     units = {s["kind"]: s.get("unit", unit_of(s["kind"])) for s in per_structure}
     layers = sorted({layer_of(s["name"]) for s in per_structure})
     grid: list[list[tuple[int, int] | None]] = [[None] * len(columns) for _ in layers]
     for s in per_structure:
-        row, col = layers.index(layer_of(s["name"])), columns.index((s.get("tower", "vision"), s["kind"]))
-        grid[row][col] = (s["kept"], s["size"])
-    several = len({t for t, _ in columns}) > 1
+        grid[layers.index(layer_of(s["name"]))][columns.index(column(s))] = (s["kept"], s["size"])
+    several = len({t for t, _, _ in columns}) > 1
     names = {k: f"{'attention' if k == 'attn' else 'MLP'} {units[k]}" for k in units}
-    labels = [f"{t} {names[k]}" if several else names[k] for t, k in columns]
+    labels = [(f"{t} {names[k]}" if several else names[k]) + (f" ({b})" if b else "") for t, k, b in columns]
     return labels, layers, grid
 
 
