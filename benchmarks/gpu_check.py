@@ -1,14 +1,16 @@
 """GPU check, one prepared script (benchmarks/gpu_check.sh on a machine with a CUDA device, about 5 minutes on one
 H100/H200; a CPU test runs it at tiny size so it cannot rot). Random weights; nothing is downloaded.
 
-For each model (default timm DeiT-Small, DeiT-Base and an HF CLIP ViT-B/16 built from its config):
+For each model (default timm DeiT-Small, DeiT-Base, an HF CLIP ViT-B/16 built from its config, and UPop's BLIP NLVR
+model at BLIP-base size, 384 px, batch 32 pairs):
 1. FLOPs of one sample counted on the device and on the CPU (``upop.profile`` counts attention on both);
 2. a plain training step vs a UPop search step (masks, sparsity loss, ``Pruner.step``) under autocast: fastest of
    interleaved rounds;
 3. 2x models from a short search under autocast on random data (no NaN/inf may reach the importance; the budget must
-   be met): default widths (align "auto", measured on this device), element-wise (align 1, the paper's), aligned
-   8/32, whole heads, latency cost; and hand-sliced uniform 2x shapes of the same budget (every structure keeps its
-   first half, as multiples of 8 dims, or half its heads), the reference for what the hardware allows;
+   be met; masked == compressed in fp32 after it): default widths (align "auto", measured on this device),
+   element-wise (align 1, the paper's), aligned 8/32, whole heads, latency cost; and hand-sliced uniform 2x shapes
+   of the same budget (every structure keeps its first half, as multiples of 8 dims, or half its heads), the
+   reference for what the hardware allows;
 4. each tower of dense vs every 2x model: speedups as the median of back-to-back ratios, in fp32 and autocast at the
    batch, and autocast at batch 1; with ``--compile-model``, dense vs default under torch.compile too.
 Prints one JSON object (and writes it to --out).
@@ -51,6 +53,7 @@ class Workload:
     inputs: Callable[[int], Any]  # batch -> inputs as the model takes them
     loss: Callable[[torch.nn.Module, Any], torch.Tensor]
     towers: dict[str, Callable[[torch.nn.Module, Any], Any]]
+    batch: int | None = None  # this model's batch (default --batch)
 
 
 def _timm(arch: str, device: torch.device) -> Workload:
@@ -108,8 +111,54 @@ def _hf_clip(size: str, device: torch.device) -> Workload:
     return Workload(f"hf-clip:{size}", lambda: CLIPModel(config).to(device), inputs, loss, towers)
 
 
+NLVR_SIZES = {  # vision (width, heads, layers, mlp, image, patch), text (width, heads, layers, mlp, tokens), batch
+    "base": ((768, 12, 12, 3072, 384, 16), (768, 12, 12, 3072, 35), 32),  # BLIP-base NLVR2 at 384 px
+    "tiny": ((32, 2, 2, 64, 16, 4), (24, 2, 2, 48, 7), None),
+}
+
+
+def _blip_nlvr(size: str, device: torch.device) -> Workload:
+    """UPop's BLIP NLVR model (twin cross-attention) from configs, random weights: pairs of images and a statement."""
+    from transformers.models.blip.configuration_blip import BlipTextConfig, BlipVisionConfig
+
+    from upop.blip import BlipNlvr
+
+    (vw, vh, vl, vm, image, patch), (tw, th, tl, tm, tokens), batch = NLVR_SIZES[size]
+    vision = BlipVisionConfig(
+        hidden_size=vw,
+        num_attention_heads=vh,
+        num_hidden_layers=vl,
+        intermediate_size=vm,
+        image_size=image,
+        patch_size=patch,
+        initializer_range=0.02,
+    )
+    text = BlipTextConfig(
+        vocab_size=30524, hidden_size=tw, num_attention_heads=th, num_hidden_layers=tl, intermediate_size=tm
+    )
+
+    def inputs(n: int) -> dict[str, torch.Tensor]:
+        return {
+            "pixel_values": torch.randn(n, 2, 3, image, image, device=device),
+            "input_ids": torch.randint(1, 30000, (n, tokens), device=device),
+            "attention_mask": torch.ones(n, tokens, dtype=torch.long, device=device),
+        }
+
+    def loss(model, x):
+        labels = torch.arange(x["input_ids"].shape[0], device=device) % 2
+        return F.cross_entropy(model(**x).float(), labels)
+
+    build = lambda: BlipNlvr(vision, text, enc_token_id=30523).to(device)  # noqa: E731
+    return Workload(f"blip-nlvr:{size}", build, inputs, loss, {"model": lambda m, x: m(**x)}, batch)
+
+
 def workload(spec: str, device: torch.device) -> Workload:
-    return _hf_clip(spec.split(":", 1)[1], device) if spec.startswith("hf-clip:") else _timm(spec, device)
+    family, _, size = spec.partition(":")
+    if family == "hf-clip":
+        return _hf_clip(size, device)
+    if family == "blip-nlvr":
+        return _blip_nlvr(size, device)
+    return _timm(spec, device)
 
 
 def _sync(device: torch.device) -> None:
@@ -193,7 +242,21 @@ def searched(w: Workload, x: Any, device: torch.device, steps: int, **settings: 
         "pruned_cost_fraction": pruner.pruned_cost_fraction(),
         "alignment": pruner.alignment.to_dict(),
     }
-    return pruner.compress(), report
+    model.eval()
+    probe = w.inputs(2)
+    with torch.no_grad():  # masked == compressed, in fp32: the masks are exactly 0/1 at the end of the search
+        masked = _first_tensor(next(iter(w.towers.values()))(model, probe)).float()
+        compressed = pruner.compress()
+        sliced = _first_tensor(next(iter(w.towers.values()))(compressed, probe)).float()
+    report["masked_vs_compressed_max_abs"] = float((masked - sliced).abs().max())
+    report["masked_max_abs"] = float(masked.abs().max())
+    return compressed, report
+
+
+def _first_tensor(out: Any) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    return out.pooler_output if hasattr(out, "pooler_output") else out[0]
 
 
 def hand_sliced(w: Workload, granularity: str) -> torch.nn.Module:
@@ -226,8 +289,9 @@ def check(spec: str, device: torch.device, args: argparse.Namespace) -> dict:
     w = workload(spec, device)
     torch.manual_seed(0)
     dense = w.build()
-    x, x1 = w.inputs(args.batch), w.inputs(1)
-    out: dict = {"model": w.name, "batch": args.batch}
+    batch = w.batch or args.batch
+    x, x1 = w.inputs(batch), w.inputs(1)
+    out: dict = {"model": w.name, "batch": batch}
     flops_here = upop.profile(dense, x1)["flops"]
     on_cpu = {k: v.cpu() for k, v in x1.items()} if isinstance(x1, dict) else x1.cpu()
     out["gflops_per_sample"] = {"device": flops_here / 1e9, "cpu": upop.profile(dense.cpu(), on_cpu)["flops"] / 1e9}
@@ -261,7 +325,9 @@ def check(spec: str, device: torch.device, args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--models", default="timm:deit_small_patch16_224,timm:deit_base_patch16_224,hf-clip:B16")
+    ap.add_argument(
+        "--models", default="timm:deit_small_patch16_224,timm:deit_base_patch16_224,hf-clip:B16,blip-nlvr:base"
+    )
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--search-steps", type=int, default=40)

@@ -18,15 +18,18 @@ def _benchmark(name: str):
 
 def test_gpu_check_runs_at_tiny_size_on_cpu(tmp_path):
     gpu_check = _benchmark("gpu_check")
-    argv = "--models vit-micro,hf-clip:tiny --device cpu --batch 4 --search-steps 3 --rounds 1 --steps 1 --iters 2"
+    argv = "--models vit-micro,hf-clip:tiny,blip-nlvr:tiny --device cpu --batch 4 --search-steps 3 --rounds 1 "
+    argv += "--steps 1 --iters 2"
     result = gpu_check.main([*argv.split(), "--compile-model", "none", "--out", str(tmp_path / "r.json")])
-    vit, clip = result["models"]
+    vit, clip, nlvr = result["models"]
     assert set(vit["speedup"]) == {"image"} and set(clip["speedup"]) == {"vision", "text"}
-    for row in (vit, clip):
+    assert set(nlvr["speedup"]) == {"model"}
+    for row in (vit, clip, nlvr):
         assert row["gflops_per_sample"]["device"] == row["gflops_per_sample"]["cpu"] > 0
         for name in gpu_check.VARIANTS:
             search = row["search"][name]
             assert search["importance_finite"] and search["nonfinite_steps"] == 0, name
+            assert search["masked_vs_compressed_max_abs"] <= 1e-4 * (1 + search["masked_max_abs"]), name
             # at tiny widths an aligned unit (32 MLP neurons of 48) is a large share: a coarse budget
             assert abs(search["pruned_cost_fraction"] - 0.5) <= 0.1 and search["params"] < row["dense_params"], name
         assert row["search"]["default_auto"]["alignment"]["device"] == "cpu" and row["search_step_ratio"] > 0

@@ -196,6 +196,7 @@ def kept_grid(
     """(column labels, layer indices, grid[layer][column] of (kept, size), None where absent). Columns are
     (tower, kind, branch); the tower is named only when the model has several, the branch only where a block has
     several structures of one kind (NLVR's twin cross-attention)."""
+
     def column(s: dict[str, Any]) -> tuple[str, str, str]:
         return s.get("tower", "vision"), s["kind"], branch_of(s["name"])
 
