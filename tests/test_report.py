@@ -14,6 +14,7 @@ from upop.report import kept_grid, speed_text
 def test_a_slowdown_reads_slower_never_a_fraction_faster():
     assert speed_text(2.0) == "2.00x faster"
     assert speed_text(5.0 / 9.25) == "1.85x slower"
+    assert speed_text(0.996) == "1.004x slower" and speed_text(1.0) == "1.000x faster"
 
 
 def _row(name, tower, kind, kept, size):

@@ -130,6 +130,88 @@ class BlipNlvr(nn.Module):
         return self.cls_head(hidden[:, 0])
 
     def upop_convert_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return convert_original(state, ORIGINAL_KEYS + TWIN_KEYS)
+
+
+class BlipRetrieval(nn.Module):
+    """BLIP for image-text retrieval, with the submodule names of HF's ``BlipForImageTextRetrieval`` and of the
+    released checkpoints: ``vision_model``, ``text_encoder`` (BLIP's BERT with cross-attention), ``vision_proj``,
+    ``text_proj``, ``itm_head`` and the learnable ITC temperature ``temp`` (HF's class has none; 0.07 at the start, as
+    BLIP's).
+
+    ``forward(pixel_values, input_ids, attention_mask, image_ids=None)`` returns a dict: L2-normalised ``image_feat``
+    and ``text_feat`` (ITC, the text encoder without cross-attention on the [CLS] token), ``temp``, and the ITM logits
+    (the encoder token's final state with cross-attention to the image, 2 classes): ``itm`` for the matching pairs and,
+    given ``image_ids``, for one hard negative text per image and one hard negative image per text, drawn from the
+    batch by ITC similarity (never of the same image id), as BLIP's ITM; ``itm_labels`` says which are matches."""
+
+    def __init__(self, vision: BlipVisionConfig, text: BlipTextConfig, embed_dim: int, enc_token_id: int) -> None:
+        from transformers.models.blip.modeling_blip_text import BlipTextModel
+
+        super().__init__()
+        text.encoder_hidden_size = vision.hidden_size
+        self.vision_config, self.text_config, self.enc_token_id = vision, text, int(enc_token_id)
+        self.vision_model = BlipVisionModel(vision)
+        self.text_encoder = BlipTextModel(text, add_pooling_layer=False)
+        self.vision_proj = nn.Linear(vision.hidden_size, embed_dim)
+        self.text_proj = nn.Linear(text.hidden_size, embed_dim)
+        self.itm_head = nn.Linear(text.hidden_size, 2)
+        self.temp = nn.Parameter(torch.tensor(0.07))
+
+    def image_embeds(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.vision_model(pixel_values=pixel_values).last_hidden_state
+
+    def image_feat(self, embeds: torch.Tensor) -> torch.Tensor:
+        return nn.functional.normalize(self.vision_proj(embeds[:, 0]), dim=-1)
+
+    def text_feat(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return nn.functional.normalize(self.text_proj(hidden[:, 0]), dim=-1)
+
+    def itm(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
+        """ITM logits (B, 2) of texts and images (their vision embeddings) pair by pair."""
+        ids = input_ids.clone()
+        ids[:, 0] = self.enc_token_id
+        hidden = self.text_encoder(
+            input_ids=ids,
+            attention_mask=attention_mask,
+            encoder_hidden_states=embeds,
+            encoder_attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device),
+        ).last_hidden_state
+        return self.itm_head(hidden[:, 0])
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        image_ids: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        embeds = self.image_embeds(pixel_values)
+        image_feat, text_feat = self.image_feat(embeds), self.text_feat(input_ids, attention_mask)
+        out = {"image_feat": image_feat, "text_feat": text_feat, "temp": self.temp}
+        if image_ids is None:
+            out["itm"] = self.itm(input_ids, attention_mask, embeds)
+            return out
+        with torch.no_grad():  # hard negatives: sampled by ITC similarity among other images' samples
+            other = image_ids[:, None] != image_ids[None, :]
+            sim = image_feat @ text_feat.T / self.temp
+            weights = lambda s: torch.softmax(s.float(), dim=1) * other + 1e-12  # noqa: E731
+            neg_text = torch.multinomial(weights(sim), 1).squeeze(1)  # for each image
+            neg_image = torch.multinomial(weights(sim.T), 1).squeeze(1)  # for each text
+        ids = torch.cat([input_ids, input_ids[neg_text], input_ids])
+        mask = torch.cat([attention_mask, attention_mask[neg_text], attention_mask])
+        images = torch.cat([embeds, embeds, embeds[neg_image]])
+        b = input_ids.shape[0]
+        out["itm"] = self.itm(ids, mask, images)
+        labels = torch.zeros(3 * b, dtype=torch.long, device=ids.device)
+        labels[:b] = 1
+        out["itm_labels"] = labels
+        return out
+
+    def upop_convert_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return convert_original(state)
 
 
@@ -144,6 +226,8 @@ ORIGINAL_KEYS: tuple[tuple[str, str], ...] = (  # (pattern in the released BLIP 
     (r"^visual_encoder\.blocks\.(\d+)\.attn\.proj\.", r"vision_model.encoder.layers.\1.self_attn.projection."),
     (r"^visual_encoder\.blocks\.(\d+)\.mlp\.", r"vision_model.encoder.layers.\1.mlp."),
     (r"^visual_encoder\.norm\.", "vision_model.post_layernorm."),
+)
+TWIN_KEYS: tuple[tuple[str, str], ...] = (  # and for the NLVR model's twin cross-attention
     (r"\.crossattention\.self([01])\.", r".crossattention.branches.\1.self."),
     (r"\.crossattention\.output\.dense([01])\.", r".crossattention.branches.\1.dense."),
     (r"\.crossattention\.output\.(merge_layer|LayerNorm)\.", r".crossattention.\1."),
@@ -151,16 +235,17 @@ ORIGINAL_KEYS: tuple[tuple[str, str], ...] = (  # (pattern in the released BLIP 
 DROPPED = re.compile(r"(_m\.|^(image|text|idx|ptr)_queue$|position_ids$)")  # momentum encoders, queues, buffers
 
 
-def convert_original(state: dict[str, Any]) -> dict[str, Any]:
+def convert_original(state: dict[str, Any], table: tuple[tuple[str, str], ...] = ORIGINAL_KEYS) -> dict[str, Any]:
     """A released BLIP checkpoint's state dict in these models' keys (unchanged when it is not in that layout):
-    renamed by ``ORIGINAL_KEYS``, without the momentum encoders and queues that only pre-training uses."""
+    renamed by ``table`` (``ORIGINAL_KEYS``, plus ``TWIN_KEYS`` for NLVR), without the momentum encoders and queues
+    that only pre-training and the retrieval queues use."""
     if not any(k.startswith("visual_encoder.") for k in state):
         return state
     out = {}
     for key, value in state.items():
         if DROPPED.search(key):
             continue
-        for pattern, replacement in ORIGINAL_KEYS:
+        for pattern, replacement in table:
             key = re.sub(pattern, replacement, key)
         out[key] = value
     return out
@@ -200,13 +285,7 @@ def load_hf_nlvr(path: Path, weights: bool = True) -> BlipNlvr:
     tokenizer = hf_tokenizer(path)
     enc = tokenizer.convert_tokens_to_ids("[ENC]") if "[ENC]" in tokenizer.get_vocab() else tokenizer.cls_token_id
     model = BlipNlvr(config.vision_config, config.text_config, enc)
-    length = min(int(getattr(tokenizer, "model_max_length", 35) or 35), config.text_config.max_position_embeddings)
-
-    def tokenize(texts: list[str]) -> dict[str, torch.Tensor]:
-        out = tokenizer(texts, padding="longest", truncation=True, max_length=length, return_tensors="pt")
-        return {"input_ids": out["input_ids"], "attention_mask": out["attention_mask"]}
-
-    model.upop_tokenizer = tokenize
+    model.upop_tokenizer = _tokenize_with(tokenizer, config.text_config.max_position_embeddings)
     files = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
     if weights and files:
         from upop.models import read_state_dict
@@ -229,6 +308,43 @@ def load_hf_nlvr(path: Path, weights: bool = True) -> BlipNlvr:
             raise UPopError(f"{path} does not hold BLIP's vision and text encoders: missing {', '.join(missing[:3])}")
         model.load_state_dict({**own, **{k: v for k, v in mapped.items() if k in own}})
     return model
+
+
+def load_hf_retrieval(path: Path, weights: bool = True) -> BlipRetrieval:
+    """``BlipRetrieval`` from a local HF BLIP directory (``BlipForImageTextRetrieval``: the same key names), with its
+    tokenizer; ``temp`` (not in HF's class) starts at 0.07."""
+    from transformers import AutoConfig
+
+    if not (path / "config.json").is_file():
+        raise UPopError(f"{path} is not an HF model directory (no config.json)")
+    config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    tokenizer = hf_tokenizer(path)
+    enc = tokenizer.convert_tokens_to_ids("[ENC]") if "[ENC]" in tokenizer.get_vocab() else tokenizer.cls_token_id
+    model = BlipRetrieval(config.vision_config, config.text_config, config.image_text_hidden_size, enc)
+    model.upop_tokenizer = _tokenize_with(tokenizer, config.text_config.max_position_embeddings)
+    files = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
+    if weights and files:
+        from upop.models import read_state_dict
+
+        state: dict[str, torch.Tensor] = {}
+        for f in files:
+            state.update(read_state_dict(f))
+        own = model.state_dict()
+        missing = [k for k in own if k not in state and k != "temp"]
+        if missing:
+            raise UPopError(f"{path} is not a BLIP image-text retrieval model: missing {', '.join(missing[:3])}")
+        model.load_state_dict({**own, **{k: v for k, v in state.items() if k in own}})
+    return model
+
+
+def _tokenize_with(tokenizer: Any, positions: int) -> Any:
+    length = min(int(getattr(tokenizer, "model_max_length", 35) or 35), positions)
+
+    def tokenize(texts: list[str]) -> dict[str, torch.Tensor]:
+        out = tokenizer(texts, padding="longest", truncation=True, max_length=length, return_tensors="pt")
+        return {"input_ids": out["input_ids"], "attention_mask": out["attention_mask"]}
+
+    return tokenize
 
 
 # ------------------------------------------------------------------------------------------------ built-in BLIP

@@ -89,7 +89,7 @@ class BuiltinCLIP:
 @dataclass(frozen=True)
 class BuiltinBLIP:
     """A BLIP small enough to train on 2 CPU cores (vision and text of one depth and head count), with the word-level
-    tokenizer of the built-in captions and statements: ``BlipNlvr`` for NLVR."""
+    tokenizer of the built-in captions and statements: ``BlipNlvr`` for NLVR, ``BlipRetrieval`` for retrieval."""
 
     image_size: int
     patch_size: int
@@ -97,10 +97,10 @@ class BuiltinBLIP:
     heads: int
     depth: int
     text_width: int
-    kinds: tuple[str, ...] = ("nlvr",)
+    kinds: tuple[str, ...] = ("nlvr", "dual_encoder")
 
     def build(self, num_classes: int, image_size: int | None = None, kind: str = "nlvr") -> nn.Module:
-        from upop.blip import BlipNlvr, tiny_configs
+        from upop.blip import BlipNlvr, BlipRetrieval, tiny_configs
         from upop.data.captions import WordTokenizer
         from upop.data.statements import BLIP_VOCAB
 
@@ -115,7 +115,8 @@ class BuiltinBLIP:
             tokenizer.vocab_size,
             tokenizer.context_length,
         )
-        model = BlipNlvr(vision, text, enc_token_id=tokenizer.ids["<enc>"])
+        enc = tokenizer.ids["<enc>"]
+        model = BlipNlvr(vision, text, enc) if kind == "nlvr" else BlipRetrieval(vision, text, self.width, enc)
         model.upop_tokenizer = tokenizer
         return model
 
@@ -180,8 +181,8 @@ def build_model(
         if family == "open_clip" and arg:
             return _load_open_clip(arg, weights)
         raise UPopError(
-            f"model {spec!r} is not a dual encoder; accepted: clip-tiny, clip-micro, hf:PATH (CLIPModel), "
-            "open_clip:ARCH:WEIGHTS"
+            f"model {spec!r} is not a retrieval model; accepted: clip-tiny, clip-micro, blip-tiny, blip-micro, "
+            "hf:PATH (CLIPModel or BLIP), open_clip:ARCH:WEIGHTS"
         )
     kind, arg = family, arg
     if kind == "timm" and arg:
@@ -234,8 +235,12 @@ def _load_hf_clip(path: Path, weights: bool = True) -> nn.Module:
     if not (path / "config.json").is_file():
         raise UPopError(f"{path} is not an HF model directory (no config.json)")
     config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    if config.model_type == "blip":
+        from upop.blip import load_hf_retrieval
+
+        return load_hf_retrieval(path, weights)
     if config.model_type != "clip":
-        raise UPopError(f"{path} holds a {config.model_type!r} model; the retrieval task needs a CLIP model")
+        raise UPopError(f"{path} holds a {config.model_type!r} model; the retrieval task needs a CLIP or BLIP model")
     try:  # before the weights: a directory without a tokenizer fails fast
         tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError, TypeError) as e:

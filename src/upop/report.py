@@ -16,8 +16,10 @@ def _human(n: float) -> str:
 
 
 def speed_text(speedup: float) -> str:
-    """ "1.34x faster" or "1.85x slower" (never "0.54x faster")."""
-    return f"{speedup:.2f}x faster" if speedup >= 1 else f"{1 / speedup:.2f}x slower"
+    """ "1.34x faster" or "1.85x slower" (never "0.54x faster"); three decimals where two would read 1.00."""
+    ratio = speedup if speedup >= 1 else 1 / speedup
+    digits = 3 if f"{ratio:.2f}" == "1.00" else 2
+    return f"{ratio:.{digits}f}x " + ("faster" if speedup >= 1 else "slower")
 
 
 def _split_text(about: dict[str, Any]) -> str:

@@ -1,5 +1,8 @@
-"""Image-text retrieval (CLIP-style dual encoders): the symmetric contrastive loss with the model's own temperature,
-and R@1/5/10 in both directions on the full similarity matrix with several captions per image (Karpathy protocol).
+"""Image-text retrieval: CLIP-style dual encoders (the symmetric contrastive loss with the model's own temperature,
+R@1/5/10 both ways on the full similarity matrix, several captions per image: the Karpathy protocol) and BLIP (the
+same contrastive ITC loss with BLIP's learnable temperature, plus ITM on matches and hard negatives drawn from the
+batch by ITC similarity; evaluation ranks by ITC over the whole split and rescores each query's top ``RERANK_K``
+candidates by ITM, as BLIP does).
 
 Loss: captions of the same image are positives of each other, not negatives (soft targets by image id, as BLIP's
 ITC), and under DDP the features of every rank are gathered with their gradients, so the loss and its gradients are
@@ -38,6 +41,7 @@ from upop.tasks.base import DataConfig, Splits, Task, kl_distill, register_task
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 KS = (1, 5, 10)
+RERANK_K = 128  # BLIP: candidates per query rescored by ITM (the reference uses 256 for COCO, 128 for Flickr30K)
 
 
 # ------------------------------------------------------------------------------------------------------------ data
@@ -174,6 +178,11 @@ def _is_hf(model: nn.Module) -> bool:
     return hasattr(unwrap(model), "get_image_features")
 
 
+def _is_blip(model: nn.Module) -> bool:
+    """A BLIP retrieval model (``upop.blip.BlipRetrieval``): ITC features and an ITM head."""
+    return hasattr(unwrap(model), "itm_head")
+
+
 def _features(out: Any) -> torch.Tensor:
     return out if isinstance(out, torch.Tensor) else out.pooler_output
 
@@ -190,7 +199,7 @@ def tokenize(model: nn.Module, captions: list[str], device: torch.device) -> dic
 
 def model_inputs(model: nn.Module, images: torch.Tensor, tokens: dict[str, torch.Tensor]) -> Any:
     """The forward inputs of both towers, in the model's own convention."""
-    if _is_hf(model):
+    if _is_hf(model) or _is_blip(model):
         return {"pixel_values": images, **tokens}
     return (images, tokens["input_ids"])
 
@@ -217,14 +226,42 @@ def soft_targets(ids: torch.Tensor, ids_all: torch.Tensor) -> torch.Tensor:
 
 def encode_images(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     m = unwrap(model)
+    if _is_blip(m):
+        return m.image_feat(m.image_embeds(images)).float()
     x = _features(m.get_image_features(pixel_values=images)) if _is_hf(m) else m.encode_image(images)
     return F.normalize(x.float(), dim=-1)
 
 
 def encode_texts(model: nn.Module, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
     m = unwrap(model)
+    if _is_blip(m):
+        return m.text_feat(tokens["input_ids"], tokens["attention_mask"]).float()
     x = _features(m.get_text_features(**tokens)) if _is_hf(m) else m.encode_text(tokens["input_ids"])
     return F.normalize(x.float(), dim=-1)
+
+
+@torch.no_grad()
+def blip_rerank(
+    model: nn.Module, data: RetrievalImages, sims: torch.Tensor, device: torch.device, k: int, batch: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """BLIP's evaluation: each image's top ``k`` captions and each caption's top ``k`` images by ITC similarity are
+    rescored by ITM (its match logit plus the ITC similarity); everything outside the top k scores -100. Returns the
+    (images x captions) score matrices of the image->text and the text->image direction."""
+    m = unwrap(model)
+    embeds = torch.cat([m.image_embeds(x.to(device)) for x in DataLoader(data, batch_size=batch)])
+    n_img, n_txt = sims.shape
+    tokens = tokenize(model, data.captions, device)
+    i2t = torch.full_like(sims, -100.0)
+    for i in range(n_img):
+        top_sim, top = sims[i].topk(min(k, n_txt))
+        logits = m.itm(tokens["input_ids"][top], tokens["attention_mask"][top], embeds[i].expand(len(top), -1, -1))
+        i2t[i, top] = logits[:, 1].float() + top_sim
+    t2i = torch.full_like(sims, -100.0)
+    for j in range(n_txt):
+        top_sim, top = sims[:, j].topk(min(k, n_img))
+        ids, mask = tokens["input_ids"][j].expand(len(top), -1), tokens["attention_mask"][j].expand(len(top), -1)
+        t2i[top, j] = m.itm(ids, mask, embeds[top])[:, 1].float() + top_sim
+    return i2t, t2i
 
 
 # ---------------------------------------------------------------------------------------------------- the metric
@@ -301,7 +338,14 @@ class Retrieval(Task):
         """Logits of the local images against the global batch's captions and of the local captions against the
         global batch's images (B, N), with the image ids of both."""
         images, captions, ids = batch
-        img, txt, scale = embeddings(model, images, tokenize(model, captions, images.device))
+        tokens = tokenize(model, captions, images.device)
+        extra: dict[str, torch.Tensor] = {}
+        if _is_blip(model):  # ITC features, and ITM on matches and hard negatives
+            out = model(pixel_values=images, **tokens, image_ids=ids)
+            img, txt, scale = out["image_feat"], out["text_feat"], 1.0 / out["temp"]
+            extra = {"itm": out["itm"], "itm_labels": out["itm_labels"]}
+        else:
+            img, txt, scale = embeddings(model, images, tokens)
         img, txt = img.float(), txt.float()
         img_all, txt_all = D.gather_with_grad(img), D.gather_with_grad(txt)
         return {
@@ -309,13 +353,18 @@ class Retrieval(Task):
             "t2i": scale * txt @ img_all.T,
             "ids": ids,
             "ids_all": D.gather(ids),
+            **extra,
         }
 
     def loss_from(self, outputs: dict[str, torch.Tensor], batch: Any) -> torch.Tensor:
+        """The contrastive (ITC) loss; for BLIP plus the ITM cross-entropy over matches and hard negatives."""
         targets = soft_targets(outputs["ids"], outputs["ids_all"])
         i2t = torch.sum(-targets * F.log_softmax(outputs["i2t"].float(), dim=1), dim=1).mean()
         t2i = torch.sum(-targets * F.log_softmax(outputs["t2i"].float(), dim=1), dim=1).mean()
-        return (i2t + t2i) / 2
+        itc = (i2t + t2i) / 2
+        if "itm" in outputs:
+            return itc + F.cross_entropy(outputs["itm"].float(), outputs["itm_labels"])
+        return itc
 
     def distill_loss(self, student: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor], temperature: float):
         i2t = kl_distill(student["i2t"], teacher["i2t"], temperature)
@@ -338,9 +387,16 @@ class Retrieval(Task):
                     for i in range(0, len(data.captions), step)
                 ]
             )
+            sims = img @ txt.T
+            if not _is_blip(model):
+                return recall_at_k(sims, data.txt2img)
+            i2t, t2i = blip_rerank(model, data, sims, device, RERANK_K, step)
         finally:
             model.train(was_training)
-        return recall_at_k(img @ txt.T, data.txt2img)
+        out = {k: v for k, v in recall_at_k(i2t, data.txt2img).items() if k.startswith("i2t")}
+        out.update({k: v for k, v in recall_at_k(t2i, data.txt2img).items() if k.startswith("t2i")})
+        out["r_mean"] = sum(out.values()) / len(out)
+        return out
 
     def example_inputs(self, batch: Any, model: nn.Module | None = None) -> Any:
         images = batch if isinstance(batch, torch.Tensor) else batch[0]
