@@ -28,7 +28,7 @@ demo: venv
 bench: venv
 	$(PY) benchmarks/bench_vit.py
 	$(PY) benchmarks/bench_clip.py
-	$(PY) benchmarks/bench_nlvr.py
+	$(PY) benchmarks/bench_blip.py
 
 lint: venv
 	$(VENV)/bin/ruff check src tests benchmarks

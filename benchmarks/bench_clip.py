@@ -27,7 +27,7 @@ from upop.tasks import DataConfig
 from upop.tasks.retrieval import encode_images, encode_texts, recall_at_k, tokenize
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import paired_latency  # noqa: E402
+from common import paired_latency, variant_row  # noqa: E402
 
 HERE = Path(__file__).parent
 ROOT = HERE.parent
@@ -50,7 +50,6 @@ def tower_params(model: torch.nn.Module) -> dict[str, int]:
 
 def measure(args: argparse.Namespace, runs: Path) -> None:
     torch.set_num_threads(2)
-    dense_report = json.loads((runs / "base" / "report.json").read_text())
     models = {"dense": build_model("clip-tiny", 0, kind="dual_encoder")}
     load_weights(models["dense"], runs / "base" / "model.safetensors")
     for name in VARIANTS:
@@ -64,19 +63,8 @@ def measure(args: argparse.Namespace, runs: Path) -> None:
     _, text = paired_latency({k: (lambda t, m=m: encode_texts(m, t)) for k, m in models.items()}, tokens, args.iters)
     rows = []
     for name, model in models.items():
-        if name == "dense":
-            report = {"metrics": dense_report["metrics"], "searched": None, "kept": {}, "flops": None}
-            label = "dense clip-tiny"
-        else:
-            r = json.loads((runs / name / "report.json").read_text())
-            report = {
-                "metrics": r["compressed"]["metrics"],
-                "searched": r["searched_metrics"],
-                "kept": r["kept_by_tower"],
-                "flops": r["compressed"]["flops"],
-                "dense_flops": r["dense"]["flops"],
-            }
-            label = VARIANTS[name][0]
+        report = variant_row(runs, name)
+        label = "dense clip-tiny" if name == "dense" else VARIANTS[name][0]
         rows.append(
             {
                 "variant": name,
