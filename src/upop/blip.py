@@ -16,6 +16,7 @@ models' keys, through one table.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -271,69 +272,65 @@ def hf_tokenizer(path: Path) -> Any:
         raise UPopError(f"{path} has no usable tokenizer files ({str(e).splitlines()[0][:120]})") from None
 
 
-def load_hf_nlvr(path: Path, weights: bool = True) -> BlipNlvr:
-    """``BlipNlvr`` from a local HF BLIP directory (e.g. an image-text-matching model): its vision and text configs,
-    its tokenizer, and (``weights``) its vision encoder and text encoder, the one cross-attention copied into both
-    branches, as BLIP initialises NLVR from a pre-trained model. The merge layers and the head start fresh."""
+def _hf_blip(path: Path, weights: bool) -> tuple[Any, Any, int, dict[str, torch.Tensor]]:
+    """(config, tokenizer function, encoder token id, state dict or {} without ``weights``) of a local HF BLIP
+    directory; one clear line when it is not one or has no tokenizer."""
     from transformers import AutoConfig
 
     if not (path / "config.json").is_file():
         raise UPopError(f"{path} is not an HF model directory (no config.json)")
     config = AutoConfig.from_pretrained(str(path), local_files_only=True)
     if config.model_type != "blip":
-        raise UPopError(f"{path} holds a {config.model_type!r} model; NLVR needs an HF BLIP model")
+        raise UPopError(f"{path} holds a {config.model_type!r} model, not an HF BLIP model")
     tokenizer = hf_tokenizer(path)
     enc = tokenizer.convert_tokens_to_ids("[ENC]") if "[ENC]" in tokenizer.get_vocab() else tokenizer.cls_token_id
-    model = BlipNlvr(config.vision_config, config.text_config, enc)
-    model.upop_tokenizer = _tokenize_with(tokenizer, config.text_config.max_position_embeddings)
-    files = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
-    if weights and files:
+    state: dict[str, torch.Tensor] = {}
+    if weights:
         from upop.models import read_state_dict
 
-        state: dict[str, torch.Tensor] = {}
-        for f in files:
+        for f in sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin")):
             state.update(read_state_dict(f))
-        own = model.state_dict()
+    return config, _tokenize_with(tokenizer, config.text_config.max_position_embeddings), enc, state
+
+
+def _load_into(model: nn.Module, state: dict[str, torch.Tensor], fresh: Callable[[str], bool], what: str) -> None:
+    """Fill ``model`` from ``state``; every key but the ``fresh`` ones must be there."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state and not fresh(k)]
+    if missing:
+        raise UPopError(f"{what}: missing {', '.join(missing[:3])}")
+    model.load_state_dict({**own, **{k: v for k, v in state.items() if k in own}})
+
+
+def load_hf_nlvr(path: Path, weights: bool = True) -> BlipNlvr:
+    """``BlipNlvr`` from a local HF BLIP directory (e.g. an image-text-matching model): its vision and text configs,
+    its tokenizer, and (``weights``) its vision encoder and text encoder, the one cross-attention copied into both
+    branches, as BLIP initialises NLVR from a pre-trained model. The merge layers and the head start fresh."""
+    config, tokenize, enc, state = _hf_blip(path, weights)
+    model = BlipNlvr(config.vision_config, config.text_config, enc)
+    model.upop_tokenizer = tokenize
+    if state:
         mapped = {}
         for key, value in state.items():
-            if not key.startswith(("vision_model.", "text_encoder.")):
-                continue
-            for i in (0, 1):
-                new = key
-                for pattern, replacement in HF_TO_TWIN:
-                    new = re.sub(pattern, replacement.format(i=i), new)
-                mapped[new] = value
-        missing = [k for k in own if k not in mapped and "merge_layer" not in k and not k.startswith("cls_head.")]
-        if missing:
-            raise UPopError(f"{path} does not hold BLIP's vision and text encoders: missing {', '.join(missing[:3])}")
-        model.load_state_dict({**own, **{k: v for k, v in mapped.items() if k in own}})
+            if key.startswith(("vision_model.", "text_encoder.")):
+                for i in (0, 1):
+                    new = key
+                    for pattern, replacement in HF_TO_TWIN:
+                        new = re.sub(pattern, replacement.format(i=i), new)
+                    mapped[new] = value
+        fresh = lambda k: "merge_layer" in k or k.startswith("cls_head.")  # noqa: E731
+        _load_into(model, mapped, fresh, f"{path} does not hold BLIP's vision and text encoders")
     return model
 
 
 def load_hf_retrieval(path: Path, weights: bool = True) -> BlipRetrieval:
     """``BlipRetrieval`` from a local HF BLIP directory (``BlipForImageTextRetrieval``: the same key names), with its
     tokenizer; ``temp`` (not in HF's class) starts at 0.07."""
-    from transformers import AutoConfig
-
-    if not (path / "config.json").is_file():
-        raise UPopError(f"{path} is not an HF model directory (no config.json)")
-    config = AutoConfig.from_pretrained(str(path), local_files_only=True)
-    tokenizer = hf_tokenizer(path)
-    enc = tokenizer.convert_tokens_to_ids("[ENC]") if "[ENC]" in tokenizer.get_vocab() else tokenizer.cls_token_id
+    config, tokenize, enc, state = _hf_blip(path, weights)
     model = BlipRetrieval(config.vision_config, config.text_config, config.image_text_hidden_size, enc)
-    model.upop_tokenizer = _tokenize_with(tokenizer, config.text_config.max_position_embeddings)
-    files = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
-    if weights and files:
-        from upop.models import read_state_dict
-
-        state: dict[str, torch.Tensor] = {}
-        for f in files:
-            state.update(read_state_dict(f))
-        own = model.state_dict()
-        missing = [k for k in own if k not in state and k != "temp"]
-        if missing:
-            raise UPopError(f"{path} is not a BLIP image-text retrieval model: missing {', '.join(missing[:3])}")
-        model.load_state_dict({**own, **{k: v for k, v in state.items() if k in own}})
+    model.upop_tokenizer = tokenize
+    if state:
+        _load_into(model, state, lambda k: k == "temp", f"{path} is not a BLIP image-text retrieval model")
     return model
 
 

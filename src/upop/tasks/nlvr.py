@@ -25,7 +25,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from upop.data.statements import statement_split
 from upop.errors import UPopError
-from upop.tasks.base import DataConfig, Splits, Task, register_task
+from upop.tasks.base import DataConfig, Splits, Task, read_annotation, register_task
 from upop.tasks.retrieval import CLIP_MEAN, CLIP_STD, _normalise, tokenize
 
 SPLITS = (("train", "train", "training"), ("select", "dev", "selection"), ("report", "test", "report"))
@@ -47,14 +47,7 @@ class Statements(Dataset):
 
 def read_nlvr(path: Path) -> tuple[list[tuple[str, str]], list[str], torch.Tensor]:
     """(image pairs, statements, labels) of a BLIP-format NLVR2 annotation file."""
-    try:
-        entries = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError) as e:
-        raise UPopError(f"cannot read the annotation file {path}: {e}") from None
-    except json.JSONDecodeError as e:
-        raise UPopError(f"annotation file {path} is not valid JSON ({e.msg} at line {e.lineno})") from None
-    if not isinstance(entries, list) or not entries:
-        raise UPopError(f"annotation file {path} must be a non-empty JSON list of {{'image', 'sentence', 'label'}}")
+    entries = read_annotation(path, "'image', 'sentence', 'label'")
     pairs, sentences, labels = [], [], []
     for n, entry in enumerate(entries):
         if not isinstance(entry, dict):

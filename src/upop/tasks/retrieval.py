@@ -36,7 +36,7 @@ from upop.data.shapes import ShapesWorld
 from upop.engine import dist as D
 from upop.engine.dist import unwrap
 from upop.errors import UPopError
-from upop.tasks.base import DataConfig, Splits, Task, kl_distill, register_task
+from upop.tasks.base import DataConfig, Splits, Task, kl_distill, read_annotation, register_task
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -95,14 +95,7 @@ def shapes_split(n: int, seed: int, image_size: int, noise: float) -> tuple[Call
 
 def read_karpathy(path: Path) -> tuple[list[str], list[str], torch.Tensor]:
     """(image paths in first-seen order, captions, caption->image index) of a Karpathy-format annotation file."""
-    try:
-        entries = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError) as e:
-        raise UPopError(f"cannot read the annotation file {path}: {e}") from None
-    except json.JSONDecodeError as e:
-        raise UPopError(f"annotation file {path} is not valid JSON ({e.msg} at line {e.lineno})") from None
-    if not isinstance(entries, list) or not entries:
-        raise UPopError(f"annotation file {path} must be a non-empty JSON list of {{'image', 'caption'}} entries")
+    entries = read_annotation(path, "'image', 'caption'")
     images: dict[str, int] = {}
     captions: list[str] = []
     owner: list[int] = []
