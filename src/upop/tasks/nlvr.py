@@ -138,7 +138,7 @@ class Nlvr(Task):
                     continue
                 made[name] = folder_split(root, image_root, split, role, data.image_size)
         about = {
-            name: {"source": source, "samples": len(sentences), "true": int(labels.sum())}
+            name: {"source": source, "size": len(sentences), "true": int(labels.sum())}
             for name, (_, sentences, labels, source) in made.items()
         }
         about["train"]["augment"] = "none"
