@@ -167,19 +167,25 @@ def _blip_configs(heads: int, head_dim: int, depth: int, mlp_hidden: int, image:
     return vision, text
 
 
-class BlipRetrievalUnderTest(nn.Module):
-    """HF BlipForImageTextRetrieval called as ``model(images)``: the ITM logits (text cross-attending to the image)
-    and the ITC similarities of the batch, concatenated. The BLIP model is the child ``blip``."""
+class TokensUnderTest(nn.Module):
+    """A model that reads text too, called as ``model(images)``: token ids and a mask derived from the batch size are
+    handed with the images to ``call(inner, images, ids, attention)``. The wrapped model is the child ``inner``."""
 
-    def __init__(self, blip: nn.Module, vocab: int) -> None:
+    def __init__(self, inner: nn.Module, vocab: int, call) -> None:
         super().__init__()
-        self.blip, self.vocab = blip, vocab
+        self.inner, self.vocab, self.call = inner, vocab, call
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         ids, attention = _token_batch(images.shape[0], self.vocab)
-        itm = self.blip(input_ids=ids, pixel_values=images, attention_mask=attention, use_itm_head=True).itm_score
-        itc = self.blip(input_ids=ids, pixel_values=images, attention_mask=attention, use_itm_head=False).itm_score
-        return torch.cat([itm, itc], dim=-1)
+        return self.call(self.inner, images, ids, attention)
+
+
+def _blip_itm_and_itc(blip, images, ids, attention) -> torch.Tensor:
+    """HF BlipForImageTextRetrieval: the ITM logits (text cross-attending to the image) and the batch's ITC
+    similarities, concatenated."""
+    itm = blip(input_ids=ids, pixel_values=images, attention_mask=attention, use_itm_head=True).itm_score
+    itc = blip(input_ids=ids, pixel_values=images, attention_mask=attention, use_itm_head=False).itm_score
+    return torch.cat([itm, itc], dim=-1)
 
 
 def hf_blip_retrieval(
@@ -189,19 +195,7 @@ def hf_blip_retrieval(
 
     vision, text = _blip_configs(heads, head_dim, depth, mlp_hidden, image)
     config = BlipConfig(vision_config=vision.to_dict(), text_config=text.to_dict(), image_text_hidden_size=12)
-    return BlipRetrievalUnderTest(BlipForImageTextRetrieval(config), 50)
-
-
-class BertUnderTest(nn.Module):
-    """An HF BertModel called as ``model(images)``: token ids derived from the batch size."""
-
-    def __init__(self, bert: nn.Module, vocab: int) -> None:
-        super().__init__()
-        self.bert, self.vocab = bert, vocab
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        ids, attention = _token_batch(images.shape[0], self.vocab)
-        return self.bert(input_ids=ids, attention_mask=attention).last_hidden_state.flatten(1)
+    return TokensUnderTest(BlipForImageTextRetrieval(config), 50, _blip_itm_and_itc)
 
 
 def hf_bert(heads: int = 3, head_dim: int = 7, depth: int = 2, mlp_hidden: int = 19, image: int = 16) -> nn.Module:
@@ -215,26 +209,22 @@ def hf_bert(heads: int = 3, head_dim: int = 7, depth: int = 2, mlp_hidden: int =
         intermediate_size=mlp_hidden,
         max_position_embeddings=16,
     )
-    return BertUnderTest(BertModel(config, add_pooling_layer=False), 50)
 
+    def call(bert, images, ids, attention):
+        return bert(input_ids=ids, attention_mask=attention).last_hidden_state.flatten(1)
 
-class NlvrUnderTest(nn.Module):
-    """UPop's BlipNlvr called as ``model(images)``: each image is paired with the batch's images in reverse order."""
-
-    def __init__(self, nlvr: nn.Module, vocab: int) -> None:
-        super().__init__()
-        self.nlvr, self.vocab = nlvr, vocab
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        ids, attention = _token_batch(images.shape[0], self.vocab)
-        return self.nlvr(torch.stack([images, images.flip(0)], dim=1), ids, attention)
+    return TokensUnderTest(BertModel(config, add_pooling_layer=False), 50, call)
 
 
 def blip_nlvr(heads: int = 3, head_dim: int = 7, depth: int = 2, mlp_hidden: int = 19, image: int = 16) -> nn.Module:
     from upop.blip import BlipNlvr
 
     vision, text = _blip_configs(heads, head_dim, depth, mlp_hidden, image)
-    return NlvrUnderTest(BlipNlvr(vision, text, enc_token_id=2), 50)
+
+    def call(nlvr, images, ids, attention):  # each image paired with the batch's images in reverse order
+        return nlvr(torch.stack([images, images.flip(0)], dim=1), ids, attention)
+
+    return TokensUnderTest(BlipNlvr(vision, text, enc_token_id=2), 50, call)
 
 
 # adapter name -> model factories (each takes heads, head_dim, depth, mlp_hidden, image). A model holding blocks of
