@@ -25,10 +25,14 @@ demo: venv
 	$(UPOP) compress --task classification --model vit-tiny --pretrained $(DEMO_BASE)/model.safetensors \
 		--p 0.5 --epochs-search 2 --epochs 2 --output-dir $(DEMO_OUT) --overwrite
 
+# Torch-Pruning is a benchmark-only extra (the peer comparison), never a runtime dependency.
 bench: venv
+	$(VENV)/bin/pip install --quiet -e '.[bench]'
 	$(PY) benchmarks/bench_vit.py
 	$(PY) benchmarks/bench_clip.py
 	$(PY) benchmarks/bench_blip.py
+	$(PY) benchmarks/bench_peers.py
+	$(PY) benchmarks/bench_peers.py --study
 
 lint: venv
 	$(VENV)/bin/ruff check src tests benchmarks

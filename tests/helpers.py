@@ -3,6 +3,10 @@ fails if an adapter is registered without an entry here, so registering is what 
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -283,3 +287,13 @@ def compress_argv(pretrained, out, *extra: str) -> list[str]:
         "--output-dir",
         str(out),
     ]
+
+
+def load_benchmark(name: str):
+    """A script of benchmarks/ imported as a module (they are not a package), for tests that keep them from rotting."""
+    path = Path(__file__).parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module

@@ -244,3 +244,50 @@ def test_latency_cost_with_a_table_measured_by_upop_latency_table(base, tmp_path
     missing = str(tmp_path / "x.json")
     argv = compress_argv(base / "model.safetensors", tmp_path / "o2", "--cost", "latency", "--latency-table", missing)
     assert "cannot read the latency table" in _fail(capsys, argv, tmp_path / "o2")  # before the directory exists
+
+
+def test_report_carries_the_ranking_stability(compressed):
+    report = json.loads((compressed / "report.json").read_text())
+    stability = report["stability"]
+    assert 0.0 <= stability["overlap"] <= 1.0 and -1.0 <= stability["rank_correlation"] <= 1.0
+    smallest = min(s["kept"] / s["size"] for s in report["per_structure"])
+    assert stability["min_kept_fraction"] == pytest.approx(smallest)
+    assert stability["rerankings"][-1]["pi"] == 0.5 and isinstance(stability["warnings"], list)
+
+
+def test_a_given_plan_is_retrained_without_a_search_to_the_same_architecture(base, compressed, tmp_path, capsys):
+    out = tmp_path / "replayed"
+    argv = compress_argv(base / "model.safetensors", out, "--plan", str(compressed / "plan.json"), "--epochs", "1")
+    argv.remove("--epochs-search")
+    argv.remove("1")  # the first "1" left is --epochs-search's value: --plan implies no search
+    assert main(argv) == 0
+    report = json.loads((out / "report.json").read_text())
+    original = json.loads((compressed / "report.json").read_text())
+    assert report["given_plan"] and report["stability"] is None
+    assert [s["kept"] for s in report["per_structure"]] == [s["kept"] for s in original["per_structure"]]
+    assert report["compressed"]["params"] == original["compressed"]["params"]
+    kept = {s["name"]: s["kept"] for s in json.loads((out / "plan.json").read_text())["structures"]}
+    assert kept == {s["name"]: s["kept"] for s in json.loads((compressed / "plan.json").read_text())["structures"]}
+    assert not any(json.loads(line)["phase"] == "search" for line in (out / "log.jsonl").read_text().splitlines())
+
+
+def test_bad_plans_and_ranking_flags_are_refused(base, compressed, tmp_path, capsys):
+    pretrained = base / "model.safetensors"
+    out = tmp_path / "x"
+    err = _fail(capsys, compress_argv(pretrained, out, "--plan", str(tmp_path / "none.json")), out)
+    assert "no such file" in err
+    garbage = tmp_path / "garbage.json"
+    garbage.write_text("{not json")
+    assert "not valid JSON" in _fail(capsys, compress_argv(pretrained, out, "--plan", str(garbage)), out)
+    argv = compress_argv(pretrained, out, "--plan", str(compressed), "--epochs-search", "2")
+    assert "--epochs-search must be 0" in _fail(capsys, argv, out)
+    other = json.loads((compressed / "plan.json").read_text())
+    other["structures"][0]["size"] += 1
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    assert "does not fit" in _fail(
+        capsys, compress_argv(pretrained, out, "--plan", str(tmp_path / "other.json"), "--epochs-search", "0"), out
+    )
+    assert "--paper-ranking fixes" in _fail(
+        capsys, compress_argv(pretrained, out, "--paper-ranking", "--floor", "0.5"), out
+    )
+    assert "floor must be" in _fail(capsys, compress_argv(pretrained, out, "--floor", "2"), out)

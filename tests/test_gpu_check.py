@@ -2,22 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
-
-def _benchmark(name: str):
-    path = Path(__file__).parents[1] / "benchmarks" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+from helpers import load_benchmark
 
 
 def test_gpu_check_runs_at_tiny_size_on_cpu(tmp_path):
-    gpu_check = _benchmark("gpu_check")
+    gpu_check = load_benchmark("gpu_check")
     argv = "--models vit-micro,hf-clip:tiny,blip-nlvr:tiny --device cpu --batch 4 --search-steps 3 --rounds 1 "
     argv += "--steps 1 --iters 2"
     result = gpu_check.main([*argv.split(), "--compile-model", "none", "--out", str(tmp_path / "r.json")])
@@ -40,7 +29,7 @@ def test_gpu_check_runs_at_tiny_size_on_cpu(tmp_path):
 
 
 def test_gpu_widths_runs_at_tiny_size_on_cpu(tmp_path):
-    gpu_widths = _benchmark("gpu_widths")
+    gpu_widths = load_benchmark("gpu_widths")
     argv = "--device cpu --batch 2 --tokens 5 --width 16 --heads 2 --head-dims 8,7 --hidden 32,31 --iters 1".split()
     result = gpu_widths.main(argv)
     assert [r["head_dim"] for r in result["attention"]] == [8, 7, 8, 7]  # bf16, then fp32

@@ -8,6 +8,7 @@ import json
 import sys
 from typing import Any
 
+from upop.config import PAPER_RANKING, PruneConfig
 from upop.errors import UPopError
 
 
@@ -100,6 +101,39 @@ def _auto_or_int(text: str) -> int | str:
         raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {text!r}") from None
 
 
+def _ranking(args: argparse.Namespace) -> dict[str, Any]:
+    """The ranking settings the flags name: --paper-ranking, or the defaults with any of --score, --standardise,
+    --floor changed (refused together with --paper-ranking, which fixes all three)."""
+    given = {k: getattr(args, k) for k in PAPER_RANKING if getattr(args, k) is not None}
+    if args.paper_ranking:
+        if given:
+            raise UPopError(
+                f"--paper-ranking fixes --score, --standardise and --floor; drop --{next(iter(given))} or "
+                "--paper-ranking"
+            )
+        return dict(PAPER_RANKING)
+    return given
+
+
+def _given_plan(path: str | None) -> Any:
+    """The plan of --plan: a plan.json file or a compressed directory holding one."""
+    if path is None:
+        return None
+    from pathlib import Path
+
+    from upop.core.plan import PLAN_FILE, Plan, read_plan
+
+    p = Path(path)
+    if p.is_dir():
+        return read_plan(p)
+    if not p.is_file():
+        raise UPopError(f"--plan {path}: no such file or directory (accepted: a plan.json, or a directory holding one)")
+    try:
+        return Plan.from_dict(json.loads(p.read_text()))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UPopError(f"--plan {path} is not a {PLAN_FILE} (not valid JSON: {e})") from None
+
+
 def _checkpointing(args: argparse.Namespace) -> Any:
     from upop.run import Checkpointing
 
@@ -120,7 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
     _common(c)
     c.add_argument("--pretrained", default=None, help="dense weights: .safetensors, or a torch state dict file")
     c.add_argument("--p", type=float, default=0.5, help="fraction of the prunable cost to remove, in (0, 1)")
-    c.add_argument("--epochs-search", type=int, default=2, help="search epochs (T = epochs x steps per epoch)")
+    c.add_argument(
+        "--epochs-search",
+        type=int,
+        default=None,
+        help="search epochs (T = epochs x steps per epoch); default 2, and 0 (no search) with --plan",
+    )
     c.add_argument("--epochs", type=int, default=2, help="retraining epochs of the compressed model")
     c.add_argument("--lr-search", type=float, default=5e-4, help="learning rate of the weights during search")
     c.add_argument(
@@ -194,6 +233,39 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("unified", "uniform"),
         default="unified",
         help="unified: one budget ranked over every structure of every tower (UPop); uniform: p in each structure",
+    )
+    c.add_argument(
+        "--score",
+        choices=("gradient", "snr", "fisher"),
+        default=None,
+        help="what ranks an element: gradient (the paper's accumulated mask gradient), snr (that sum over its "
+        "standard error: how consistently its removal lowers the loss) or fisher (the root mean square of the mask's "
+        f"gradient: how much its removal moves the loss); default {PruneConfig.score}",
+    )
+    c.add_argument(
+        "--standardise",
+        choices=("kind", "tower", "structure"),
+        default=None,
+        help="standardise the scores per kind (the paper's), per kind and tower, or per structure; default "
+        f"{PruneConfig.standardise}",
+    )
+    c.add_argument(
+        "--floor",
+        type=float,
+        default=None,
+        help="the least a structure keeps, as a fraction of the uniform share 1 - p (0 = the paper's one element; "
+        f"in [0, 1]); default {PruneConfig.floor}",
+    )
+    c.add_argument(
+        "--paper-ranking",
+        action="store_true",
+        help="UPop's ranking exactly as published: --score gradient --standardise kind --floor 0",
+    )
+    c.add_argument(
+        "--plan",
+        default=None,
+        help="no search: retrain and evaluate this plan.json (another run's decision, or another tool's, for the "
+        "same base architecture); use with --epochs-search 0",
     )
     c.add_argument(
         "--towers", default=None, help="prune only these towers, comma-separated (e.g. vision or text; default: all)"
@@ -271,7 +343,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> None:
     from upop import run
-    from upop.config import PruneConfig
     from upop.report import comparison_table, report_header
 
     if args.command == "train":
@@ -290,6 +361,13 @@ def _run(args: argparse.Namespace) -> None:
             + f"\nsaved to {args.output_dir}"
         )
     elif args.command == "compress":
+        plan = _given_plan(args.plan)
+        if args.epochs_search is None:
+            args.epochs_search = 0 if plan is not None else 2
+        elif plan is not None and args.epochs_search != 0:
+            raise UPopError(
+                f"--plan retrains a given plan without a search; --epochs-search must be 0, got {args.epochs_search}"
+            )
         prune = PruneConfig(
             p=args.p,
             interval=args.interval,
@@ -303,6 +381,7 @@ def _run(args: argparse.Namespace) -> None:
             granularity=args.granularity,
             latency_table=args.latency_table,
             towers=tuple(t for t in (args.towers or "").split(",") if t),
+            **_ranking(args),
         )
         recipe = run.Recipe(
             epochs_search=args.epochs_search,
@@ -322,6 +401,7 @@ def _run(args: argparse.Namespace) -> None:
             args.overwrite,
             _checkpointing(args),
             args.max_nonfinite,
+            plan,
         )
         _print(report_header(report) + "\n\n" + comparison_table(report) + f"\nsaved to {args.output_dir}")
     elif args.command == "latency-table":

@@ -23,7 +23,7 @@ import upop
 from upop.adapters import find_adapter
 from upop.config import MIN_RERANKINGS, PruneConfig
 from upop.core.files import atomic_write
-from upop.core.plan import Plan, apply_plan, save_compressed
+from upop.core.plan import Plan, apply_plan, fingerprint_mismatch, save_compressed
 from upop.core.profile import batch_size_of, measure_latency, paired_latency, profile
 from upop.core.pruner import Pruner
 from upop.core.ranking import schedule_summary
@@ -80,9 +80,10 @@ class Recipe:
     temperature: float = 2.0
 
     def __post_init__(self) -> None:
-        if self.epochs_search < 1 or self.epochs < 0:
+        if self.epochs_search < 0 or self.epochs < 0:
             raise UPopError(
-                f"--epochs-search must be >= 1 and --epochs >= 0, got {self.epochs_search} and {self.epochs}"
+                f"--epochs-search and --epochs must be >= 0, got {self.epochs_search} and {self.epochs} (a search "
+                "needs at least 1 epoch; 0 only with --plan, which retrains a given plan)"
             )
         if not (self.lr_search > 0 and self.lr > 0):
             raise UPopError(f"learning rates must be positive, got --lr-search {self.lr_search} and --lr {self.lr}")
@@ -323,8 +324,54 @@ def _search(
         "interval": pruner.interval,
         "alignment": pruner.alignment.to_dict(),
         "latency_cost": pruner.latency_summary(),
+        "stability": pruner.stability_summary(),
     }
+    for message in searched["stability"]["warnings"]:
+        warn(info, message)
     return pruner.compress(), searched
+
+
+def plan_choice(structures: list[Any], plan: Plan) -> list[torch.Tensor]:
+    """A plan as choices over ``structures`` (True = pruned); a structure the plan does not name is kept whole.
+    Raises UPopError when the plan names another structure, or sizes or indices that do not fit."""
+    entries = {e["name"]: e for e in plan.structures}
+    unknown = sorted(set(entries) - {s.name for s in structures})
+    if unknown:
+        raise UPopError(f"the plan names {unknown[0]!r}, which this model does not have (or the search excludes)")
+    chosen = []
+    for s in structures:
+        entry = entries.get(s.name, {"size": s.size, "kept": list(range(s.size))})
+        kept = entry["kept"]
+        if entry["size"] != s.size or not kept or not all(isinstance(k, int) and 0 <= k < s.size for k in kept):
+            raise UPopError(
+                f"the plan's {s.name} does not fit this model: it has {s.size} elements and a plan keeps 1 to "
+                f"{s.size} of them (indices 0..{s.size - 1}); the plan says size {entry['size']}"
+            )
+        c = torch.ones(s.size, dtype=torch.bool)
+        c[torch.tensor(kept, dtype=torch.long)] = False
+        chosen.append(c)
+    return chosen
+
+
+def _given(
+    setup: Setup, model: torch.nn.Module, prune: PruneConfig, plan: Plan, example: Any
+) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """No search: the dense model sliced to a given plan; returns what the report needs, as ``_search`` does."""
+    pruner = Pruner(model, dataclasses.replace(prune, align_attn=1, align_mlp=1), example_inputs=example)
+    chosen = plan_choice(pruner.structures, plan)
+    pruner.set_choice(chosen, 0.0)
+    searched = {
+        "metrics": None,
+        "kept": {"attn": pruner.kept_fraction("attn"), "mlp": pruner.kept_fraction("mlp")},
+        "pruned_cost_fraction": pruner.pruned_cost_fraction(),
+        "nonfinite_mask_steps": 0,
+        "nonfinite_steps": 0,
+        "plan": pruner.plan().to_dict(),
+        "given_plan": True,
+    }
+    model = pruner.compress(force=True)
+    searched["metrics"] = setup.task.evaluate(model, setup.loaders.report, setup.info.device)
+    return model, searched
 
 
 def compress(
@@ -336,17 +383,30 @@ def compress(
     overwrite: bool = False,
     ckpt: Checkpointing | None = None,
     max_nonfinite: float = 0.1,
+    plan: Plan | None = None,
 ) -> dict[str, Any]:
     """Search (T = epochs_search x steps per epoch), compress, retrain keeping the epoch best on the selection split,
     evaluate on the report split, save plan + weights + reports. ``prune.total_steps`` is replaced by the real T.
     With ``ckpt.resume`` an interrupted run continues from its newest checkpoint and ends as if it had never
-    stopped."""
+    stopped. With a ``plan`` (another search's decision, or another tool's, for the same base architecture) there
+    is no search: the dense model is sliced to it, then retrained and evaluated the same way."""
+    if plan is None and recipe.epochs_search < 1:
+        raise UPopError("a search needs --epochs-search >= 1 (0 only with --plan, which retrains a given plan)")
     setup = prepare(cfg)
     info, loaders = setup.info, setup.loaders
     model = new_model(cfg, setup, pretrained)
     find_adapter(model)  # fail before any work if the family is not supported
-    prune = dataclasses.replace(prune, total_steps=recipe.epochs_search * len(loaders.train))
-    prune.check_schedule()
+    if plan is not None:
+        mismatch = fingerprint_mismatch(plan.fingerprint, model)
+        if mismatch:
+            raise UPopError(f"the plan was made for another architecture than this {cfg.model}: {mismatch}")
+        prune = dataclasses.replace(prune, granularity=plan.config.get("granularity", prune.granularity))
+        found = find_adapter(model).structures(model, prune.granularity)
+        searched = [s for s in found if not prune.excludes(s.name) and (not prune.towers or s.tower in prune.towers)]
+        plan_choice(searched, plan)  # refused before any output exists
+    prune = dataclasses.replace(prune, total_steps=max(1, recipe.epochs_search * len(loaders.train)))
+    if plan is None:
+        prune.check_schedule()
     if prune.latency_table is not None:  # before the output directory exists
         try:
             json.loads(Path(prune.latency_table).read_text())
@@ -363,7 +423,7 @@ def compress(
     with RunDir(output_dir, config, overwrite, ckpt or Checkpointing(), info) as out:
         if out.done is not None:
             return out.done
-        return _compress_in(setup, cfg, prune, recipe, model, out, max_nonfinite, pretrained)
+        return _compress_in(setup, cfg, prune, recipe, model, out, max_nonfinite, pretrained, plan)
 
 
 def _speed(cfg: RunConfig, setup: Setup, pretrained: str | None, model: torch.nn.Module, example: Any) -> dict:
@@ -400,6 +460,7 @@ def _compress_in(
     out: RunDir,
     max_nonfinite: float,
     pretrained: str | None,
+    plan: Plan | None = None,
 ) -> dict[str, Any]:
     info, task, loaders = setup.info, setup.task, setup.loaders
     teacher = copy.deepcopy(model).requires_grad_(False) if recipe.distill > 0 and recipe.epochs > 0 else None
@@ -409,7 +470,10 @@ def _compress_in(
         search_from = out.resume_from(0)
         dense = search_from.meta["extra"]["dense"] if search_from else _measure(model, task, loaders, info, example)
         stop_point(info, "after measuring the dense model")
-        model, searched = _search(setup, model, prune, recipe, out, example, dense, max_nonfinite, cfg.amp)
+        if plan is not None:
+            model, searched = _given(setup, model, prune, plan, example)
+        else:
+            model, searched = _search(setup, model, prune, recipe, out, example, dense, max_nonfinite, cfg.amp)
     else:
         dense, searched = retrain_from.meta["extra"]["dense"], retrain_from.meta["extra"]["searched"]
         model = apply_plan(model, Plan.from_dict(searched["plan"]))
@@ -454,9 +518,11 @@ def _compress_in(
         "granularity": prune.granularity,
         "prune": prune.to_dict(),
         "recipe": dataclasses.asdict(recipe),
+        "given_plan": bool(searched.get("given_plan")),
         "rerankings": searched.get("rerankings"),
         "alignment": searched.get("alignment"),
         "latency_cost": searched.get("latency_cost"),
+        "stability": searched.get("stability"),
         "latency_batch": batch_size_of(example),
         "speed": speed,
         "slower_than_dense": speed["speedup"] < 1,

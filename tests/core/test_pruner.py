@@ -8,6 +8,7 @@ import torch
 from helpers import ELEMENTWISE, build, hf_clip, hf_vit, images, logits, open_clip_model, timm_vit
 
 import upop
+from upop.config import PAPER_RANKING
 from upop.core.ranking import pi_at
 
 
@@ -36,7 +37,10 @@ def test_end_of_search_meets_the_budget_and_masks_are_exact(factory, cost, p):
     model = build(factory, (4, 8, 3, 64))
     pruner, _ = _search(model, upop.PruneConfig(p=p, total_steps=12, cost=cost, **ELEMENTWISE), example=images(2))
     assert pruner.finished() and pruner.pi == p
-    assert abs(pruner.pruned_cost_fraction() - p) <= 0.01
+    # met to the nearest unit: 1% of the cost, or half the costliest element where one element weighs more (in these
+    # tiny models a head dim is about 2% of the cost)
+    total = sum(float(c) * s.size for c, s in zip(pruner.costs, pruner.structures))
+    assert abs(pruner.pruned_cost_fraction() - p) <= max(0.01, max(float(c) for c in pruner.costs) / total / 2 + 1e-9)
     for mask, chosen in zip(pruner.masks, pruner.chosen):
         assert set(mask.detach().unique().tolist()) <= {0.0, 1.0}
         assert torch.equal(mask.detach() == 0, chosen)
@@ -181,13 +185,16 @@ def test_towers_restrict_pruning_to_one_tower_and_unknown_towers_are_named():
 
 
 @pytest.mark.parametrize("factory", [timm_vit, hf_clip])
-def test_the_l1_weights_do_not_change_the_ranking(factory):
+@pytest.mark.parametrize("ranking", [{}, PAPER_RANKING], ids=["default", "paper"])
+def test_the_l1_weights_do_not_change_the_ranking(factory, ranking):
     """The masks are not optimised, so the L1 term adds the same constant w to the gradient of every mask element of
-    a kind; the per-kind standardisation removes it. Any weights give the same choice as none."""
+    a kind: the per-kind standardisation removes it from the paper's score, and the snr score is computed without
+    it. Any weights give the same choice as none."""
     choices = []
     for w_attn, w_mlp in ((0.0, 0.0), (4.8e-3, 2e-4), (0.3, 0.01)):
         model = build(factory, (4, 8, 3, 64))
-        pruner, _ = _search(model, upop.PruneConfig(p=0.5, total_steps=12, w_attn=w_attn, w_mlp=w_mlp, **ELEMENTWISE))
+        config = upop.PruneConfig(p=0.5, total_steps=12, w_attn=w_attn, w_mlp=w_mlp, **ELEMENTWISE, **ranking)
+        pruner, _ = _search(model, config)
         choices.append(pruner.chosen)
         assert any(c.any() for c in pruner.chosen)
     for other in choices[1:]:

@@ -105,3 +105,34 @@ def test_align_one_is_the_elementwise_ranking():
             protected[offset + int(torch.argmin(s))] = True
             offset += s.numel()
         assert flat_s[flat_c].min() >= flat_s[~flat_c & ~protected].max()
+
+
+def test_a_floor_is_never_crossed_and_the_budget_is_still_met():
+    g = torch.Generator().manual_seed(4)
+    sizes, costs = [32, 32, 256, 256, 7], [4.0, 9.0, 1.0, 2.0, 3.0]
+    total = sum(n * c for n, c in zip(sizes, costs))
+    for trial in range(20):
+        scores = [torch.randn(n, generator=g) * (1 + 10 * i) for i, n in enumerate(sizes)]  # uneven spreads
+        ratio = [0.3, 0.5, 0.75, 0.9][trial % 4]
+        align = [[1] * 5, [8, 8, 32, 32, 1]][trial % 2]
+        keep = [int(torch.randint(1, n + 1, (1,), generator=g)) // 3 + 1 for n in sizes]
+        chosen = select(scores, costs, ratio, align, keep)
+        for c, k, a, n in zip(chosen, keep, align, sizes):
+            kept = int((~c).sum())
+            assert kept >= min(k, n), (kept, k, n)
+            assert kept % a == 0 or kept == n
+        # where the floors leave room for the ratio, it is met to the nearest unit
+        room = sum(c * (n - min(n, -(-max(k, a) // a) * a)) for n, c, k, a in zip(sizes, costs, keep, align))
+        if room > ratio * total + max(a * c for a, c in zip(align, costs)):
+            achieved = sum(int(c.sum()) * cost for c, cost in zip(chosen, costs)) / total
+            assert abs(achieved - ratio) <= max(a * c for a, c in zip(align, costs)) / total / 2 + 1e-12
+
+
+def test_a_floor_of_one_element_is_the_paper_selection_bit_for_bit():
+    g = torch.Generator().manual_seed(5)
+    scores = [torch.randn(n, generator=g) for n in (16, 48, 5, 64)]
+    for ratio in (0.2, 0.6, 0.95):
+        for align in ([1, 1, 1, 1], [8, 8, 1, 32]):
+            a = select(scores, [3.0, 1.0, 7.0, 2.0], ratio, align)
+            b = select(scores, [3.0, 1.0, 7.0, 2.0], ratio, align, [1, 1, 1, 1])
+            assert all(torch.equal(x, y) for x, y in zip(a, b))

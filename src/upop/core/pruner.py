@@ -4,6 +4,7 @@ progressive schedule, and compresses the model. It is the only stateful part of 
 from __future__ import annotations
 
 import functools
+import math
 import types
 from typing import Any
 
@@ -15,12 +16,32 @@ from upop.adapters import find_adapter
 from upop.config import PruneConfig
 from upop.core.plan import Plan, fingerprint
 from upop.core.profile import batch_size_of, call_model
-from upop.core.ranking import Cost, pi_at, removed_cost, select, selected_value, standardise, total_cost
+from upop.core.ranking import (
+    Cost,
+    fewest_kept,
+    pi_at,
+    removed_cost,
+    select,
+    selected_value,
+    standardise,
+    total_cost,
+)
 from upop.core.structure import Slot, Structure, slice_structure
 from upop.core.widths import Alignment, latency_curves, measure_alignment
 from upop.errors import UPopError
 
 STATE_VERSION = 1
+STARVED_SHARE = 0.25  # a structure keeping under this fraction of the uniform share 1 - p is reported as starved
+SETTLED = 0.9  # the ranking had settled when the last two re-rankings agree this much (overlap and rank correlation)
+
+
+def _rank_correlation(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Spearman's rank correlation of two score vectors (ties broken by position)."""
+    ra = torch.argsort(torch.argsort(a, stable=True)).double()
+    rb = torch.argsort(torch.argsort(b, stable=True)).double()
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    denominator = float(ra.norm() * rb.norm())
+    return float((ra * rb).sum()) / denominator if denominator > 0 else 1.0
 
 
 def _masked_forward(module: nn.Module, *args: Any, mask: torch.Tensor, slot: Slot, **kwargs: Any) -> Any:
@@ -113,6 +134,16 @@ class Pruner:
         # one flat fp32 accumulator; the per-structure entries are views of it, so a step adds once
         self._importance = torch.zeros(sum(s.size for s in self.structures), dtype=torch.float32, device=device)
         self.importance = list(torch.split(self._importance, [s.size for s in self.structures]))
+        # score="snr": sum and sum of squares of the task-loss part of the step gradients (the L1 penalty's known
+        # gradient, w * sign(m) per kind, taken out when sparsity_loss() was in the step's loss)
+        self._task_sum = torch.zeros_like(self._importance)
+        self._task_sq = torch.zeros_like(self._importance)
+        weights = {"attn": self.config.w_attn, "mlp": self.config.w_mlp}
+        self._penalty = torch.cat([torch.full((s.size,), weights[s.kind], device=device) for s in self.structures])
+        self._penalised = False
+        self.accumulated_steps = 0
+        self.stability: list[dict[str, float]] = []  # one record per re-ranking: how much the decision moved
+        self._last_scores: torch.Tensor | None = None
         self.chosen = [torch.zeros(s.size, dtype=torch.bool) for s in self.structures]
         if self.config.cost in ("flops", "latency") and example_inputs is None:
             raise UPopError(
@@ -123,6 +154,7 @@ class Pruner:
         self.latency_tables: dict[str, Any] = {}
         self.costs: list[Cost] = self._costs(device, example_inputs)
         self.alignment = self._alignment(device, example_inputs, precisions)
+        self.floor = self._fit_floor()  # the floor the ranking uses (the configured one unless p needs less)
         self.interval = self.config.rank_interval()
         self.step_count = 0
         self.skipped_steps = 0  # steps whose mask gradients were not finite (not accumulated)
@@ -142,6 +174,7 @@ class Pruner:
     # ----------------------------------------------------------------------------------------------- search loop
     def sparsity_loss(self) -> torch.Tensor:
         """w_attn * sum |attention masks| + w_mlp * sum |MLP masks| (a scalar tensor to add to the task loss)."""
+        self._penalised = True
         total = self.masks[0].new_zeros(())
         for kind, weight in (("attn", self.config.w_attn), ("mlp", self.config.w_mlp)):
             masks = [m for m, s in zip(self.masks, self.structures) if s.kind == kind]
@@ -162,11 +195,19 @@ class Pruner:
             grads /= grad_scale
         for m in self.masks:
             m.grad = None
+        self._penalised, penalised = False, self._penalised
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(grads, op=dist.ReduceOp.SUM)
             grads /= dist.get_world_size()
         if not skip and torch.isfinite(grads).all():
             self._importance += grads
+            if penalised:
+                task = grads - self._penalty * torch.cat([m.detach().reshape(-1) for m in self.masks]).sign()
+            else:
+                task = grads
+            self._task_sum += task
+            self._task_sq.addcmul_(task, task)
+            self.accumulated_steps += 1
         else:
             self.skipped_steps += 1  # a NaN/inf step must not corrupt the ranking
         self.step_count += 1
@@ -174,26 +215,122 @@ class Pruner:
         if t <= total and (t % self.interval == 0 or t == total):
             self.update_masks()
 
+    def scores(self) -> list[torch.Tensor]:
+        """Per structure, the standardised score of each element (larger = less important): the accumulated mask
+        gradient (score="gradient"), or that sum over its standard error (score="snr"), standardised per kind (and
+        per tower, or per structure, as configured)."""
+        raw = self._importance.double().cpu()
+        if self.config.score == "fisher" and self.accumulated_steps > 0:
+            raw = -(self._task_sq.double().cpu() / self.accumulated_steps).sqrt()  # a larger RMS is more important
+        elif self.config.score == "snr" and self.accumulated_steps > 1:
+            n, total = self.accumulated_steps, self._task_sum.double().cpu()
+            spread = (self._task_sq.double().cpu() - total * total / n).clamp(min=0).sqrt()
+            raw = total / spread.clamp(min=1e-12 * float(spread.max().clamp(min=1e-30)))
+        parts = torch.split(raw, [s.size for s in self.structures])
+        scope = self.config.standardise
+        groups: dict[tuple, list[int]] = {}
+        for i, s in enumerate(self.structures):
+            key = (s.kind,) if scope == "kind" else (s.kind, s.tower) if scope == "tower" else (i,)
+            groups.setdefault(key, []).append(i)
+        scores: list[torch.Tensor] = [torch.empty(0)] * len(self.structures)
+        for idx in groups.values():
+            for i, z in zip(idx, standardise([parts[i] for i in idx])):
+                scores[i] = z
+        return scores
+
+    def floors(self, floor: float | None = None) -> list[int]:
+        """Per structure, the fewest elements it keeps: ceil(floor x (1 - p) x n), at least 1 (``floor``: the
+        effective floor by default)."""
+        share = (self.floor if floor is None else floor) * (1.0 - self.config.p)
+        return [max(1, math.ceil(share * s.size - 1e-9)) for s in self.structures]
+
+    def _fit_floor(self) -> float:
+        """The configured floor, or the largest lower one that leaves p of the cost to remove. With linear costs
+        every floor in [0, 1] does; a latency curve has a part no width removes, so high floors may not."""
+        total = sum(total_cost(c, s.size) for c, s in zip(self.costs, self.structures))
+        need = 0.99 * self.config.p * total
+
+        def removable(floor: float) -> float:
+            keep = self.floors(floor)
+            fewest = [fewest_kept(s.size, self.alignment.of(s.kind), k) for s, k in zip(self.structures, keep)]
+            return float(
+                sum(removed_cost(c, s.size, s.size - f) for c, s, f in zip(self.costs, self.structures, fewest))
+            )
+
+        if self.config.allocation == "uniform" or removable(self.config.floor) >= need:
+            return self.config.floor
+        low, high = 0.0, self.config.floor
+        for _ in range(20):
+            middle = (low + high) / 2
+            low, high = (middle, high) if removable(middle) >= need else (low, middle)
+        return low
+
     def update_masks(self) -> None:
         """Rank every element of every structure in one budget at the current step and set the masks."""
         self.pi = pi_at(self.step_count, self.config.total_steps, self.config.p)
-        scores: list[torch.Tensor] = [torch.empty(0)] * len(self.structures)
-        for kind in ("attn", "mlp"):
-            idx = [i for i, s in enumerate(self.structures) if s.kind == kind]
-            for i, z in zip(idx, standardise([self.importance[i].cpu() for i in idx])):
-                scores[i] = z
+        scores = self.scores()
         align = [self.alignment.of(s.kind) for s in self.structures]
+        keep = self.floors()
         if self.config.allocation == "uniform":  # the same ratio in every structure, ranked within it
-            chosen = [select([z], [c], self.pi, [a])[0] for z, c, a in zip(scores, self.costs, align)]
+            chosen = [select([z], [c], self.pi, [a], [k])[0] for z, c, a, k in zip(scores, self.costs, align, keep)]
         else:
-            chosen = select(scores, self.costs, self.pi, align)
+            chosen = select(scores, self.costs, self.pi, align, keep)
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             # all ranks hold the same averaged importance; broadcasting rank 0's decision makes identity certain
             flat = torch.cat(chosen).to(torch.uint8)
             flat = flat.to(self.masks[0].device)
             dist.broadcast(flat, src=0)
             chosen = list(torch.split(flat.cpu().bool(), [s.size for s in self.structures]))
+        self._record_stability(torch.cat(scores), torch.cat(chosen))
         self.set_choice(chosen, selected_value(self.pi, self.config.p))
+
+    def _record_stability(self, scores: torch.Tensor, chosen: torch.Tensor) -> None:
+        """How much this re-ranking moved from the previous one: the share of the elements chosen then that are
+        still chosen (1.0 = the ranking only grew its chosen set, as pi rose), and the rank correlation of all
+        scores."""
+        before = torch.cat(self.chosen)
+        record = {"step": self.step_count, "pi": self.pi, "chosen": int(chosen.sum())}
+        if self._last_scores is not None:
+            record["overlap"] = float((before & chosen).sum()) / max(1, int(before.sum())) if before.any() else 1.0
+            record["rank_correlation"] = _rank_correlation(self._last_scores, scores)
+        self._last_scores = scores
+        self.stability.append(record)
+
+    def stability_summary(self) -> dict[str, Any]:
+        """The final ranking's stability: the overlap of the chosen sets and the rank correlation of the scores at
+        the last two re-rankings, the smallest kept fraction of any structure, and the warnings they call for."""
+        last = self.stability[-1] if self.stability else {}
+        kept = [(1.0 - float(c.sum()) / c.numel(), s.name) for c, s in zip(self.chosen, self.structures)]
+        smallest, where = min(kept)
+        warn_below = max(self.floor, STARVED_SHARE) * (1.0 - self.config.p)
+        warnings = []
+        if self.floor < self.config.floor:
+            warnings.append(
+                f"the floor was lowered from {self.config.floor:g} to {self.floor:.3g} of the uniform share: with "
+                f"{self.config.cost} costs the configured floors left less than p = {self.config.p:g} to remove"
+            )
+        if self.config.allocation == "unified" and smallest < warn_below - 1e-9:
+            warnings.append(
+                f"{where} keeps {smallest:.1%} of its elements, under {warn_below:.1%} ({STARVED_SHARE:g} of the "
+                f"uniform share 1 - p): a noisy ranking may have starved it; consider --floor or a longer search"
+            )
+        overlap, correlation = last.get("overlap"), last.get("rank_correlation")
+        if overlap is not None and (overlap < SETTLED or correlation < SETTLED):
+            warnings.append(
+                f"the ranking was still changing at the end of the search: between steps {self.stability[-2]['step']} "
+                f"and {last['step']} {overlap:.1%} of the chosen elements stayed chosen and the scores' rank "
+                f"correlation was {correlation:.2f} (settled: both >= {SETTLED:g}); a longer search (--epochs-search) "
+                "or --score snr ranks more reliably"
+            )
+        return {
+            "overlap": overlap,
+            "rank_correlation": correlation,
+            "min_kept_fraction": smallest,
+            "min_kept_structure": where,
+            "floor": self.floor,
+            "rerankings": [dict(r) for r in self.stability],
+            "warnings": warnings,
+        }
 
     def set_choice(self, chosen: list[torch.Tensor], value: float) -> None:
         """Mark ``chosen`` (per structure, bool (n_i,)) for pruning and set their masks to ``value``, the rest to 1."""
@@ -286,6 +423,11 @@ class Pruner:
             "pi": self.pi,
             "masks": [m.detach().cpu().clone() for m in self.masks],
             "importance": [a.cpu().clone() for a in self.importance],
+            "task_sum": self._task_sum.cpu().clone(),
+            "task_sq": self._task_sq.cpu().clone(),
+            "accumulated_steps": self.accumulated_steps,
+            "stability": [dict(r) for r in self.stability],
+            "last_scores": self._last_scores.clone() if self._last_scores is not None else None,
             "chosen": [c.clone() for c in self.chosen],
             "alignment": [self.alignment.attn, self.alignment.mlp],
         }
@@ -300,8 +442,16 @@ class Pruner:
             for dst, src in zip(self.importance, state["importance"]):
                 dst.copy_(src)
         self.chosen = [c.clone().bool() for c in state["chosen"]]
+        if "task_sum" in state:
+            with torch.no_grad():
+                self._task_sum.copy_(state["task_sum"])
+                self._task_sq.copy_(state["task_sq"])
+            self.accumulated_steps = int(state["accumulated_steps"])
+            self.stability = [dict(r) for r in state["stability"]]
+            self._last_scores = state["last_scores"].clone() if state["last_scores"] is not None else None
         if "alignment" in state:  # the resumed search keeps the widths it measured, not a new measurement
             self.alignment.attn, self.alignment.mlp = (int(v) for v in state["alignment"])
+            self.floor = self._fit_floor()
 
     def _costs(self, device: torch.device, example_inputs: Any) -> list[Cost]:
         """Per structure, the cost of an element (params, FLOPs) or the measured latency curve T(w) (rank 0's on every

@@ -31,19 +31,30 @@ def standardise(scores: list[torch.Tensor]) -> list[torch.Tensor]:
     return [(s.double() - mean) / std for s in scores]
 
 
-def _units(score: torch.Tensor, align: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+def _units(score: torch.Tensor, align: int, keep: int = 1) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Split a structure into prunable units, least important first. Returns (element indices, their unit number,
     number of units). With ``align`` a the kept count stays a multiple of a: the first unit is the n mod a least
-    important elements (if any), then blocks of a. The a most important elements belong to no unit: every structure
-    keeps at least one element (one aligned block)."""
+    important elements (if any), then blocks of a. The max(a, ``keep`` rounded up to a multiple of a) most important
+    elements belong to no unit: every structure keeps at least one element (one aligned block), and at least ``keep``
+    (a floor) when the structure is large enough (otherwise it keeps all of its elements)."""
     n = score.numel()
     a = max(1, min(align, n))
-    order = torch.sort(score, descending=True, stable=True).indices[: n - a]
     r = n % a
+    fixed = fewest_kept(n, align, keep)
+    order = torch.sort(score, descending=True, stable=True).indices[: n - fixed]
     position = torch.arange(order.numel())
     unit = (position - r) // a + (1 if r else 0)
     unit[:r] = 0
-    return order, unit, (1 if r else 0) + (n // a - 1)
+    count = 0 if fixed == n else (1 if r else 0) + (n - fixed - r) // a
+    return order, unit, count
+
+
+def fewest_kept(n: int, align: int, keep: int) -> int:
+    """The fewest elements a structure of ``n`` can keep under ``select``: ``keep`` rounded up to a multiple of the
+    alignment (at least one aligned block), or all ``n`` when that leaves nothing prunable."""
+    a = max(1, min(align, n))
+    fixed = max(a, -(-keep // a) * a)
+    return n if fixed > n - n % a else fixed
 
 
 Cost = float | torch.Tensor  # per element, or a curve T(w) for w = 0..n: the cost of keeping w elements
@@ -63,7 +74,11 @@ def total_cost(cost: Cost, n: int) -> float:
 
 
 def select(
-    scores: list[torch.Tensor], costs: list[Cost], ratio: float, align: list[int] | None = None
+    scores: list[torch.Tensor],
+    costs: list[Cost],
+    ratio: float,
+    align: list[int] | None = None,
+    keep: list[int] | None = None,
 ) -> list[torch.Tensor]:
     """Choose the elements to prune, over all structures in one ranking.
 
@@ -74,6 +89,7 @@ def select(
         ratio: the fraction of the total cost (over all structures) to remove.
         align: per structure, keep a multiple of this many elements (1, the paper's setting, by default). Larger
             values give hardware-friendly widths (e.g. head_dim a multiple of 8) at a coarser budget granularity.
+        keep: per structure, the fewest elements it keeps (a floor; 1 by default). The ranking never crosses it.
 
     Returns:
         per structure, a bool tensor (n_i,) marking the chosen elements. Every structure keeps at least its most
@@ -82,10 +98,11 @@ def select(
         closest to ``ratio`` x total cost.
     """
     align = align or [1] * len(scores)
+    keep = keep or [1] * len(scores)
     flat_scores = [s.reshape(-1).double() for s in scores]
     members, unit_of, unit_cost_each, offset = [], [], [], 0
-    for i, (s, c, a) in enumerate(zip(flat_scores, costs, align)):
-        order, unit, count = _units(s, a)
+    for i, (s, c, a, k) in enumerate(zip(flat_scores, costs, align, keep)):
+        order, unit, count = _units(s, a, k)
         members.append((i, order))
         unit_of.append(unit + offset)
         sizes = torch.bincount(unit, minlength=count).double()
