@@ -10,9 +10,7 @@ the compressed model, in one fresh process). Writes benchmarks/results_clip.md a
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
-import statistics
 import subprocess
 import sys
 import time
@@ -115,48 +113,6 @@ def measure(args: argparse.Namespace, runs: Path) -> None:
     print(text_md)
 
 
-def seed_study(args: argparse.Namespace, runs: Path) -> None:
-    """Unified vs uniform at 4x over several seeds (data order of search and retraining), with
-    ``--study-epochs-search`` search epochs: one seed's difference of a point is within run-to-run noise at this
-    size. Runs already in ``runs/bench-clip`` are reused."""
-    torch.set_num_threads(2)
-    rows = []
-    search = args.study_epochs_search
-    for seed in args.seeds:
-        row = {"seed": seed}
-        for allocation in ("unified", "uniform"):
-            name = f"study-search{search}-p0.75-{allocation}-seed{seed}"
-            if not (runs / name / "report.json").is_file():
-                cfg = dataclasses.replace(CFG, seed=seed)
-                config = upop.PruneConfig(p=0.75, allocation=allocation)
-                base = str(runs / "base" / "model.safetensors")
-                recipe = run.Recipe(epochs_search=search, epochs=args.epochs)
-                run.compress(cfg, config, base, recipe, str(runs / name), True)
-            r = json.loads((runs / name / "report.json").read_text())
-            row[allocation] = r["compressed"]["metrics"]["r_mean"]
-            row[f"{allocation}_searched"] = r["searched_metrics"]["r_mean"]
-        rows.append(row)
-    lines = [
-        "| seed | 4x unified mean R | 4x uniform mean R | before retraining: unified | uniform |",
-        "|---|---|---|---|---|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['seed']} | {r['unified']:.2f} | {r['uniform']:.2f} | {r['unified_searched']:.2f} | "
-            f"{r['uniform_searched']:.2f} |"
-        )
-    mean = {
-        k: statistics.mean(r[k] for r in rows) for k in ("unified", "uniform", "unified_searched", "uniform_searched")
-    }
-    lines.append(
-        f"| mean | {mean['unified']:.2f} | {mean['uniform']:.2f} | {mean['unified_searched']:.2f} | "
-        f"{mean['uniform_searched']:.2f} |"
-    )
-    (HERE / f"results_clip_seeds_search{search}.json").write_text(json.dumps(rows, indent=1) + "\n")
-    (HERE / f"results_clip_seeds_search{search}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--base-epochs", type=int, default=15)
@@ -165,18 +121,10 @@ def main() -> None:
     parser.add_argument("--latency-batch", type=int, default=64)
     parser.add_argument("--iters", type=int, default=60)
     parser.add_argument("--measure-only", action="store_true")
-    parser.add_argument(
-        "--seeds", type=lambda v: [int(x) for x in v.split(",")], default=[0, 1, 2], help="seeds of the 4x study"
-    )
-    parser.add_argument("--study-epochs-search", type=int, default=6, help="search epochs of the 4x seed study")
-    parser.add_argument("--study-only", action="store_true", help="only the seed study (reusing finished runs)")
     args = parser.parse_args()
     runs = ROOT / "runs" / "bench-clip"
     if args.measure_only:
         measure(args, runs)
-        return
-    if args.study_only:
-        seed_study(args, runs)
         return
     torch.set_num_threads(2)
     if not (runs / "base" / "report.json").is_file():
@@ -197,7 +145,6 @@ def main() -> None:
         ],
         check=True,
     )
-    seed_study(args, runs)
 
 
 if __name__ == "__main__":

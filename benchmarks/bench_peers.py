@@ -65,6 +65,12 @@ METHODS = {  # name -> (row label, kind, settings)
     "study-snr": ("paper's ranking, --score snr", "upop", {**PAPER_RANKING, "score": "snr"}),
     "study-snr-floor0.5": ("--score snr --floor 0.5", "upop", {**PAPER_RANKING, "score": "snr", "floor": 0.5}),
     "study-fisher": ("paper's ranking, --score fisher", "upop", {**PAPER_RANKING, "score": "fisher"}),
+    "uniform-paper": ("--allocation uniform --paper-ranking", "upop", {**PAPER_RANKING, "allocation": "uniform"}),
+    "study-fisher-tower": (
+        "--score fisher --floor 0.5 --standardise tower",
+        "upop",
+        {"score": "fisher", "floor": 0.5, "standardise": "tower"},
+    ),
     "study-structure": (
         "paper's ranking, --standardise structure",
         "upop",
@@ -73,7 +79,23 @@ METHODS = {  # name -> (row label, kind, settings)
     "study-floor0.5": ("paper's ranking, --floor 0.5", "upop", {**PAPER_RANKING, "floor": 0.5}),
 }
 MAIN = ["upop", "upop-paper", "uniform", "tp-taylor", "tp-magnitude", "tp-taylor-global"]
-STUDY = ["upop", "upop-paper", "study-fisher", "study-snr", "study-snr-floor0.5", "study-floor0.5", "study-structure"]
+STUDY = {  # task -> (budgets, methods) of the ranking study
+    "classification": (
+        "0.75",
+        [
+            "upop",
+            "upop-paper",
+            "study-fisher",
+            "study-snr",
+            "study-snr-floor0.5",
+            "study-floor0.5",
+            "study-structure",
+            "uniform",
+            "uniform-paper",
+        ],
+    ),
+    "retrieval": ("0.5,0.75", ["upop", "upop-paper", "study-fisher-tower"]),
+}
 
 
 # ------------------------------------------------------------------------------------------------ Torch-Pruning
@@ -273,23 +295,24 @@ def main() -> None:
     parser.add_argument("--ps", default="0.5,0.75")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument(
-        "--study", action="store_true", help="the ranking study instead: classification at 4x, results_peers_study.md"
+        "--study", action="store_true", help="the ranking study instead (STUDY), written to results_peers_study.md"
     )
     args = parser.parse_args()
-    if args.study:
-        args.tasks, args.ps, args.methods = "classification", "0.75", ",".join(STUDY)
+    plan = (
+        {task: (ps, methods) for task, (ps, methods) in STUDY.items()}
+        if args.study
+        else {task: (args.ps, args.methods.split(",")) for task in args.tasks.split(",")}
+    )
     torch.set_num_threads(2)
     seeds = [int(s) for s in args.seeds.split(",")]
     everything, lines = {}, []
-    for task in args.tasks.split(","):
+    for task, (ps, methods) in plan.items():
         runs = ROOT / "runs" / "bench-peers" / task
         pretrained = base(task, runs)
         dense = json.loads((runs / "base" / "report.json").read_text())["metrics"][TASKS[task][5]]
         results = {
-            float(p): {
-                m: [one_run(task, m, float(p), s, runs, pretrained) for s in seeds] for m in args.methods.split(",")
-            }
-            for p in args.ps.split(",")
+            float(p): {m: [one_run(task, m, float(p), s, runs, pretrained) for s in seeds] for m in methods}
+            for p in ps.split(",")
         }
         everything[task] = {"dense": dense, "results": results}
         lines += table(task, results, dense, seeds) + [""]

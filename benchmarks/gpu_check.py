@@ -12,7 +12,8 @@ model at BLIP-base size, 384 px, batch 32 pairs):
    of the same budget (every structure keeps its first half, as multiples of 8 dims, or half its heads), the
    reference for what the hardware allows;
 4. each tower of dense vs every 2x model: speedups as the median of back-to-back ratios, in fp32 and autocast at the
-   batch, and autocast at batch 1; with ``--compile-model``, dense vs default under torch.compile too.
+   batch, and autocast at batch 1; with ``--compile-model``, dense vs default under torch.compile too, and on a GPU
+   dense and default at batch 1 with CUDA graphs (``torch.compile(mode="reduce-overhead")``) against eager dense.
 Prints one JSON object (and writes it to --out).
 """
 
@@ -320,6 +321,13 @@ def check(spec: str, device: torch.device, args: argparse.Namespace) -> dict:
         if spec == args.compile_model:
             compiled = {k: torch.compile(models[k]) for k in ("dense", "default_auto")}
             out["speedup"][tower_name]["autocast_compiled"] = speedups(compiled, tower, x, True, args.iters, device)
+            if device.type == "cuda":  # batch 1 is launch-bound: CUDA graphs, each against eager dense
+                graphs = {"dense": models["dense"]}
+                for k in ("dense", "default_auto"):
+                    graphs[f"{k}_cuda_graphs"] = torch.compile(models[k], mode="reduce-overhead")
+                out["speedup"][tower_name]["autocast_batch1_vs_eager_dense"] = speedups(
+                    graphs, tower, x1, True, args.iters, device
+                )
     return out
 
 

@@ -1,7 +1,7 @@
 """UPop: Unified and Progressive Pruning of vision and vision-language Transformers."""
 
 from upop.adapters import Adapter, BlockSpec, register_adapter, registered_adapters
-from upop.config import PruneConfig
+from upop.config import PAPER_RANKING, PruneConfig
 from upop.core.plan import Plan, apply_plan, save_compressed
 from upop.core.profile import measure_latency, profile
 from upop.core.pruner import Pruner
@@ -9,6 +9,7 @@ from upop.deploy import load_compressed
 from upop.errors import UPopError
 
 __all__ = [
+    "PAPER_RANKING",
     "Adapter",
     "BlockSpec",
     "Plan",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 from upop.errors import UPopError
@@ -15,7 +16,8 @@ ALLOCATIONS = ("unified", "uniform")
 GRANULARITIES = ("dim", "head")
 SCORES = ("gradient", "snr", "fisher")
 STANDARDISE = ("kind", "tower", "structure")
-PAPER_RANKING = {"score": "gradient", "standardise": "kind", "floor": 0.0}  # UPop as published
+# UPop's ranking as published (read-only): PruneConfig(**PAPER_RANKING), `--paper-ranking`
+PAPER_RANKING = MappingProxyType({"score": "gradient", "standardise": "kind", "floor": 0.0})
 MIN_RERANKINGS = 10  # a search re-ranks at least this often (or at every step when it is shorter)
 MAX_AUTO_INTERVAL = 50  # the paper's interval, for long searches
 

@@ -89,7 +89,9 @@ class Pruner:
         model = pruner.compress()    # after T steps
 
     The masks are not parameters of the model, so no optimizer sees them, whenever it is built. Their gradients are
-    read, averaged over DDP ranks and accumulated by ``step``; a larger accumulated gradient means less important.
+    read, averaged over DDP ranks and accumulated by ``step``; ``scores`` turns them into the ranking's scores
+    (``config.score``: by default an element whose mask gradient has the smaller root mean square is less important;
+    the paper's "gradient": a larger accumulated gradient is), ``stability_summary`` says how settled it was.
 
     Args:
         model: the dense model (a DDP wrapper is unwrapped).
@@ -134,8 +136,8 @@ class Pruner:
         # one flat fp32 accumulator; the per-structure entries are views of it, so a step adds once
         self._importance = torch.zeros(sum(s.size for s in self.structures), dtype=torch.float32, device=device)
         self.importance = list(torch.split(self._importance, [s.size for s in self.structures]))
-        # score="snr": sum and sum of squares of the task-loss part of the step gradients (the L1 penalty's known
-        # gradient, w * sign(m) per kind, taken out when sparsity_loss() was in the step's loss)
+        # score="fisher" / "snr": sum and sum of squares of the task-loss part of the step gradients (the L1 penalty's
+        # known gradient, w * sign(m) per kind, taken out when sparsity_loss() was in the step's loss)
         self._task_sum = torch.zeros_like(self._importance)
         self._task_sq = torch.zeros_like(self._importance)
         weights = {"attn": self.config.w_attn, "mlp": self.config.w_mlp}
@@ -217,8 +219,9 @@ class Pruner:
 
     def scores(self) -> list[torch.Tensor]:
         """Per structure, the standardised score of each element (larger = less important): the accumulated mask
-        gradient (score="gradient"), or that sum over its standard error (score="snr"), standardised per kind (and
-        per tower, or per structure, as configured)."""
+        gradient (score="gradient"), minus the root mean square of the task-loss part of the step gradients
+        ("fisher"), or that part's sum over its standard error ("snr"); standardised per kind (and per tower, or per
+        structure, as configured)."""
         raw = self._importance.double().cpu()
         if self.config.score == "fisher" and self.accumulated_steps > 0:
             raw = -(self._task_sq.double().cpu() / self.accumulated_steps).sqrt()  # a larger RMS is more important
