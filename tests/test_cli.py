@@ -253,6 +253,9 @@ def test_report_carries_the_ranking_stability(compressed):
     smallest = min(s["kept"] / s["size"] for s in report["per_structure"])
     assert stability["min_kept_fraction"] == pytest.approx(smallest)
     assert stability["rerankings"][-1]["pi"] == 0.5 and isinstance(stability["warnings"], list)
+    header = (compressed / "report.md").read_text()
+    assert "ranking: fisher score standardised per kind, floor 0.5 of the uniform share" in header
+    assert f"rank correlation {stability['rank_correlation']:.2f}" in header
 
 
 def test_a_given_plan_is_retrained_without_a_search_to_the_same_architecture(base, compressed, tmp_path, capsys):

@@ -76,7 +76,7 @@ def report_header(report: dict[str, Any]) -> str:
         f"- kept weights: {how}",
         f"- pruning: p = {report.get('p')} of the prunable {report.get('cost')}, {report.get('allocation')} "
         f"allocation, {_alignment_text(report)}, T = {prune.get('total_steps')} "
-        f"search steps, {report.get('rerankings')} re-rankings",
+        f"search steps, {report.get('rerankings')} re-rankings; {_ranking_text(report)}",
         f"- recipe: search {recipe.get('epochs_search')} epoch(s) at lr {recipe.get('lr_search')} "
         f"({recipe.get('search_schedule')}), retraining {recipe.get('epochs')} epoch(s) at lr {recipe.get('lr')} "
         f"(cosine), {distill}; seed {report.get('seed')}, batch {report.get('batch_size')} per rank, "
@@ -85,6 +85,21 @@ def report_header(report: dict[str, Any]) -> str:
         f"{report.get('upop_version')}, torch {report.get('torch_version')}; {report.get('date')}",
     ]
     return "\n".join(lines)
+
+
+def _ranking_text(report: dict[str, Any]) -> str:
+    """The ranking a compress run used, and how settled it ended (or that a given plan replaced the search)."""
+    if report.get("given_plan"):
+        return "no search: a given plan"
+    prune = report.get("prune", {})
+    text = (
+        f"ranking: {prune.get('score', 'gradient')} score standardised per {prune.get('standardise', 'kind')}, "
+        f"floor {prune.get('floor', 0.0)} of the uniform share"
+    )
+    stability = report.get("stability") or {}
+    if stability.get("rank_correlation") is not None:
+        text += f" (last two re-rankings: rank correlation {stability['rank_correlation']:.2f})"
+    return text
 
 
 def comparison_table(report: dict[str, Any]) -> str:
