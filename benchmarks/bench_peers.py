@@ -36,7 +36,7 @@ import upop
 from upop import run
 from upop.adapters import find_adapter
 from upop.config import PAPER_RANKING
-from upop.core.plan import Plan, fingerprint
+from upop.core.plan import Plan
 from upop.tasks import DataConfig
 
 HERE = Path(__file__).parent
@@ -157,14 +157,15 @@ def tp_choice(model: torch.nn.Module, example: Any, ratio: float, importance: An
         c = torch.ones(s.size, dtype=torch.bool)
         c[sets[0]] = False
         chosen.append(c)
-    return structures, chosen
+    return chosen
 
 
-def params_removed(model: torch.nn.Module, chosen: list[torch.Tensor]) -> float:
-    """The fraction of the prunable parameters a choice removes (UPop's params cost, the budget every row meets)."""
+def as_upop_plan(model: torch.nn.Module, chosen: list[torch.Tensor]) -> tuple[float, Plan]:
+    """A choice as UPop sees it: the fraction of the prunable parameters it removes (UPop's params cost, the budget
+    every row meets) and its plan."""
     pruner = upop.Pruner(copy.deepcopy(model), upop.PruneConfig(p=0.5, align_attn=1, align_mlp=1))
     pruner.set_choice(chosen, 0.0)
-    return pruner.pruned_cost_fraction()
+    return pruner.pruned_cost_fraction(), pruner.plan()
 
 
 def tp_plan(cfg: run.RunConfig, pretrained: str, p: float, settings: dict) -> tuple[Plan, dict]:
@@ -194,27 +195,12 @@ def tp_plan(cfg: run.RunConfig, pretrained: str, p: float, settings: dict) -> tu
     low, high, best = 0.0, 0.99, None
     for _ in range(12):
         ratio = (low + high) / 2
-        structures, chosen = tp_choice(model, example, ratio, importance, settings["global"], grads)
-        removed = params_removed(model, chosen)
+        chosen = tp_choice(model, example, ratio, importance, settings["global"], grads)
+        removed, plan = as_upop_plan(model, chosen)
         if best is None or abs(removed - p) < abs(best[1] - p):
-            best = (ratio, removed, chosen, structures)
+            best = (ratio, removed, plan)
         low, high = (ratio, high) if removed < p else (low, ratio)
-    ratio, removed, chosen, structures = best
-    plan = Plan(
-        adapter=find_adapter(model).name,
-        fingerprint=fingerprint(model),
-        structures=[
-            {
-                "name": s.name,
-                "kind": s.kind,
-                "tower": s.tower,
-                "size": s.size,
-                "kept": (~c).nonzero().squeeze(1).tolist(),
-            }
-            for s, c in zip(structures, chosen)
-        ],
-        config={"granularity": "dim"},
-    )
+    ratio, removed, plan = best
     return plan, {"ratio": ratio, "removed": removed}
 
 
