@@ -1,8 +1,8 @@
 """GPU check, one prepared script (benchmarks/gpu_check.sh on a machine with a CUDA device, about 5 minutes on one
 H100/H200; a CPU test runs it at tiny size so it cannot rot). Random weights; nothing is downloaded.
 
-For each model (default timm DeiT-Small, DeiT-Base, an HF CLIP ViT-B/16 built from its config, and UPop's BLIP NLVR
-model at BLIP-base size, 384 px, batch 32 pairs):
+For each model (default timm DeiT-Small, DeiT-Base, an HF CLIP ViT-B/16 built from its config, UPop's BLIP NLVR
+model at BLIP-base size, 384 px, batch 32 pairs, and HF's BLIP captioner at BLIP-base size, 384 px, batch 32):
 1. FLOPs of one sample counted on the device and on the CPU (``upop.profile`` counts attention on both);
 2. a plain training step vs a UPop search step (masks, sparsity loss, ``Pruner.step``) under autocast: fastest of
    interleaved rounds;
@@ -13,7 +13,9 @@ model at BLIP-base size, 384 px, batch 32 pairs):
    reference for what the hardware allows;
 4. each tower of dense vs every 2x model: speedups as the median of back-to-back ratios, in fp32 and autocast at the
    batch, and autocast at batch 1; with ``--compile-model``, dense vs default under torch.compile too, and on a GPU
-   dense and default at batch 1 with CUDA graphs (``torch.compile(mode="reduce-overhead")``) against eager dense.
+   dense and default at batch 1 with CUDA graphs (``torch.compile(mode="reduce-overhead")``) against eager dense;
+5. for a captioner, generation with HF's ``generate`` and its KV cache (3 beams, 16 new tokens per image, autocast):
+   tokens per second of dense, default 2x and the hand-sliced uniform 2x, and their speedups back to back.
 Prints one JSON object (and writes it to --out).
 """
 
@@ -55,6 +57,7 @@ class Workload:
     loss: Callable[[torch.nn.Module, Any], torch.Tensor]
     towers: dict[str, Callable[[torch.nn.Module, Any], Any]]
     batch: int | None = None  # this model's batch (default --batch)
+    generate: Callable[[torch.nn.Module, Any], torch.Tensor] | None = None  # a decoder's generation: token ids
 
 
 def _timm(arch: str, device: torch.device) -> Workload:
@@ -153,8 +156,91 @@ def _blip_nlvr(size: str, device: torch.device) -> Workload:
     return Workload(f"blip-nlvr:{size}", build, inputs, loss, {"model": lambda m, x: m(**x)}, batch)
 
 
+def _blip_caption(size: str, device: torch.device) -> Workload:
+    """HF BlipForConditionalGeneration from configs (BLIP-base captioning at 384 px for "base"), random weights:
+    teacher-forced LM loss on 20 tokens, and generation with the KV cache (3 beams, exactly ``GENERATED`` tokens)."""
+    from transformers.models.blip.configuration_blip import BlipTextConfig, BlipVisionConfig
+
+    from upop.blip import build_captioner
+
+    (vw, vh, vl, vm, image, patch), (tw, th, tl, tm, _), batch = NLVR_SIZES[size]
+    vocab, tokens = (30524, 20) if size == "base" else (50, 8)
+    vision = BlipVisionConfig(
+        hidden_size=vw,
+        num_attention_heads=vh,
+        num_hidden_layers=vl,
+        intermediate_size=vm,
+        image_size=image,
+        patch_size=patch,
+        initializer_range=0.02,
+    )
+    text = BlipTextConfig(
+        vocab_size=vocab,
+        hidden_size=tw,
+        num_attention_heads=th,
+        num_hidden_layers=tl,
+        intermediate_size=tm,
+        encoder_hidden_size=vw,
+        max_position_embeddings=512 if size == "base" else max(tokens, GENERATED + 4),
+    )
+    if size != "base":  # BLIP's special ids (30522 [DEC], 102 [SEP]) within the tiny vocabulary
+        text.bos_token_id, text.sep_token_id, text.eos_token_id, text.pad_token_id = 1, vocab - 1, vocab - 1, 0
+
+    def inputs(n: int) -> dict[str, torch.Tensor]:
+        return {
+            "pixel_values": torch.randn(n, 3, image, image, device=device),
+            "input_ids": torch.randint(3, vocab - 1, (n, tokens), device=device),
+            "attention_mask": torch.ones(n, tokens, dtype=torch.long, device=device),
+        }
+
+    def loss(model, x):
+        logits = model(**x).logits[:, :-1].float()
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x["input_ids"][:, 1:].reshape(-1))
+
+    def generate(model, x):
+        prompt = x["input_ids"][:, :5].clone()  # a 4-token prompt (HF drops the last id)
+        n = GENERATED + 4
+        return model.generate(pixel_values=x["pixel_values"], input_ids=prompt, num_beams=3, max_length=n, min_length=n)
+
+    build = lambda: build_captioner(vision, text).to(device)  # noqa: E731
+    towers = {"model": lambda m, x: m(**x).logits}
+    return Workload(f"blip-caption:{size}", build, inputs, loss, towers, batch, generate)
+
+
+GENERATED = 16  # tokens each generation produces after its prompt
+
+
+def generation_speed(models: dict, w: Workload, x: Any, iters: int, device: torch.device) -> dict[str, Any]:
+    """Generated tokens per second of each model (bf16/fp16 autocast, 3 beams, exactly ``GENERATED`` new tokens per
+    image), and each model's speedup over dense as the median of back-to-back ratios."""
+    autocast, _ = amp_context(device, True)
+    times: dict[str, list[float]] = {k: [] for k in models}
+    with torch.inference_mode(), autocast():
+        for m in models.values():
+            w.generate(m.eval(), x)
+        for i in range(iters):
+            for name, m in list(models.items())[:: 1 if i % 2 else -1]:
+                _sync(device)
+                start = time.perf_counter()
+                w.generate(m, x)
+                _sync(device)
+                times[name].append(time.perf_counter() - start)
+    tokens = GENERATED * _batch_of(x)
+    dense = times["dense"]
+    return {
+        "tokens_per_s": {k: tokens / statistics.median(v) for k, v in times.items()},
+        "speedup": {k: statistics.median(d / t for d, t in zip(dense, v)) for k, v in times.items() if k != "dense"},
+    }
+
+
+def _batch_of(x: Any) -> int:
+    return int(next(iter(x.values())).shape[0]) if isinstance(x, dict) else int(x.shape[0])
+
+
 def workload(spec: str, device: torch.device) -> Workload:
     family, _, size = spec.partition(":")
+    if family == "blip-caption":
+        return _blip_caption(size, device)
     if family == "hf-clip":
         return _hf_clip(size, device)
     if family == "blip-nlvr":
@@ -311,6 +397,9 @@ def check(spec: str, device: torch.device, args: argparse.Namespace) -> dict:
         model = hand_sliced(w, granularity)
         models[f"uniform_{granularity}s_hand_sliced"] = model.eval()
     out["dense_params"] = sum(p.numel() for p in dense.parameters())
+    if w.generate is not None:
+        chosen = ("dense", "default_auto", "uniform_dims_hand_sliced")
+        out["generation"] = generation_speed({k: models[k] for k in chosen}, w, x, max(2, args.iters // 5), device)
     out["speedup"] = {}
     for tower_name, tower in w.towers.items():
         out["speedup"][tower_name] = {
@@ -334,7 +423,8 @@ def check(spec: str, device: torch.device, args: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument(
-        "--models", default="timm:deit_small_patch16_224,timm:deit_base_patch16_224,hf-clip:B16,blip-nlvr:base"
+        "--models",
+        default="timm:deit_small_patch16_224,timm:deit_base_patch16_224,hf-clip:B16,blip-nlvr:base,blip-caption:base",
     )
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--batch", type=int, default=256)

@@ -231,6 +231,33 @@ def blip_nlvr(heads: int = 3, head_dim: int = 7, depth: int = 2, mlp_hidden: int
     return TokensUnderTest(BlipNlvr(vision, text, enc_token_id=2), 50, call)
 
 
+def hf_blip_caption(
+    heads: int = 3, head_dim: int = 7, depth: int = 2, mlp_hidden: int = 19, image: int = 16
+) -> nn.Module:
+    """HF BlipForConditionalGeneration: the decoder's logits (causal self-attention, cross-attention to the image)."""
+    from upop.blip import build_captioner
+
+    vision, text = _blip_configs(heads, head_dim, depth, mlp_hidden, image)
+
+    def call(captioner, images, ids, attention):
+        return captioner(pixel_values=images, input_ids=ids, attention_mask=attention).logits.flatten(1)
+
+    return TokensUnderTest(build_captioner(vision, text), 50, call)
+
+
+def blip_vqa(heads: int = 3, head_dim: int = 7, depth: int = 2, mlp_hidden: int = 19, image: int = 16) -> nn.Module:
+    """UPop's BLIP VQA: the answer decoder's logits through the question encoder (each question answered with the
+    batch's questions in reverse order as answers)."""
+    from upop.blip import BlipVqa
+
+    vision, text = _blip_configs(heads, head_dim, depth, mlp_hidden, image)
+
+    def call(vqa, images, ids, attention):
+        return vqa(images, ids, attention, ids.flip(0), attention.flip(0)).flatten(1)
+
+    return TokensUnderTest(BlipVqa(vision, text, enc_token_id=2), 50, call)
+
+
 # adapter name -> model factories (each takes heads, head_dim, depth, mlp_hidden, image). A model holding blocks of
 # several families (BLIP) is listed under each family it tests.
 ADAPTER_MODELS = {
@@ -238,7 +265,7 @@ ADAPTER_MODELS = {
     "hf-vit": [hf_vit, hf_deit],
     "hf-clip": [hf_clip],
     "open-clip": [open_clip_model],
-    "hf-bert": [hf_bert],
+    "hf-bert": [hf_bert, hf_blip_caption, blip_vqa],
     "hf-blip": [hf_blip_retrieval],
     "blip-nlvr": [blip_nlvr],
 }

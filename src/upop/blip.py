@@ -15,6 +15,7 @@ models' keys, through one table.
 
 from __future__ import annotations
 
+import copy
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -216,6 +217,148 @@ class BlipRetrieval(nn.Module):
         return convert_original(state)
 
 
+class BlipVqa(nn.Module):
+    """BLIP for VQA, with the submodule names of HF's ``BlipForQuestionAnswering`` and of the released checkpoints:
+    ``vision_model``; ``text_encoder``, the question encoder (BLIP's BERT, cross-attending to the image; its first
+    token is the encoder token); ``text_decoder``, the answer decoder (HF ``BlipTextLMHeadModel``: causal
+    self-attention, cross-attention to the question's states, MLP, LM head).
+
+    ``forward(pixel_values, input_ids, attention_mask, answer_ids, answer_mask, answer_owner=None)`` returns the
+    decoder's logits (A, L, V) for A answers, answer a given question ``answer_owner[a]`` (default: one answer per
+    question); the answers' first token is replaced by the decoder's start token. ``rank`` picks answers from a
+    candidate list as BLIP does, ``generate`` decodes them with HF's ``generate`` (KV cache)."""
+
+    def __init__(self, vision: BlipVisionConfig, text: BlipTextConfig, enc_token_id: int) -> None:
+        from transformers.models.blip.modeling_blip_text import BlipTextLMHeadModel, BlipTextModel
+
+        super().__init__()
+        text.encoder_hidden_size = vision.hidden_size
+        decoder = copy.deepcopy(text)
+        decoder.encoder_hidden_size = text.hidden_size  # the answer decoder attends to the question's states
+        self.vision_config, self.text_config, self.enc_token_id = vision, text, int(enc_token_id)
+        self.vision_model = BlipVisionModel(vision)
+        self.text_encoder = BlipTextModel(text, add_pooling_layer=False)
+        self.text_decoder = BlipTextLMHeadModel(decoder)
+
+    def question_states(
+        self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
+        image = self.vision_model(pixel_values=pixel_values).last_hidden_state
+        ids = input_ids.clone()
+        ids[:, 0] = self.enc_token_id
+        return self.text_encoder(
+            input_ids=ids,
+            attention_mask=attention_mask,
+            encoder_hidden_states=image,
+            encoder_attention_mask=torch.ones(image.shape[:2], dtype=torch.long, device=image.device),
+        ).last_hidden_state
+
+    def decode(
+        self, answer_ids: torch.Tensor, answer_mask: torch.Tensor, states: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        ids = answer_ids.clone()
+        ids[:, 0] = self.text_config.bos_token_id
+        return self.text_decoder(
+            input_ids=ids, attention_mask=answer_mask, encoder_hidden_states=states, encoder_attention_mask=mask
+        ).logits
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        answer_ids: torch.Tensor,
+        answer_mask: torch.Tensor,
+        answer_owner: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        states = self.question_states(pixel_values, input_ids, attention_mask)
+        if answer_owner is not None:
+            states, attention_mask = states[answer_owner], attention_mask[answer_owner]
+        return self.decode(answer_ids, answer_mask, states, attention_mask)
+
+    @torch.no_grad()
+    def rank(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        answer_ids: torch.Tensor,
+        answer_mask: torch.Tensor,
+        k: int,
+    ) -> torch.Tensor:
+        """BLIP's rank inference: the index of each question's answer among the candidates (``answer_ids``, one row
+        each): the ``k`` candidates whose first token is likeliest after the start token, then the one of those
+        with the highest log-likelihood of all its tokens."""
+        states = self.question_states(pixel_values, input_ids, attention_mask)
+        n, k = states.shape[0], min(k, answer_ids.shape[0])
+        start = torch.full((n, 1), self.text_config.bos_token_id, dtype=torch.long, device=states.device)
+        first = self.text_decoder(input_ids=start, encoder_hidden_states=states, encoder_attention_mask=attention_mask)
+        first = first.logits[:, 0].float().log_softmax(-1)[:, answer_ids[:, 1]]  # (N, candidates)
+        top = first.topk(k, dim=1).indices  # (N, k)
+        best = []
+        per = max(1, 1024 // k)  # questions per decoder call: at most ~1024 sequences at once
+        for q in range(0, n, per):
+            rows = top[q : q + per]
+            ids, mask = answer_ids[rows].flatten(0, 1), answer_mask[rows].flatten(0, 1)
+            logits = self.decode(
+                ids,
+                mask,
+                states[q : q + per].repeat_interleave(k, 0),
+                attention_mask[q : q + per].repeat_interleave(k, 0),
+            )
+            logp = logits[:, :-1].float().log_softmax(-1).gather(2, ids[:, 1:, None]).squeeze(2)
+            score = (logp * mask[:, 1:]).sum(1).view(-1, k)
+            best.append(rows.gather(1, score.argmax(1, keepdim=True)).squeeze(1))
+        return torch.cat(best)
+
+    @torch.no_grad()
+    def generate(
+        self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs: Any
+    ) -> torch.Tensor:
+        """Answer token ids (start token first) decoded by HF's ``generate`` with its KV cache; ``kwargs`` go to it
+        (e.g. ``num_beams``, ``max_length``)."""
+        states = self.question_states(pixel_values, input_ids, attention_mask)
+        start = torch.full((states.shape[0], 1), self.text_config.bos_token_id, device=states.device)
+        return self.text_decoder.generate(
+            input_ids=start,
+            eos_token_id=self.text_config.sep_token_id,
+            pad_token_id=self.text_config.pad_token_id,
+            encoder_hidden_states=states,
+            encoder_attention_mask=attention_mask,
+            **kwargs,
+        )
+
+    def upop_convert_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return tie_lm_head(convert_original(state), "text_decoder.")
+
+
+def build_captioner(vision: BlipVisionConfig, text: BlipTextConfig) -> nn.Module:
+    """HF ``BlipForConditionalGeneration`` of these configs, reading the released BLIP captioning checkpoints too."""
+    from transformers import BlipConfig, BlipForConditionalGeneration
+
+    config = BlipConfig(vision_config=vision.to_dict(), text_config=text.to_dict())
+    return with_original_keys(BlipForConditionalGeneration(config))
+
+
+def with_original_keys(model: nn.Module) -> nn.Module:
+    """``model`` (an HF BLIP captioner) that also loads the released checkpoints' keys (``upop.models.load_weights``
+    looks for ``upop_convert_state``)."""
+    model.upop_convert_state = lambda state: tie_lm_head(convert_original(state), "text_decoder.")
+    return model
+
+
+def tie_lm_head(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The LM head's output layer shares the word embeddings (and its bias the head's ``bias``): a checkpoint that
+    stores only one of each gets the other."""
+    head = f"{prefix}cls.predictions."
+    tied = {f"{head}decoder.weight": f"{prefix}bert.embeddings.word_embeddings.weight"}
+    tied[f"{head}decoder.bias"] = f"{head}bias"
+    for key, source in tied.items():
+        if key not in state and source in state and any(k.startswith(head) for k in state):
+            state = {**state, key: state[source]}
+    return state
+
+
 # ------------------------------------------------------------------------------------- original checkpoint keys
 ORIGINAL_KEYS: tuple[tuple[str, str], ...] = (  # (pattern in the released BLIP checkpoints, key here)
     (r"^visual_encoder\.cls_token$", "vision_model.embeddings.class_embedding"),
@@ -299,6 +442,13 @@ def _load_into(model: nn.Module, state: dict[str, torch.Tensor], fresh: Callable
     missing = [k for k in own if k not in state and not fresh(k)]
     if missing:
         raise UPopError(f"{what}: missing {', '.join(missing[:3])}")
+    wrong = [
+        f"{k} ({tuple(state[k].shape)} vs {tuple(v.shape)})"
+        for k, v in own.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    if wrong:
+        raise UPopError(f"{what}: wrong shape {', '.join(wrong[:3])}")
     model.load_state_dict({**own, **{k: v for k, v in state.items() if k in own}})
 
 
@@ -334,14 +484,53 @@ def load_hf_retrieval(path: Path, weights: bool = True) -> BlipRetrieval:
     return model
 
 
-def _tokenize_with(tokenizer: Any, positions: int) -> Any:
-    length = min(int(getattr(tokenizer, "model_max_length", 35) or 35), positions)
+class HFTokens:
+    """An HF tokenizer as the tasks call it: ``tokens(texts)`` -> {"input_ids", "attention_mask"} padded to the
+    longest text and cut at ``length`` tokens; ``decode(ids)`` -> text without special tokens."""
 
-    def tokenize(texts: list[str]) -> dict[str, torch.Tensor]:
-        out = tokenizer(texts, padding="longest", truncation=True, max_length=length, return_tensors="pt")
+    def __init__(self, tokenizer: Any, positions: int) -> None:
+        self.tokenizer = tokenizer
+        self.length = min(int(getattr(tokenizer, "model_max_length", 35) or 35), positions)
+
+    def __call__(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        out = self.tokenizer(texts, padding="longest", truncation=True, max_length=self.length, return_tensors="pt")
         return {"input_ids": out["input_ids"], "attention_mask": out["attention_mask"]}
 
-    return tokenize
+    def decode(self, ids: torch.Tensor | list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+
+def load_hf_captioner(path: Path, weights: bool = True) -> nn.Module:
+    """HF ``BlipForConditionalGeneration`` from a local directory (e.g. blip-image-captioning-base), its tokenizer
+    as ``upop_tokenizer``."""
+    from transformers import BlipForConditionalGeneration
+    from transformers.utils.logging import disable_progress_bar
+
+    config, tokenize, _, _ = _hf_blip(path, False)
+    has_weights = any(path.glob("*.safetensors")) or any(path.glob("*.bin"))
+    disable_progress_bar()
+    if weights and has_weights:
+        model = BlipForConditionalGeneration.from_pretrained(str(path), local_files_only=True)
+    else:
+        model = BlipForConditionalGeneration(config)
+    model.upop_tokenizer = tokenize
+    return with_original_keys(model)
+
+
+def load_hf_vqa(path: Path, weights: bool = True) -> BlipVqa:
+    """``BlipVqa`` from a local HF BLIP directory (``BlipForQuestionAnswering``: the same key names), with its
+    tokenizer."""
+    config, tokenize, enc, state = _hf_blip(path, weights)
+    model = BlipVqa(config.vision_config, config.text_config, enc)
+    model.upop_tokenizer = tokenize
+    if state:
+        state = tie_lm_head(state, "text_decoder.")
+        _load_into(model, state, lambda k: False, f"{path} is not a BLIP visual question answering model")
+    return model
+
+
+def _tokenize_with(tokenizer: Any, positions: int) -> HFTokens:
+    return HFTokens(tokenizer, positions)
 
 
 # ------------------------------------------------------------------------------------------------ built-in BLIP

@@ -21,18 +21,24 @@ def _common(p: argparse.ArgumentParser, fallback_to_saved: bool = False) -> None
             kw["default"] = argparse.SUPPRESS
         p.add_argument(*names, **kw)
 
-    arg("--task", default="classification", help="classification | retrieval (default: classification)")
+    arg(
+        "--task",
+        default="classification",
+        help="classification | retrieval | nlvr | caption | vqa (default: classification)",
+    )
     arg(
         "--model",
         default="vit-tiny",
-        help="vit-tiny | vit-micro | clip-tiny | clip-micro (built-in), timm:ARCH (e.g. timm:deit_small_patch16_224), "
-        "hf:PATH, open_clip:ARCH:WEIGHTS (ARCH: an open_clip name or a model-config JSON)",
+        help="vit-tiny | vit-micro | clip-tiny | clip-micro | blip-tiny | blip-micro (built-in), "
+        "timm:ARCH (e.g. timm:deit_small_patch16_224), hf:PATH, open_clip:ARCH:WEIGHTS (ARCH: an open_clip name "
+        "or a model-config JSON)",
     )
     arg(
         "--data",
         default=None,
         help="dataset folder in the task's format (classification: ImageNet-style root/train, root/val; retrieval: "
-        "Karpathy-format root/*train.json and root/*val.json); "
+        "Karpathy-format root/*train.json and root/*val.json, *test.json; caption: the same; nlvr: BLIP's NLVR2 "
+        "files; vqa: BLIP's VQA files *train.json, *val.json, answer_list.json, optional *test.json); "
         "default: the built-in shapes world",
     )
     arg("--image-root", default=None, help="folder the annotation files' image paths are relative to (default: --data)")
@@ -65,6 +71,13 @@ def _common(p: argparse.ArgumentParser, fallback_to_saved: bool = False) -> None
     arg("--seed", type=int, default=0, help="seed of initialisation and data order")
     arg("--amp", action="store_true", help="bf16 autocast where supported, else fp16 with a grad scaler")
     arg("--device", default=None, help="cpu | cuda (default: cuda if available)")
+    arg(
+        "--vqa-inference",
+        choices=("rank", "generate"),
+        default="rank",
+        help="how the VQA task answers: rank (default, as BLIP: the 128 answers of answer_list.json likeliest by "
+        "their first token, re-ranked by full likelihood) or generate (beam search, 3 beams)",
+    )
 
 
 def _run_flags(p: argparse.ArgumentParser, what: str) -> None:

@@ -89,7 +89,9 @@ class BuiltinCLIP:
 @dataclass(frozen=True)
 class BuiltinBLIP:
     """A BLIP small enough to train on 2 CPU cores (vision and text of one depth and head count), with the word-level
-    tokenizer of the built-in captions and statements: ``BlipNlvr`` for NLVR, ``BlipRetrieval`` for retrieval."""
+    tokenizer of the built-in captions and statements: ``BlipNlvr`` for NLVR, ``BlipRetrieval`` for retrieval, HF's
+    ``BlipForConditionalGeneration`` for captioning and ``BlipVqa`` for VQA (these two with the questions' and
+    answers' words too, and 20 positions: BLIP generates up to 20 tokens)."""
 
     image_size: int
     patch_size: int
@@ -97,14 +99,16 @@ class BuiltinBLIP:
     heads: int
     depth: int
     text_width: int
-    kinds: tuple[str, ...] = ("nlvr", "dual_encoder")
+    kinds: tuple[str, ...] = ("nlvr", "dual_encoder", "captioner", "vqa")
 
     def build(self, num_classes: int, image_size: int | None = None, kind: str = "nlvr") -> nn.Module:
-        from upop.blip import BlipNlvr, BlipRetrieval, tiny_configs
+        from upop.blip import BlipNlvr, BlipRetrieval, BlipVqa, build_captioner, tiny_configs
         from upop.data.captions import WordTokenizer
+        from upop.data.questions import BLIP_GEN_VOCAB
         from upop.data.statements import BLIP_VOCAB
 
-        tokenizer = WordTokenizer(vocab=BLIP_VOCAB)
+        generative = kind in ("captioner", "vqa")
+        tokenizer = WordTokenizer(20, BLIP_GEN_VOCAB) if generative else WordTokenizer(vocab=BLIP_VOCAB)
         vision, text = tiny_configs(
             image_size or self.image_size,
             self.patch_size,
@@ -116,7 +120,12 @@ class BuiltinBLIP:
             tokenizer.context_length,
         )
         enc = tokenizer.ids["<enc>"]
-        model = BlipNlvr(vision, text, enc) if kind == "nlvr" else BlipRetrieval(vision, text, self.width, enc)
+        if kind == "captioner":
+            model = build_captioner(vision, text)
+        elif kind == "vqa":
+            model = BlipVqa(vision, text, enc)
+        else:
+            model = BlipNlvr(vision, text, enc) if kind == "nlvr" else BlipRetrieval(vision, text, self.width, enc)
         model.upop_tokenizer = tokenizer
         return model
 
@@ -137,6 +146,8 @@ MODEL_KINDS = {
     "classifier": "an image classifier",
     "dual_encoder": "a dual (image-text) encoder",
     "nlvr": "an NLVR model (two images and a statement)",
+    "captioner": "a captioning model (an image encoder and a text decoder)",
+    "vqa": "a VQA model (image and question encoders and an answer decoder)",
 }
 
 
@@ -169,6 +180,14 @@ def build_model(
             return builtin.build(num_classes, image_size, kind)
         return builtin.build(num_classes, image_size)
     family, _, arg = spec.partition(":")
+    if kind in ("captioner", "vqa"):
+        if family == "hf" and arg:
+            from upop.blip import load_hf_captioner, load_hf_vqa
+
+            return (load_hf_captioner if kind == "captioner" else load_hf_vqa)(Path(arg), weights)
+        raise UPopError(
+            f"model {spec!r} is not {MODEL_KINDS[kind]}; accepted: blip-tiny, blip-micro, hf:PATH (an HF BLIP)"
+        )
     if kind == "nlvr":
         if family == "hf" and arg:
             from upop.blip import load_hf_nlvr

@@ -51,6 +51,7 @@ class RunConfig:
     seed: int = 0
     amp: bool = False
     device: str | None = None
+    vqa_inference: str = "rank"
 
     def __post_init__(self) -> None:
         if isinstance(self.data, dict):  # read back from config.json
@@ -111,6 +112,7 @@ def prepare(cfg: RunConfig) -> Setup:
     """Process group, task, data (train, select and report splits) and loaders for ``cfg``."""
     info = D.setup(cfg.device)
     task = get_task(cfg.task)
+    task.configure({"vqa_inference": cfg.vqa_inference})
     image_size = cfg.data.image_size or default_image_size(cfg.model)
     if image_size is None:
         image_size = model_image_size(build_model(cfg.model, 1, kind=task.model_kind))
@@ -240,7 +242,10 @@ def train(
             "nonfinite_steps": {"train": result["nonfinite_steps"]},
         }
         weights = {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
-        out.finish(report, {"model.safetensors": save(weights)})
+        files = {"model.safetensors": save(weights)}
+        if setup.info.is_main:
+            files.update(setup.task.extra_files(model, setup.info.device, cfg.batch_size))
+        out.finish(report, files)
     return report
 
 
@@ -551,6 +556,7 @@ def _compress_in(
     files = {"report.md": (report_header(report) + "\n\n" + comparison_table(report) + "\n").encode()}
     if info.is_main:
         files["kept.png"] = heatmap_png(report["per_structure"], f"{cfg.model}, p={prune.p} ({prune.allocation})")
+        files.update(task.extra_files(model, info.device, cfg.batch_size))
     out.finish(report, files, lambda d: save_compressed(model, d))
     return report
 

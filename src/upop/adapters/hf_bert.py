@@ -2,7 +2,8 @@
 cross-attention to the image). A ``*Attention`` block holds ``self.{query,key,value}`` and ``output.dense``, a
 ``*Layer`` the MLP ``intermediate.dense`` + ``output.dense``. Self-attention is in the ``text`` tower;
 cross-attention (``crossattention``: queries from the text, keys and values from the image, of the image's width) in
-the ``cross`` tower.
+the ``cross`` tower. A BLIP text decoder (``text_decoder``, HF ``BlipTextLMHeadModel``: causal self-attention,
+cross-attention to the image or the question, MLP) is the ``decoder`` tower, all of it.
 
 Softmax scale: BERT keeps ``scaling`` (1/sqrt of the original head_dim) as an attribute, which slicing leaves alone;
 BLIP's text attention divides by sqrt(attention_head_size), so slicing folds sqrt(new/old) into the query rows and
@@ -76,6 +77,6 @@ register_adapter(
                 size=lambda m: m.intermediate.dense.out_features,
             ),
         ),
-        towers=(("crossattention", "cross"), ("", "text")),
+        towers=(("text_decoder", "decoder"), ("crossattention", "cross"), ("", "text")),
     )
 )

@@ -121,7 +121,11 @@ def save_compressed(model: nn.Module, directory: str | os.PathLike) -> Path:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UPopError(f"cannot create the output directory {out}: {e.strerror}") from None
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    state, seen = {}, set()
+    for k, v in model.state_dict().items():  # tied weights (an LM head sharing the word embeddings) saved apart
+        v = v.detach().contiguous().cpu()
+        state[k] = v.clone() if v.data_ptr() in seen else v
+        seen.add(v.data_ptr())
     atomic_write(out / WEIGHTS_FILE, save(state, metadata={"format": "pt"}))
     atomic_write(out / PLAN_FILE, json.dumps(plan.to_dict(), indent=1, sort_keys=True).encode())
     return out

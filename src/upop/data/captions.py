@@ -9,6 +9,8 @@ attribute. Deterministic from the world's seed.
 
 from __future__ import annotations
 
+import re
+
 import torch
 
 from upop.data.shapes import COLOUR_NAMES, SHAPES, SIZES, SceneObject, ShapesWorld
@@ -64,9 +66,11 @@ def scene_captions(world: ShapesWorld, i: int) -> list[str]:
 
 
 class WordTokenizer:
-    """Whitespace tokenizer over ``vocab`` (default ``VOCAB``, the captions' words; it starts with ``<pad>``, ``<bos>``
-    and ends with ``<eos>``): ``<bos>`` words ``<eos>``, padded with ``<pad>`` (id 0) to ``context_length``. Called
-    on a list of strings it returns {"input_ids", "attention_mask"} (long tensors). The ``<eos>`` id is the highest."""
+    """Word tokenizer over ``vocab`` (default ``VOCAB``, the captions' words; it starts with ``<pad>``, ``<bos>``
+    and ends with ``<eos>``): ``<bos>`` words ``<eos>``, padded with ``<pad>`` (id 0) to ``context_length``. Words
+    are runs of letters and digits; any other visible character is a word of its own ("?"). Called on a list of
+    strings it returns {"input_ids", "attention_mask"} (long tensors); ``decode`` maps ids back to text. The
+    ``<eos>`` id is the highest."""
 
     def __init__(self, context_length: int = CONTEXT_LENGTH, vocab: tuple[str, ...] = VOCAB) -> None:
         self.context_length, self.vocab = context_length, vocab
@@ -80,10 +84,21 @@ class WordTokenizer:
     def __call__(self, texts: list[str]) -> dict[str, torch.Tensor]:
         ids = torch.full((len(texts), self.context_length), self.pad_id, dtype=torch.long)
         for row, text in enumerate(texts):
-            words = text.lower().split()
+            words = re.findall(r"[a-z0-9]+|[^a-z0-9\s]", text.lower())
             unknown = [w for w in words if w not in self.ids]
             if unknown:
                 raise ValueError(f"the built-in tokenizer knows only the shapes-world words; got {unknown[0]!r}")
             tokens = [self.bos_id, *(self.ids[w] for w in words)][: self.context_length - 1] + [self.eos_id]
             ids[row, : len(tokens)] = torch.tensor(tokens)
         return {"input_ids": ids, "attention_mask": (ids != self.pad_id).long()}
+
+    def decode(self, ids: torch.Tensor | list[int]) -> str:
+        """The words of ``ids`` up to the first ``<eos>``, without the special tokens (those written ``<...>``)."""
+        words = []
+        for i in torch.as_tensor(ids).tolist():
+            if i == self.eos_id:
+                break
+            word = self.vocab[i]
+            if not (word.startswith("<") and word.endswith(">")):
+                words.append(word)
+        return " ".join(words)

@@ -125,6 +125,15 @@ def gather(tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
+def gather_objects(items: list) -> list:
+    """The lists of every rank concatenated (rank order): picklable Python objects such as generated texts."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return list(items)
+    parts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, list(items))
+    return [x for part in parts for x in part]
+
+
 def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     """Like ``gather``, but gradients flow back to every rank's own part (torch.distributed.nn's all_gather: its
     backward sums the gradients all ranks computed for a part). With DDP's gradient averaging this makes a loss over

@@ -83,6 +83,7 @@ def make_loaders(splits: Splits, batch_size: int, info: DistInfo, seed: int) -> 
         sampler=sampler,
         drop_last=True,
         generator=torch.Generator().manual_seed(seed),
+        collate_fn=getattr(splits.train, "collate", None),  # a task's own batching (e.g. a variable answer count)
     )
     if len(train_loader) == 0:
         raise UPopError(
@@ -90,7 +91,8 @@ def make_loaders(splits: Splits, batch_size: int, info: DistInfo, seed: int) -> 
         )
 
     def evaluation(data: Dataset) -> DataLoader:
-        return DataLoader(data, batch_size=batch_size, sampler=ShardSampler(len(data), info))
+        collate = getattr(data, "collate", None)
+        return DataLoader(data, batch_size=batch_size, sampler=ShardSampler(len(data), info), collate_fn=collate)
 
     select = evaluation(splits.select) if splits.select is not None else None
     return Loaders(train_loader, select, evaluation(splits.report))

@@ -188,6 +188,14 @@ class Task(abc.ABC):
     def example_inputs(self, batch: Any, model: nn.Module | None = None) -> Any:
         """The inputs of ``model`` for a batch of an evaluation loader (for profiling and FLOPs cost)."""
 
+    def configure(self, options: dict[str, Any]) -> None:
+        """Task settings from the run's config (e.g. VQA's inference mode); none by default."""
+        return None
+
+    def extra_files(self, model: nn.Module, device: torch.device, batch_size: int) -> dict[str, bytes]:
+        """Files a finished job writes beside its report (e.g. a test-server submission): {name: bytes}."""
+        return {}
+
     def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
         """The task loss of ``model`` on one batch."""
         return self.loss_from(self.outputs(model, batch), batch)

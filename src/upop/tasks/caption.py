@@ -1,0 +1,200 @@
+"""Image captioning with a BLIP text decoder (HF ``BlipForConditionalGeneration``).
+
+Loss: the decoder's LM cross-entropy (label smoothing 0.1, as BLIP) on "a picture of " + caption, the prompt's tokens
+not scored. Decoding as BLIP evaluates COCO: beam search with 3 beams, at most 20 and at least 5 tokens (the prompt
+counted), the prompt cut from the text. Metrics: BLEU@4 and CIDEr(-D) of pycocoevalcap against every reference
+caption of an image, in percent (CIDEr 100 = 1.0). Captions are tokenised for scoring by pycocoevalcap's PTB
+tokenizer when Java is on the PATH (the COCO standard), else by ``simple_tokenize``, a pure-Python stand-in that does
+what the PTB tokenizer does to plain captions (lower case, punctuation split off and dropped); every report says
+which one scored it.
+
+Data: the built-in shapes world's captions (``upop.data.captions``), or the Karpathy-split files the retrieval task
+reads (BLIP's ``coco_karpathy_{train,val,test}.json``): ``*train.json`` trains, ``*val.json`` selects, ``*test.json``
+is reported.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset
+
+from upop.engine import dist as D
+from upop.engine.dist import unwrap
+from upop.errors import UPopError
+from upop.tasks.base import DataConfig, Splits, Task, kl_distill, register_task
+from upop.tasks.retrieval import Retrieval, RetrievalImages, tokenize
+
+PROMPT = "a picture of "
+NUM_BEAMS, MAX_LENGTH, MIN_LENGTH = 3, 20, 5
+LABEL_SMOOTHING = 0.1
+_PUNCTUATION = re.compile(r"[^\w\s]")
+
+
+class CaptionImages(Dataset):
+    """An evaluation split of images: (image, index); ``references[i]`` are image i's captions."""
+
+    def __init__(self, split: RetrievalImages) -> None:
+        self.split = split
+        self.references: list[list[str]] = [[] for _ in range(split.n_images)]
+        for caption, owner in zip(split.captions, split.txt2img.tolist()):
+            self.references[owner].append(caption)
+
+    def __len__(self) -> int:
+        return self.split.n_images
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.split.images(i), i
+
+
+def simple_tokenize(text: str) -> str:
+    """Lower case, punctuation dropped, words joined by single spaces (the PTB tokenizer's output on plain text)."""
+    return " ".join(_PUNCTUATION.sub(" ", text.lower()).split())
+
+
+@contextlib.contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """File descriptor 2 to /dev/null (a child process's stderr included) for the ``with`` block."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def scorer_tokenizer() -> str:
+    """ "ptb" (pycocoevalcap's Stanford PTB tokenizer, which runs on Java) when Java is on the PATH, else "simple"."""
+    return "ptb" if shutil.which("java") else "simple"
+
+
+def caption_scores(references: dict[int, list[str]], candidates: dict[int, str]) -> dict[str, Any]:
+    """BLEU@4 and CIDEr (percent) of one candidate per image against its references, by pycocoevalcap."""
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+
+    if scorer_tokenizer() == "ptb":
+        from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+        ptb = PTBTokenizer()
+        with _quiet_stderr():  # Java prints a line per call
+            refs = ptb.tokenize({k: [{"caption": c} for c in v] for k, v in references.items()})
+            cands = ptb.tokenize({k: [{"caption": c}] for k, c in candidates.items()})
+    else:
+        refs = {k: [simple_tokenize(c) for c in v] for k, v in references.items()}
+        cands = {k: [simple_tokenize(c)] for k, c in candidates.items()}
+    bleu, _ = Bleu(4).compute_score(refs, cands, verbose=0)
+    cider, _ = Cider().compute_score(refs, cands)
+    return {"bleu4": 100.0 * float(bleu[3]), "cider": 100.0 * float(cider)}
+
+
+def decoder_start(model: nn.Module) -> int:
+    return int(unwrap(model).config.text_config.bos_token_id)
+
+
+def prompt_ids(model: nn.Module, device: torch.device) -> torch.Tensor:
+    """The prompt's token ids as the tokenizer writes a text (start ... end token), the start token the decoder's."""
+    tokens = tokenize(model, [PROMPT.strip()], device)
+    ids = tokens["input_ids"][0, : int(tokens["attention_mask"][0].sum())].clone()
+    ids[0] = decoder_start(model)
+    return ids
+
+
+@torch.no_grad()
+def generate_captions(model: nn.Module, images: torch.Tensor, **kwargs: Any) -> list[str]:
+    """Captions of ``images`` decoded after the prompt (BLIP's beam search unless ``kwargs`` say otherwise)."""
+    m = unwrap(model)
+    prompt = prompt_ids(m, images.device)
+    settings = {"num_beams": NUM_BEAMS, "max_length": MAX_LENGTH, "min_length": MIN_LENGTH, **kwargs}
+    out = m.generate(pixel_values=images, input_ids=prompt.expand(len(images), -1).clone(), **settings)
+    return [m.upop_tokenizer.decode(row[len(prompt) - 1 :]) for row in out]
+
+
+@register_task
+class Caption(Task):
+    name = "caption"
+    main_metric = "cider"
+    model_kind = "captioner"
+
+    def datasets(self, data: DataConfig) -> Splits:
+        splits = Retrieval().datasets(data)
+        scorer = f"pycocoevalcap BLEU@4 and CIDEr, {scorer_tokenizer()} tokenizer"
+        for about in splits.about.values():
+            about["scorer"] = scorer
+        select = CaptionImages(splits.select) if splits.select is not None else None
+        return Splits(splits.train, select, CaptionImages(splits.report), splits.about)
+
+    def num_outputs(self, train: Dataset) -> int:
+        return 0
+
+    def outputs(self, model: nn.Module, batch: Any) -> dict[str, torch.Tensor]:
+        """Decoder logits (B, L, V) of prompt + caption, and the labels: the caption's tokens, -100 elsewhere."""
+        images, captions, _ = batch
+        tokens = tokenize(model, [PROMPT + c for c in captions], images.device)
+        ids, mask = tokens["input_ids"].clone(), tokens["attention_mask"]
+        ids[:, 0] = decoder_start(model)
+        labels = ids.masked_fill(mask == 0, -100)
+        labels[:, : len(prompt_ids(model, images.device)) - 1] = -100  # the prompt is given, not predicted
+        logits = model(pixel_values=images, input_ids=ids, attention_mask=mask).logits
+        return {"logits": logits, "labels": labels}
+
+    def loss_from(self, outputs: dict[str, torch.Tensor], batch: Any) -> torch.Tensor:
+        return lm_loss(outputs["logits"], outputs["labels"]).sum() / (outputs["labels"][:, 1:] != -100).sum()
+
+    def distill_loss(self, student: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor], temperature: float):
+        return token_distill(student["logits"], teacher["logits"], student["labels"], temperature)
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, loader: Any, device: torch.device) -> dict[str, Any]:
+        was_training = model.training
+        model.eval()
+        try:
+            made = []
+            for images, index in loader:
+                made += zip(index.tolist(), generate_captions(model, images.to(device)))
+        finally:
+            model.train(was_training)
+        captions = dict(D.gather_objects(made))
+        references = loader.dataset.references
+        return caption_scores({i: references[i] for i in captions}, captions)
+
+    def example_inputs(self, batch: Any, model: nn.Module | None = None) -> Any:
+        """Images with the prompt and a caption filling the decoder's generation length (teacher-forced)."""
+        if model is None:
+            raise UPopError("captioning example inputs need the model (its tokenizer)")
+        images = batch if isinstance(batch, torch.Tensor) else batch[0]
+        device = next(model.parameters()).device
+        prompt = prompt_ids(model, device)
+        ids = torch.cat([prompt, prompt[-1:].expand(MAX_LENGTH - len(prompt))]).expand(len(images), -1)
+        return {"pixel_values": images.to(device), "input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-sequence summed next-token cross-entropy (label smoothing 0.1, as BLIP's decoder) over labels != -100."""
+    shifted, targets = logits[:, :-1].float(), labels[:, 1:]
+    loss = F.cross_entropy(
+        shifted.reshape(-1, shifted.shape[-1]),
+        targets.reshape(-1),
+        ignore_index=-100,
+        reduction="none",
+        label_smoothing=LABEL_SMOOTHING,
+    )
+    return loss.view(targets.shape).sum(1)
+
+
+def token_distill(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, temperature: float):
+    """KD on the next-token distributions of the scored positions only."""
+    scored = labels[:, 1:] != -100
+    return kl_distill(student[:, :-1][scored], teacher[:, :-1][scored], temperature)

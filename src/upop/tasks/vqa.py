@@ -1,0 +1,383 @@
+"""Visual question answering with BLIP (``upop.blip.BlipVqa``: image encoder, question encoder, answer decoder).
+
+Training: the answer decoder's LM loss (label smoothing 0.1, as BLIP) of every distinct answer a question's humans
+gave, each weighted by its share of the human answers (after the metric's normalisation, so "two" and "2" are one
+answer), summed per question and averaged over the batch.
+
+Inference (``--vqa-inference``): "rank" (default, as BLIP evaluates VQAv2): the candidates of the answer list whose
+first token is likeliest (the top ``RANK_K`` = 128), then the one of those with the highest log-likelihood of all its
+tokens; "generate": beam search (3 beams, at most 10 tokens) by HF's ``generate``.
+
+Metric: the standard VQA accuracy: a prediction scores min(humans who gave it / 3, 1), averaged over the ten subsets
+of nine of the ten humans, after the standard normalisation of prediction and answers (``normalise_answer``:
+punctuation, articles, number words, contractions); per answer type too where the data says the type.
+
+Data: the built-in shapes world's questions (``upop.data.questions``), or BLIP's VQA format in a folder:
+``*train.json`` (training; the selection split is carved from it), ``*val.json`` (the report split; VQAv2's test
+answers are hidden), each a JSON list of ``{"question_id", "question", "answer": [...], "image"}`` with images under
+``--image-root``, ``answer_list.json`` (the candidate answers) and, optionally, ``*test.json`` (test-dev questions,
+answers not needed): a run then writes ``vqa_test_submission.json``, a JSON list of ``{"question_id", "answer"}``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from upop.data.questions import answer_list, question_split
+from upop.engine import dist as D
+from upop.engine.dist import unwrap
+from upop.errors import UPopError
+from upop.tasks.base import (
+    Carved,
+    DataConfig,
+    Splits,
+    Task,
+    carve,
+    carved_about,
+    default_select_size,
+    read_annotation,
+    register_task,
+)
+from upop.tasks.caption import lm_loss, token_distill
+from upop.tasks.retrieval import CLIP_MEAN, CLIP_STD, _normalise, tokenize
+
+RANK_K = 128
+NUM_BEAMS, MAX_LENGTH = 3, 10
+INFERENCE = ("rank", "generate")
+SUBMISSION = "vqa_test_submission.json"
+
+# --------------------------------------------------------------------------------------- the standard normalisation
+_NUMBERS = {w: str(i) for i, w in enumerate("zero one two three four five six seven eight nine ten".split())}
+_NUMBERS["none"] = "0"
+_ARTICLES = {"a", "an", "the"}
+_CONTRACTIONS = {  # written without the apostrophe -> with it
+    w.replace("'", ""): w
+    for w in (
+        "aren't can't couldn't didn't doesn't don't hadn't hasn't haven't isn't it's i'm i've let's shouldn't "
+        "that's there's they're wasn't weren't what's where's who's won't wouldn't you're"
+    ).split()
+}
+_PUNCT = re.compile(r"""[;/\[\]"{}()=+\\_\-><@`,?!*#%^&$:|~]""")
+
+
+def normalise_answer(text: str) -> str:
+    """An answer as the VQA evaluation compares answers: lower case; a comma between digits dropped ("1,000");
+    a period kept only between digits; other punctuation dropped where it touches a space, else read as a space
+    ("black/white"); number words as digits; articles dropped; contractions written with their apostrophe."""
+    text = text.replace("\n", " ").replace("\t", " ").strip().lower()
+    text = re.sub(r"(?<=\d),(?=\d)", "", text)
+    text = re.sub(r"(?<!\d)\.|\.(?!\d)", "", text)
+    text = _PUNCT.sub(" ", re.sub(rf"\s{_PUNCT.pattern}|{_PUNCT.pattern}\s", " ", text))
+    words = [_CONTRACTIONS.get(w, _NUMBERS.get(w, w)) for w in text.split()]
+    return " ".join(w for w in words if w not in _ARTICLES)
+
+
+def vqa_accuracy(prediction: str, answers: list[str]) -> float:
+    """The VQA accuracy of one prediction against its human answers (both normalised here): min(matches among the
+    other humans / 3, 1) averaged over leaving out each human in turn (1 with a single answer that matches)."""
+    pred = normalise_answer(prediction)
+    humans = [normalise_answer(a) for a in answers]
+    if len(humans) == 1:
+        return float(humans[0] == pred)
+    total = 0.0
+    for i in range(len(humans)):
+        others = humans[:i] + humans[i + 1 :]
+        total += min(1.0, sum(h == pred for h in others) / 3)
+    return total / len(humans)
+
+
+def answer_weights(answers: list[str]) -> tuple[list[str], list[float]]:
+    """The distinct normalised answers of one question and each one's share of the human answers."""
+    counts = Counter(normalise_answer(a) for a in answers)
+    return list(counts), [c / len(answers) for c in counts.values()]
+
+
+# ------------------------------------------------------------------------------------------------------------ data
+class Questions(Dataset):
+    """(image, question, human answers, index) samples; ``answers`` None for a test split (hidden answers)."""
+
+    def __init__(
+        self,
+        images: Any,
+        questions: list[str],
+        answers: list[list[str]] | None,
+        types: list[str] | None = None,
+        ids: list[Any] | None = None,
+    ) -> None:
+        self.images, self.questions, self.answers, self.types = images, questions, answers, types
+        self.ids = ids if ids is not None else list(range(len(questions)))
+
+    def __len__(self) -> int:
+        return len(self.questions)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, str, list[str], int]:
+        return self.images(i), self.questions[i], self.answers[i] if self.answers else [], i
+
+    @staticmethod
+    def collate(batch: list[tuple]) -> tuple[torch.Tensor, list[str], list[list[str]], torch.Tensor]:
+        images, questions, answers, index = zip(*batch)
+        return torch.stack(images), list(questions), list(answers), torch.tensor(index)
+
+
+def read_vqa(path: Path, answers_needed: bool) -> tuple[list[Any], list[str], list[list[str]] | None, list[str]]:
+    """(question ids, questions, human answers (None when not ``answers_needed`` and absent), image paths) of a
+    BLIP-format VQA file; one line naming the entry when an entry is malformed, has no answers or repeats an id."""
+    entries = read_annotation(path, "'question_id', 'question', 'answer', 'image'")
+    ids, questions, answers, images, seen = [], [], [], [], {}
+    for n, e in enumerate(entries):
+        where = f"annotation file {path}, entry {n}"
+        if not isinstance(e, dict):
+            raise UPopError(f"{where}: expected an object, got {json.dumps(e)[:80]}")
+        qid, question, image, answer = e.get("question_id"), e.get("question"), e.get("image"), e.get("answer")
+        if not isinstance(qid, (int, str)) or isinstance(qid, bool):
+            raise UPopError(f"{where}: 'question_id' must be an integer or a string, got {json.dumps(qid)}")
+        if qid in seen:
+            raise UPopError(f"{where}: question_id {json.dumps(qid)} repeats entry {seen[qid]}; ids must be unique")
+        seen[qid] = n
+        if not isinstance(question, str) or not question.strip():
+            raise UPopError(f"{where}: 'question' must be a non-empty string")
+        if not isinstance(image, str):
+            raise UPopError(f"{where}: 'image' must be an image path relative to the image root")
+        if answers_needed or answer is not None:
+            if isinstance(answer, str):
+                answer = [answer]
+            if not isinstance(answer, list) or not answer or not all(isinstance(a, str) and a.strip() for a in answer):
+                raise UPopError(
+                    f"{where} (question_id {json.dumps(qid)}) has no answers: 'answer' must be a non-empty "
+                    "list of the human answers"
+                )
+            answers.append(answer)
+        ids.append(qid)
+        questions.append(question)
+        images.append(image)
+    return ids, questions, (answers if answers else None), images
+
+
+def read_answer_list(root: Path) -> list[str]:
+    path = root / "answer_list.json"
+    if not path.is_file():
+        raise UPopError(
+            f"{root} has no answer_list.json (the candidate answers of rank inference: a JSON list of strings)"
+        )
+    try:
+        answers = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UPopError(f"cannot read the answer list {path}: {e}") from None
+    if not isinstance(answers, list) or not answers or not all(isinstance(a, str) and a.strip() for a in answers):
+        raise UPopError(f"the answer list {path} must be a non-empty JSON list of non-empty strings")
+    return answers
+
+
+def _files(root: Path, split: str, required: bool) -> Path | None:
+    found = sorted(root.glob(f"*{split}.json"))
+    if len(found) > 1:
+        raise UPopError(f"{root} holds several *{split}.json files ({', '.join(p.name for p in found)}); keep one")
+    if not found and required:
+        raise UPopError(
+            f"{root} has no *{split}.json (BLIP's VQA format needs *train.json and *val.json, answer_list.json, and "
+            "optionally *test.json)"
+        )
+    return found[0] if found else None
+
+
+def _folder_split(path: Path, image_root: Path, image_size: int, answers_needed: bool) -> Questions:
+    from PIL import Image
+    from torchvision import transforms
+
+    ids, questions, answers, paths = read_vqa(path, answers_needed)
+    missing = next((p for p in paths if not (image_root / p).is_file()), None)
+    if missing is not None:
+        raise UPopError(f"an image named in {path} does not exist under {image_root}: {missing}")
+    tf = transforms.Compose(
+        [
+            transforms.Resize((image_size, image_size), interpolation=transforms.InterpolationMode.BICUBIC),
+            transforms.ToTensor(),
+            transforms.Normalize(CLIP_MEAN, CLIP_STD),
+        ]
+    )
+
+    def load(i: int) -> torch.Tensor:
+        try:
+            with Image.open(image_root / paths[i]) as im:
+                return tf(im.convert("RGB"))
+        except OSError as e:
+            raise UPopError(f"cannot read the image {image_root / paths[i]}: {e}") from None
+
+    return Questions(load, questions, answers, ids=ids)
+
+
+# ------------------------------------------------------------------------------------------------------------ task
+@register_task
+class Vqa(Task):
+    name = "vqa"
+    main_metric = "accuracy"
+    model_kind = "vqa"
+
+    def __init__(self) -> None:
+        self.inference = "rank"
+        self.candidates: list[str] = []
+        self.test: Questions | None = None
+
+    def configure(self, options: dict[str, Any]) -> None:
+        inference = options.get("vqa_inference", "rank")
+        if inference not in INFERENCE:
+            raise UPopError(f"--vqa-inference must be one of {', '.join(INFERENCE)}, got {inference!r}")
+        self.inference = inference
+
+    def datasets(self, data: DataConfig) -> Splits:
+        if data.builtin:
+            made, about = {}, {}
+            for name, size, seed in (
+                ("train", data.train_size, data.seed),
+                ("select", data.val_size if data.select_size is None else data.select_size, data.seed + 2),
+                ("report", data.val_size, data.seed + 1),
+            ):
+                if size:
+                    load, questions, answers, types = question_split(
+                        size, seed, data.image_size, data.noise, _normalise
+                    )
+                    made[name] = Questions(load, questions, answers, types)
+                    about[name] = {"source": f"built-in questions, one per scene (seed {seed})", "size": size}
+            self.candidates = answer_list()
+            return self._splits(made["train"], made.get("select"), made["report"], about)
+        root = Path(data.root)
+        if not root.is_dir():
+            raise UPopError(f"dataset folder {root} does not exist")
+        image_root = Path(data.image_root) if data.image_root else root
+        self.candidates = read_answer_list(root)
+        train_file, report_file = _files(root, "train", True), _files(root, "val", True)
+        train = _folder_split(train_file, image_root, data.image_size, True)
+        report = _folder_split(report_file, image_root, data.image_size, True)
+        test_file = _files(root, "test", False)
+        self.test = _folder_split(test_file, image_root, data.image_size, False) if test_file else None
+        about = {
+            "train": {"source": str(train_file), "size": len(train)},
+            "report": {"source": str(report_file), "size": len(report)},
+        }
+        select = None
+        size = default_select_size(len(train)) if data.select_size is None else data.select_size
+        if size:
+            kept, picked = carve(torch.zeros(len(train), dtype=torch.long), size, data.seed)
+            select = Carved(train, picked.tolist())
+            about["select"] = carved_about(picked, str(train_file), data.seed)
+            train = Carved(train, kept.tolist())
+            about["train"]["size"] = len(train)
+        if self.test is not None:
+            about["test"] = {"source": str(test_file), "size": len(self.test), "written": SUBMISSION}
+        return self._splits(train, select, report, about)
+
+    def _splits(self, train: Dataset, select: Dataset | None, report: Dataset, about: dict) -> Splits:
+        about["train"]["augment"] = "none"
+        about["report"]["inference"] = self.inference
+        return Splits(train, select, report, about)
+
+    def num_outputs(self, train: Dataset) -> int:
+        return 0
+
+    def outputs(self, model: nn.Module, batch: Any) -> dict[str, torch.Tensor]:
+        """Decoder logits (A, L, V) of every distinct answer of every question, with labels, weights, owners."""
+        images, questions, humans, _ = batch
+        device = images.device
+        owner, answers, weights = [], [], []
+        for q, given in enumerate(humans):
+            distinct, share = answer_weights(given)
+            owner += [q] * len(distinct)
+            answers += distinct
+            weights += share
+        q = tokenize(model, questions, device)
+        a = tokenize(model, answers, device)
+        owner_t = torch.tensor(owner, device=device)
+        logits = model(images, q["input_ids"], q["attention_mask"], a["input_ids"], a["attention_mask"], owner_t)
+        labels = a["input_ids"].masked_fill(a["attention_mask"] == 0, -100)
+        labels[:, 0] = -100
+        return {
+            "logits": logits,
+            "labels": labels,
+            "weights": torch.tensor(weights, device=device),
+            "questions": torch.tensor(len(questions), device=device),
+        }
+
+    def loss_from(self, outputs: dict[str, torch.Tensor], batch: Any) -> torch.Tensor:
+        return (outputs["weights"] * lm_loss(outputs["logits"], outputs["labels"])).sum() / outputs["questions"]
+
+    def distill_loss(self, student: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor], temperature: float):
+        return token_distill(student["logits"], teacher["logits"], student["labels"], temperature)
+
+    @torch.no_grad()
+    def answer(self, model: nn.Module, images: torch.Tensor, questions: list[str]) -> list[str]:
+        """The model's answers to ``questions`` about ``images`` by the task's inference mode."""
+        m = unwrap(model)
+        q = tokenize(m, questions, images.device)
+        if self.inference == "generate":
+            out = m.generate(images, q["input_ids"], q["attention_mask"], num_beams=NUM_BEAMS, max_length=MAX_LENGTH)
+            return [m.upop_tokenizer.decode(row[1:]) for row in out]
+        a = tokenize(m, self.candidates, images.device)
+        picked = m.rank(images, q["input_ids"], q["attention_mask"], a["input_ids"], a["attention_mask"], RANK_K)
+        return [self.candidates[i] for i in picked.tolist()]
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, loader: Any, device: torch.device) -> dict[str, float]:
+        data = loader.dataset
+        was_training = model.training
+        model.eval()
+        try:
+            scored = []
+            for images, questions, humans, index in loader:
+                answers = self.answer(model, images.to(device), questions)
+                scored += [(int(i), vqa_accuracy(p, h)) for i, p, h in zip(index, answers, humans)]
+        finally:
+            model.train(was_training)
+        scored = D.gather_objects(scored)
+        out = {"accuracy": 100.0 * sum(s for _, s in scored) / max(1, len(scored))}
+        types = getattr(data, "types", None)
+        if types:
+            for kind in sorted(set(types)):
+                mine = [s for i, s in scored if types[i] == kind]
+                out[f"accuracy_{kind.replace('/', '_')}"] = 100.0 * sum(mine) / max(1, len(mine))
+        return out
+
+    def extra_files(self, model: nn.Module, device: torch.device, batch_size: int) -> dict[str, bytes]:
+        """The test-dev submission (question ids and answers of ``*test.json``), when the data has a test file."""
+        if self.test is None:
+            return {}
+        from torch.utils.data import DataLoader
+
+        was_training = model.training
+        model.eval()
+        rows = []
+        try:
+            for images, questions, _, index in DataLoader(
+                self.test, batch_size=batch_size, collate_fn=Questions.collate
+            ):
+                answers = self.answer(model, images.to(device), questions)
+                rows += [{"question_id": self.test.ids[int(i)], "answer": a} for i, a in zip(index, answers)]
+        finally:
+            model.train(was_training)
+        return {SUBMISSION: json.dumps(rows, indent=1).encode()}
+
+    def example_inputs(self, batch: Any, model: nn.Module | None = None) -> Any:
+        """Images, their questions and one answer each (the first human's; "yes" without a batch of questions)."""
+        if model is None:
+            raise UPopError("VQA example inputs need the model (its tokenizer)")
+        device = next(model.parameters()).device
+        if isinstance(batch, torch.Tensor):
+            images, questions, answers = batch, ["is there a red circle?"] * len(batch), ["yes"] * len(batch)
+        else:
+            images, questions = batch[0], batch[1]
+            answers = [h[0] if h else "yes" for h in batch[2]]
+        q, a = tokenize(model, questions, device), tokenize(model, answers, device)
+        return {
+            "pixel_values": images.to(device),
+            "input_ids": q["input_ids"],
+            "attention_mask": q["attention_mask"],
+            "answer_ids": a["input_ids"],
+            "answer_mask": a["attention_mask"],
+        }
