@@ -285,3 +285,23 @@ def test_cli_compresses_vqa_over_all_four_towers_in_one_budget(tmp_path):
     assert report["splits"]["report"]["inference"] == "generate"
     assert {"accuracy", "accuracy_yes_no", "accuracy_number", "accuracy_other"} <= set(report["compressed"]["metrics"])
     assert abs(report["pruned_cost_fraction"] - 0.5) < 0.01
+
+
+def test_generative_metrics_are_the_same_on_one_and_two_ranks(tmp_path):
+    """Captions and answers are made on each rank's shard and gathered: the metrics are those of the whole split."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    worker = Path(__file__).with_name("generative_ddp_worker.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    for cmd in ([sys.executable, str(worker), str(tmp_path)], [*torchrun, str(worker), str(tmp_path)]):
+        result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+    one = json.loads((tmp_path / "metrics1.json").read_text())
+    two = json.loads((tmp_path / "metrics2.json").read_text())
+    assert one["caption"]["cider"] > 0 and one["vqa"]["accuracy"] > 0
+    for task in ("caption", "vqa"):
+        assert two[task] == pytest.approx(one[task])

@@ -312,14 +312,17 @@ class Vqa(Task):
         return token_distill(student["logits"], teacher["logits"], student["labels"], temperature)
 
     @torch.no_grad()
-    def answer(self, model: nn.Module, images: torch.Tensor, questions: list[str]) -> list[str]:
-        """The model's answers to ``questions`` about ``images`` by the task's inference mode."""
+    def answer(
+        self, model: nn.Module, images: torch.Tensor, questions: list[str], candidates: dict | None = None
+    ) -> list[str]:
+        """The model's answers to ``questions`` about ``images`` by the task's inference mode (``candidates``: the
+        answer list's tokens, when the caller has them)."""
         m = unwrap(model)
         q = tokenize(m, questions, images.device)
         if self.inference == "generate":
             out = m.generate(images, q["input_ids"], q["attention_mask"], num_beams=NUM_BEAMS, max_length=MAX_LENGTH)
             return [m.upop_tokenizer.decode(row[1:]) for row in out]
-        a = tokenize(m, self.candidates, images.device)
+        a = candidates if candidates is not None else tokenize(m, self.candidates, images.device)
         picked = m.rank(images, q["input_ids"], q["attention_mask"], a["input_ids"], a["attention_mask"], RANK_K)
         return [self.candidates[i] for i in picked.tolist()]
 
@@ -329,9 +332,9 @@ class Vqa(Task):
         was_training = model.training
         model.eval()
         try:
-            scored = []
+            scored, candidates = [], tokenize(model, self.candidates, device)
             for images, questions, humans, index in loader:
-                answers = self.answer(model, images.to(device), questions)
+                answers = self.answer(model, images.to(device), questions, candidates)
                 scored += [(int(i), vqa_accuracy(p, h)) for i, p, h in zip(index, answers, humans)]
         finally:
             model.train(was_training)
@@ -352,12 +355,12 @@ class Vqa(Task):
 
         was_training = model.training
         model.eval()
-        rows = []
+        rows, candidates = [], tokenize(model, self.candidates, device)
         try:
             for images, questions, _, index in DataLoader(
                 self.test, batch_size=batch_size, collate_fn=Questions.collate
             ):
-                answers = self.answer(model, images.to(device), questions)
+                answers = self.answer(model, images.to(device), questions, candidates)
                 rows += [{"question_id": self.test.ids[int(i)], "answer": a} for i, a in zip(index, answers)]
         finally:
             model.train(was_training)
