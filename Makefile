@@ -31,6 +31,7 @@ bench: venv
 	$(PY) benchmarks/bench_vit.py
 	$(PY) benchmarks/bench_clip.py
 	$(PY) benchmarks/bench_blip.py
+	$(PY) benchmarks/bench_seg.py
 	$(PY) benchmarks/bench_peers.py
 	$(PY) benchmarks/bench_peers.py --study
 

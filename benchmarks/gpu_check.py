@@ -2,7 +2,8 @@
 H100/H200; a CPU test runs it at tiny size so it cannot rot). Random weights; nothing is downloaded.
 
 For each model (default timm DeiT-Small, DeiT-Base, an HF CLIP ViT-B/16 built from its config, UPop's BLIP NLVR
-model at BLIP-base size, 384 px, batch 32 pairs, and HF's BLIP captioner at BLIP-base size, 384 px, batch 32):
+model at BLIP-base size, 384 px, batch 32 pairs, HF's BLIP captioner at BLIP-base size, 384 px, batch 32, and
+Segmenter ViT-S/16 with its mask transformer at 512 x 512, 150 classes, batch 16):
 1. FLOPs of one sample counted on the device and on the CPU (``upop.profile`` counts attention on both);
 2. a plain training step vs a UPop search step (masks, sparsity loss, ``Pruner.step``) under autocast: fastest of
    interleaved rounds;
@@ -237,8 +238,36 @@ def _batch_of(x: Any) -> int:
     return int(next(iter(x.values())).shape[0]) if isinstance(x, dict) else int(x.shape[0])
 
 
+SEGMENTER_SIZES = {  # width, heads, layers, patch, image, classes, batch
+    "S512": (384, 6, 12, 16, 512, 150, 16),  # Segmenter ViT-S/16 mask transformer on ADE20K crops
+    "tiny": (32, 2, 2, 4, 16, 5, None),
+}
+
+
+def _segmenter(size: str, device: torch.device) -> Workload:
+    """UPop's Segmenter (ViT encoder, mask-transformer decoder with width / 64 heads) from its config, random
+    weights: per-pixel cross-entropy on random labels."""
+    from upop.segmenter import build_segmenter
+
+    width, heads, layers, patch, image, classes, batch = SEGMENTER_SIZES[size]
+    decoder = {"name": "mask_transformer", "n_layers": 2, "n_heads": max(1, width // 64)}
+    net = dict(image_size=image, patch_size=patch, d_model=width, n_heads=heads, n_layers=layers, n_cls=classes)
+
+    def inputs(n: int) -> torch.Tensor:
+        return torch.randn(n, 3, image, image, device=device)
+
+    def loss(model, x):
+        labels = torch.randint(0, classes, (x.shape[0], image, image), device=device)
+        return F.cross_entropy(model(x).float(), labels)
+
+    build = lambda: build_segmenter({**net, "decoder": decoder}).to(device)  # noqa: E731
+    return Workload(f"segmenter:{size}", build, inputs, loss, {"model": lambda m, x: m(x)}, batch)
+
+
 def workload(spec: str, device: torch.device) -> Workload:
     family, _, size = spec.partition(":")
+    if family == "segmenter":
+        return _segmenter(size, device)
     if family == "blip-caption":
         return _blip_caption(size, device)
     if family == "hf-clip":
@@ -424,7 +453,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument(
         "--models",
-        default="timm:deit_small_patch16_224,timm:deit_base_patch16_224,hf-clip:B16,blip-nlvr:base,blip-caption:base",
+        default="timm:deit_small_patch16_224,timm:deit_base_patch16_224,hf-clip:B16,blip-nlvr:base,blip-caption:base,"
+        "segmenter:S512",
     )
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--batch", type=int, default=256)

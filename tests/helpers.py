@@ -258,6 +258,25 @@ def blip_vqa(heads: int = 3, head_dim: int = 7, depth: int = 2, mlp_hidden: int 
     return TokensUnderTest(BlipVqa(vision, text, enc_token_id=2), 50, call)
 
 
+def _segmenter(decoder: str, heads: int, head_dim: int, depth: int, mlp_hidden: int, image: int) -> nn.Module:
+    from upop.segmenter import build_segmenter
+
+    dim = heads * head_dim
+    dec = {"name": decoder, "n_layers": depth, "n_heads": heads, "d_ff": mlp_hidden + 3}
+    net = dict(image_size=image, patch_size=4, d_model=dim, n_heads=heads, n_layers=depth, d_ff=mlp_hidden, n_cls=5)
+    return build_segmenter({**net, "decoder": dec})
+
+
+def segmenter_mask(heads: int = 3, head_dim: int = 7, depth: int = 2, mlp_hidden: int = 19, image: int = 16):
+    """UPop's Segmenter with the mask-transformer decoder (class embeddings through the decoder blocks)."""
+    return _segmenter("mask_transformer", heads, head_dim, depth, mlp_hidden, image)
+
+
+def segmenter_linear(heads: int = 3, head_dim: int = 7, depth: int = 2, mlp_hidden: int = 19, image: int = 16):
+    """UPop's Segmenter with the linear decoder."""
+    return _segmenter("linear", heads, head_dim, depth, mlp_hidden, image)
+
+
 # adapter name -> model factories (each takes heads, head_dim, depth, mlp_hidden, image). A model holding blocks of
 # several families (BLIP) is listed under each family it tests.
 ADAPTER_MODELS = {
@@ -268,6 +287,7 @@ ADAPTER_MODELS = {
     "hf-bert": [hf_bert, hf_blip_caption, blip_vqa],
     "hf-blip": [hf_blip_retrieval],
     "blip-nlvr": [blip_nlvr],
+    "segmenter": [segmenter_mask, segmenter_linear],
 }
 
 # (heads, head_dim, depth, mlp_hidden): odd head dims, one head, odd widths

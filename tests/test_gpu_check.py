@@ -7,20 +7,20 @@ from helpers import load_benchmark
 
 def test_gpu_check_runs_at_tiny_size_on_cpu(tmp_path):
     gpu_check = load_benchmark("gpu_check")
-    argv = "--models vit-micro,hf-clip:tiny,blip-nlvr:tiny,blip-caption:tiny --device cpu --batch 4 --search-steps 3 "
-    argv += "--rounds 1 "
+    argv = "--models vit-micro,hf-clip:tiny,blip-nlvr:tiny,blip-caption:tiny,segmenter:tiny --device cpu --batch 4 "
+    argv += "--search-steps 3 --rounds 1 "
     argv += "--steps 1 --iters 2"
     result = gpu_check.main([*argv.split(), "--compile-model", "none", "--out", str(tmp_path / "r.json")])
-    vit, clip, nlvr, caption = result["models"]
+    vit, clip, nlvr, caption, segmenter = result["models"]
     assert set(vit["speedup"]) == {"image"} and set(clip["speedup"]) == {"vision", "text"}
-    assert set(nlvr["speedup"]) == set(caption["speedup"]) == {"model"}
+    assert set(nlvr["speedup"]) == set(caption["speedup"]) == set(segmenter["speedup"]) == {"model"}
     generation = caption["generation"]
     assert set(generation["tokens_per_s"]) == {"dense", "default_auto", "uniform_dims_hand_sliced"}
     assert all(v > 0 for v in generation["tokens_per_s"].values()) and set(generation["speedup"]) == {
         "default_auto",
         "uniform_dims_hand_sliced",
     }
-    for row in (vit, clip, nlvr, caption):
+    for row in (vit, clip, nlvr, caption, segmenter):
         assert row["gflops_per_sample"]["device"] == row["gflops_per_sample"]["cpu"] > 0
         for name in gpu_check.VARIANTS:
             search = row["search"][name]

@@ -130,7 +130,35 @@ class BuiltinBLIP:
         return model
 
 
-BUILTIN_MODELS: dict[str, BuiltinViT | BuiltinCLIP | BuiltinBLIP] = {
+@dataclass(frozen=True)
+class BuiltinSegmenter:
+    """A Segmenter (``upop.segmenter``: ViT encoder, mask-transformer decoder) small enough to train on 2 CPU cores."""
+
+    image_size: int
+    patch_size: int
+    width: int
+    heads: int
+    depth: int
+    decoder_depth: int
+    kind: str = "segmenter"
+
+    def build(self, num_classes: int, image_size: int | None = None) -> nn.Module:
+        from upop.segmenter import build_segmenter
+
+        decoder = {"name": "mask_transformer", "n_layers": self.decoder_depth, "n_heads": self.heads}
+        net = dict(
+            image_size=image_size or self.image_size,
+            patch_size=self.patch_size,
+            d_model=self.width,
+            n_heads=self.heads,
+            n_layers=self.depth,
+            n_cls=num_classes,
+            decoder=decoder,
+        )
+        return build_segmenter(net)
+
+
+BUILTIN_MODELS: dict[str, BuiltinViT | BuiltinCLIP | BuiltinBLIP | BuiltinSegmenter] = {
     "vit-tiny": BuiltinViT(image_size=32, patch_size=8, embed_dim=64, depth=4, num_heads=2),
     "vit-micro": BuiltinViT(image_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0),
     "clip-tiny": BuiltinCLIP(
@@ -141,6 +169,8 @@ BUILTIN_MODELS: dict[str, BuiltinViT | BuiltinCLIP | BuiltinBLIP] = {
     ),
     "blip-tiny": BuiltinBLIP(image_size=32, patch_size=8, width=64, heads=2, depth=3, text_width=64),
     "blip-micro": BuiltinBLIP(image_size=16, patch_size=4, width=32, heads=2, depth=2, text_width=24),
+    "segmenter-tiny": BuiltinSegmenter(image_size=32, patch_size=4, width=64, heads=2, depth=4, decoder_depth=2),
+    "segmenter-micro": BuiltinSegmenter(image_size=16, patch_size=4, width=32, heads=2, depth=2, decoder_depth=1),
 }
 MODEL_KINDS = {
     "classifier": "an image classifier",
@@ -148,11 +178,12 @@ MODEL_KINDS = {
     "nlvr": "an NLVR model (two images and a statement)",
     "captioner": "a captioning model (an image encoder and a text decoder)",
     "vqa": "a VQA model (image and question encoders and an answer decoder)",
+    "segmenter": "a segmentation model (Segmenter)",
 }
 
 
 def model_names() -> str:
-    return ", ".join([*BUILTIN_MODELS, "timm:ARCH", "hf:PATH", "open_clip:ARCH:WEIGHTS"])
+    return ", ".join([*BUILTIN_MODELS, "timm:ARCH", "hf:PATH", "open_clip:ARCH:WEIGHTS", "segmenter:PATH"])
 
 
 def default_image_size(spec: str) -> int | None:
@@ -180,6 +211,15 @@ def build_model(
             return builtin.build(num_classes, image_size, kind)
         return builtin.build(num_classes, image_size)
     family, _, arg = spec.partition(":")
+    if kind == "segmenter":
+        if family == "segmenter" and arg:
+            from upop.segmenter import load_segmenter
+
+            return load_segmenter(Path(arg), num_classes, weights)
+        raise UPopError(
+            f"model {spec!r} is not {MODEL_KINDS[kind]}; accepted: segmenter-tiny, segmenter-micro, segmenter:PATH "
+            "(a released checkpoint.pth with its variant.yml)"
+        )
     if kind in ("captioner", "vqa"):
         if family == "hf" and arg:
             from upop.blip import load_hf_captioner, load_hf_vqa
@@ -327,6 +367,8 @@ def _open_clip_tokenizer(model: nn.Module, arch: str) -> Any:
 
 def model_image_size(model: nn.Module) -> int:
     """The square input size a built model expects."""
+    if getattr(model, "upop_image_size", None):
+        return int(model.upop_image_size)
     pe = getattr(model, "patch_embed", None)
     if pe is not None and getattr(pe, "img_size", None):
         return int(pe.img_size[0])

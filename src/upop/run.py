@@ -112,7 +112,7 @@ def prepare(cfg: RunConfig) -> Setup:
     """Process group, task, data (train, select and report splits) and loaders for ``cfg``."""
     info = D.setup(cfg.device)
     task = get_task(cfg.task)
-    task.configure({"vqa_inference": cfg.vqa_inference})
+    task.configure({"vqa_inference": cfg.vqa_inference, "model": cfg.model})
     image_size = cfg.data.image_size or default_image_size(cfg.model)
     if image_size is None:
         image_size = model_image_size(build_model(cfg.model, 1, kind=task.model_kind))
@@ -556,7 +556,9 @@ def _compress_in(
     files = {"report.md": (report_header(report) + "\n\n" + comparison_table(report) + "\n").encode()}
     if info.is_main:
         files["kept.png"] = heatmap_png(report["per_structure"], f"{cfg.model}, p={prune.p} ({prune.allocation})")
-        files.update(task.extra_files(model, info.device, cfg.batch_size))
+        dense = new_model(cfg, setup, pretrained).eval() if task.pictures_need_dense else None
+        files.update(task.extra_files(model, info.device, cfg.batch_size, dense))
+        del dense
     out.finish(report, files, lambda d: save_compressed(model, d))
     return report
 
@@ -572,7 +574,8 @@ def latency_table(cfg: RunConfig, granularity: str, output: str) -> dict[str, An
     info = D.setup(cfg.device)
     task = get_task(cfg.task)
     size = cfg.data.image_size or default_image_size(cfg.model)
-    model = build_model(cfg.model, 1000 if task.model_kind == "classifier" else 0, size, kind=task.model_kind)
+    outputs = {"classifier": 1000, "segmenter": 150}.get(task.model_kind, 0)
+    model = build_model(cfg.model, outputs, size, kind=task.model_kind)
     size = size or model_image_size(model)
     model = model.to(info.device)
     example = task.example_inputs(torch.randn(cfg.batch_size, 3, size, size, device=info.device), model)

@@ -154,3 +154,14 @@ def class_names() -> list[str]:
 
 def num_classes() -> int:
     return len(SHAPES) * len(COLOURS)
+
+
+SEGMENTATION_CLASSES: tuple[str, ...] = ("background", *SHAPES)
+
+
+def semantic_map(world: ShapesWorld, index: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
+    """Per-pixel classes (B, S, S) of scenes ``index`` from their object maps ``seg`` (``render``'s): 0 for the
+    background, 1 + the shape of the object that shows there (``SEGMENTATION_CLASSES``)."""
+    index = torch.as_tensor(index, dtype=torch.long).view(-1)
+    shapes = torch.cat([torch.full((len(index), 1), -1), world.shape[index]], dim=1)  # object k + 1 -> its shape
+    return shapes.gather(1, seg.flatten(1)).view_as(seg) + 1

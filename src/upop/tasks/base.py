@@ -192,8 +192,13 @@ class Task(abc.ABC):
         """Task settings from the run's config (e.g. VQA's inference mode); none by default."""
         return None
 
-    def extra_files(self, model: nn.Module, device: torch.device, batch_size: int) -> dict[str, bytes]:
-        """Files a finished job writes beside its report (e.g. a test-server submission): {name: bytes}."""
+    pictures_need_dense: bool = False  # extra_files compares the dense model with the compressed one
+
+    def extra_files(
+        self, model: nn.Module, device: torch.device, batch_size: int, dense: nn.Module | None = None
+    ) -> dict[str, bytes]:
+        """Files a finished job writes beside its report (e.g. a test-server submission, pictures): {name: bytes}.
+        ``dense`` is the dense model when the job compressed one and ``pictures_need_dense`` asks for it."""
         return {}
 
     def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:

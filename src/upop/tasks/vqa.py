@@ -347,7 +347,9 @@ class Vqa(Task):
                 out[f"accuracy_{kind.replace('/', '_')}"] = 100.0 * sum(mine) / max(1, len(mine))
         return out
 
-    def extra_files(self, model: nn.Module, device: torch.device, batch_size: int) -> dict[str, bytes]:
+    def extra_files(
+        self, model: nn.Module, device: torch.device, batch_size: int, dense: nn.Module | None = None
+    ) -> dict[str, bytes]:
         """The test-dev submission (question ids and answers of ``*test.json``), when the data has a test file."""
         if self.test is None:
             return {}

@@ -1,0 +1,430 @@
+"""Semantic segmentation (Segmenter; ADE20K's protocol).
+
+Training: random resize (the shorter side to 0.5-2.0 x the crop size), a random crop to the crop size (``--image-size``,
+default the model's), padding with the ignore label where the image is smaller, horizontal flip (p 0.5); pixel
+cross-entropy with the ignore index 255.
+
+Evaluation: single-scale (the image's shorter side resized to the crop size, then sliding windows of the crop size,
+stride ``STRIDE`` x the crop, averaged where they overlap, upsampled to the annotation's size) and, on the report split,
+multi-scale (ratios 0.5-1.75 of that size, each with its horizontal flip, class probabilities averaged). Metrics from
+torchmetrics' confusion matrix (summed over DDP ranks): ``miou`` (the mean over classes present in the annotation or
+the prediction of intersection / union, the main metric), ``pixel_accuracy``, ``mean_accuracy``, and ``*_ms`` for
+multi-scale.
+
+Data: the built-in shapes world (classes: background and the five shapes), or an ADE20K folder
+(``images/{training,validation}/*.jpg``, ``annotations/{training,validation}/*.png``, single-channel class ids):
+label 0 is ignored and labels 1..150 become classes 0..149. The selection split is carved from training, the report
+split is validation. Every annotation is checked before training: an image without an annotation, an annotation of
+another size than its image, an RGB annotation, or a label above 150 is refused, naming the file.
+
+Beside ``report.md`` a run writes ``segmentation.png``: report-split images as image | ground truth | dense
+prediction | compressed prediction, in one palette with a legend of the class names shown.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset
+
+from upop.data.shapes import SEGMENTATION_CLASSES, ShapesWorld, semantic_map
+from upop.engine.dist import unwrap
+from upop.errors import UPopError
+from upop.tasks.base import (
+    Carved,
+    DataConfig,
+    Splits,
+    Task,
+    carve,
+    carved_about,
+    default_select_size,
+    kl_distill,
+    register_task,
+)
+
+IGNORE = 255
+ADE_CLASSES = 150
+SCALE_RANGE = (0.5, 2.0)
+RATIOS = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
+STRIDE = 2 / 3  # window stride as a share of the window: overlapping windows on large images
+MAX_ASPECT = 4  # the longer side is at most 4 x the shorter one after resizing (as mmseg's img_scale 2048 x 512)
+PICTURES = 4
+
+
+# ---------------------------------------------------------------------------------------------------------- geometry
+def resized_shape(h: int, w: int, short: float) -> tuple[int, int]:
+    """(h, w) scaled so the shorter side is ``short`` (the longer at most ``MAX_ASPECT`` x ``short``)."""
+    scale = min(short / min(h, w), MAX_ASPECT * short / max(h, w))
+    return max(1, round(h * scale)), max(1, round(w * scale))
+
+
+def augment(image: torch.Tensor, labels: torch.Tensor, crop: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training augmentation of one image (3, H, W) in [0, 1] and its labels (H, W): random resize, random crop,
+    padding (image 0, labels ``IGNORE``), horizontal flip. Draws from torch's global generator."""
+    ratio = float(torch.empty(()).uniform_(*SCALE_RANGE))
+    h, w = resized_shape(*labels.shape, crop * ratio)
+    image = F.interpolate(image[None], size=(h, w), mode="bilinear", align_corners=False)[0]
+    labels = F.interpolate(labels[None, None].float(), size=(h, w), mode="nearest")[0, 0].long()
+    top = int(torch.randint(0, max(1, h - crop + 1), ()))
+    left = int(torch.randint(0, max(1, w - crop + 1), ()))
+    image, labels = image[:, top : top + crop, left : left + crop], labels[top : top + crop, left : left + crop]
+    pad = (0, crop - image.shape[2], 0, crop - image.shape[1])
+    image, labels = F.pad(image, pad, value=0.0), F.pad(labels, pad, value=IGNORE)
+    if float(torch.rand(())) < 0.5:
+        image, labels = image.flip(-1), labels.flip(-1)
+    return image, labels
+
+
+def windows(h: int, w: int, size: int, stride: int) -> list[tuple[int, int, int, int]]:
+    """(top, left, height, width) of sliding windows covering an h x w image; one window per side shorter than
+    ``size``; the last window of each row and column flush with the border."""
+
+    def starts(n: int) -> list[int]:
+        if n <= size:
+            return [0]
+        out = list(range(0, n - size, stride))
+        return out + [n - size]
+
+    return [(t, left, min(size, h), min(size, w)) for t in starts(h) for left in starts(w)]
+
+
+@torch.no_grad()
+def sliding_logits(model: nn.Module, image: torch.Tensor, size: int, batch: int = 16) -> torch.Tensor:
+    """Class scores (C, H, W) of one image (3, H, W) from sliding windows of ``size`` (stride ``STRIDE`` x size),
+    averaged where windows overlap."""
+    h, w = image.shape[1:]
+    boxes = windows(h, w, size, max(1, round(STRIDE * size)))
+    total, count = None, torch.zeros(1, h, w, device=image.device)
+    for i in range(0, len(boxes), batch):
+        chunk = boxes[i : i + batch]
+        crops = torch.stack([image[:, t : t + bh, lf : lf + bw] for t, lf, bh, bw in chunk])
+        scores = model(crops).float()
+        if total is None:
+            total = torch.zeros(scores.shape[1], h, w, device=image.device)
+        for (t, lf, bh, bw), s in zip(chunk, scores):
+            total[:, t : t + bh, lf : lf + bw] += s
+            count[:, t : t + bh, lf : lf + bw] += 1
+    return total / count
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module, image: torch.Tensor, out_size: tuple[int, int], size: int, ratios=(1.0,), flip: bool = False
+) -> torch.Tensor:
+    """Class probabilities (C, *out_size) of ``image`` (3, h, w, already at the evaluation size): for every ratio
+    (and its horizontal flip), sliding-window scores of the image resized by it, upsampled to ``out_size``,
+    softmaxed, then averaged."""
+    probs = None
+    for ratio in ratios:
+        h, w = (max(1, round(d * ratio)) for d in image.shape[1:])
+        scaled = F.interpolate(image[None], size=(h, w), mode="bilinear", align_corners=False)[0]
+        for flipped in (False, True) if flip else (False,):
+            x = scaled.flip(-1) if flipped else scaled
+            logits = sliding_logits(model, x, size)
+            logits = logits.flip(-1) if flipped else logits
+            p = F.interpolate(logits[None], size=out_size, mode="bilinear", align_corners=False)[0].softmax(0)
+            probs = p if probs is None else probs + p
+    return probs / (len(ratios) * (2 if flip else 1))
+
+
+def scores(confusion: torch.Tensor) -> dict[str, float]:
+    """mIoU (over classes with a non-empty union), pixel accuracy and mean class accuracy (over classes present in
+    the annotations), in percent, from a confusion matrix (rows: truth, columns: prediction)."""
+    cm = confusion.double()
+    tp, truth, pred = cm.diag(), cm.sum(1), cm.sum(0)
+    union = truth + pred - tp
+    present = union > 0
+    labelled = truth > 0
+    return {
+        "miou": 100.0 * float((tp[present] / union[present]).mean()) if present.any() else 0.0,
+        "pixel_accuracy": 100.0 * float(tp.sum() / cm.sum().clamp(min=1)),
+        "mean_accuracy": 100.0 * float((tp[labelled] / truth[labelled]).mean()) if labelled.any() else 0.0,
+    }
+
+
+# ------------------------------------------------------------------------------------------------------------ data
+class Pixels(Dataset):
+    """Images with per-pixel labels. ``load(i)`` -> (image (3, H, W) in [0, 1], labels (H, W) long). Training
+    samples are augmented to ``crop`` x ``crop``; evaluation samples keep their labels at full size and resize the
+    image so its shorter side is ``crop`` (batched as lists: ``collate``)."""
+
+    def __init__(self, load: Callable[[int], tuple], n: int, crop: int, normalization: tuple, train: bool) -> None:
+        self.load, self.n, self.crop, self.train = load, n, crop, train
+        self.mean = torch.tensor(normalization[0]).view(3, 1, 1)
+        self.std = torch.tensor(normalization[1]).view(3, 1, 1)
+        if not train:
+            self.collate = _as_lists
+
+    def __len__(self) -> int:
+        return self.n
+
+    def normalise(self, image: torch.Tensor) -> torch.Tensor:
+        return (image - self.mean) / self.std
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image, labels = self.load(i)
+        if self.train:
+            image, labels = augment(image, labels, self.crop)
+            return self.normalise(image), labels
+        size = resized_shape(*labels.shape, self.crop)
+        image = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]
+        return self.normalise(image), labels
+
+
+def _as_lists(batch: list[tuple]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    return [b[0] for b in batch], [b[1] for b in batch]
+
+
+def builtin_split(n: int, seed: int, size: int, noise: float) -> Callable[[int], tuple]:
+    """Scenes of the shapes world rendered at ``size`` with their class maps, kept as uint8."""
+    world = ShapesWorld(n, seed=seed, image_size=size, noise=noise)
+    images, labels = [], []
+    for start in range(0, n, 4096):
+        index = torch.arange(start, min(n, start + 4096))
+        x, seg = world.render(index)
+        images.append((x * 255).round().to(torch.uint8))
+        labels.append(semantic_map(world, index, seg).to(torch.uint8))
+    pixels, classes = torch.cat(images), torch.cat(labels)
+    return lambda i: (pixels[i].float() / 255, classes[i].long())
+
+
+def ade_split(root: Path, split: str) -> tuple[Callable[[int], tuple], int, str]:
+    """An ADE20K split: (load, count, source). Every image must have an annotation; every annotation is checked
+    (single channel, the image's size, labels <= 150) before anything trains."""
+    import numpy as np
+    from PIL import Image
+
+    image_dir, label_dir = root / "images" / split, root / "annotations" / split
+    if not image_dir.is_dir() or not label_dir.is_dir():
+        raise UPopError(f"{root} is not an ADE20K folder: it needs images/{split}/*.jpg and annotations/{split}/*.png")
+    images = sorted(p for p in image_dir.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+    if not images:
+        raise UPopError(f"{image_dir} holds no images (*.jpg)")
+    pairs = []
+    for image in images:
+        label = label_dir / f"{image.stem}.png"
+        if not label.is_file():
+            raise UPopError(f"the image {image} has no annotation (expected {label})")
+        try:
+            with Image.open(image) as im, Image.open(label) as lab:
+                if lab.mode not in ("L", "P", "I;16", "I"):
+                    raise UPopError(
+                        f"the annotation {label} is {lab.mode}, not a single-channel PNG of class ids "
+                        "(ADE20K's annotations hold one class id per pixel)"
+                    )
+                if lab.size != im.size:
+                    raise UPopError(
+                        f"the annotation {label} is {lab.size[0]}x{lab.size[1]}, its image {image.name} "
+                        f"{im.size[0]}x{im.size[1]}; they must be the same size"
+                    )
+                top = int(np.asarray(lab).max())
+        except OSError as e:
+            raise UPopError(f"cannot read {image} or its annotation: {e}") from None
+        if top > ADE_CLASSES:
+            raise UPopError(f"the annotation {label} has label {top}; ADE20K's are 0 (ignored) to {ADE_CLASSES}")
+        pairs.append((image, label))
+
+    def load(i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image, label = pairs[i]
+        with Image.open(image) as im, Image.open(label) as lab:
+            x = torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.uint8).copy()).permute(2, 0, 1)
+            y = torch.from_numpy(np.asarray(lab).astype(np.int64))
+        y = torch.where(y == 0, IGNORE, y - 1)  # 0 is "other": ignored; 1..150 -> classes 0..149
+        return x.float() / 255, y
+
+    return load, len(pairs), str(image_dir)
+
+
+# ------------------------------------------------------------------------------------------------------------ task
+@register_task
+class Segmentation(Task):
+    name = "segmentation"
+    main_metric = "miou"
+    model_kind = "segmenter"
+    pictures_need_dense = True
+
+    def __init__(self) -> None:
+        self.classes: tuple[str, ...] = SEGMENTATION_CLASSES
+        self.normalization: tuple = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+        self.report: Dataset | None = None
+        self.crop = 0
+
+    def configure(self, options: dict[str, Any]) -> None:
+        """A released Segmenter's normalisation, read from the variant.yml beside it."""
+        spec = str(options.get("model") or "")
+        if spec.startswith("segmenter:"):
+            from upop.segmenter import NORMALIZATION, read_variant
+
+            path = Path(spec.partition(":")[2])
+            variant = (path if path.is_dir() else path.parent) / "variant.yml"
+            if variant.is_file():
+                name = read_variant(variant)["net_kwargs"].get("normalization", "vit")
+                self.normalization = NORMALIZATION.get(name, NORMALIZATION["vit"])
+
+    def datasets(self, data: DataConfig) -> Splits:
+        crop = self.crop = int(data.image_size)
+        norm = self.normalization
+        if data.builtin:
+            made, about = {}, {}
+            for name, size, seed in (
+                ("train", data.train_size, data.seed),
+                ("select", data.val_size if data.select_size is None else data.select_size, data.seed + 2),
+                ("report", data.val_size, data.seed + 1),
+            ):
+                if size:
+                    made[name] = Pixels(builtin_split(size, seed, crop, data.noise), size, crop, norm, name == "train")
+                    about[name] = {
+                        "source": f"built-in scenes, classes background + 5 shapes (seed {seed})",
+                        "size": size,
+                    }
+            self.classes = SEGMENTATION_CLASSES
+        else:
+            from upop.segmenter import ADE20K_CLASSES
+
+            root = Path(data.root)
+            if not root.is_dir():
+                raise UPopError(f"dataset folder {root} does not exist")
+            load, n, source = ade_split(root, "training")
+            report_load, n_report, report_source = ade_split(root, "validation")
+            about = {"report": {"source": report_source, "size": n_report}}
+            made = {"report": Pixels(report_load, n_report, crop, norm, False)}
+            train, select = Pixels(load, n, crop, norm, True), None
+            size = default_select_size(n) if data.select_size is None else data.select_size
+            if size:
+                kept, picked = carve(torch.zeros(n, dtype=torch.long), size, data.seed)
+                select = Carved(Pixels(load, n, crop, norm, False), picked.tolist())
+                train = Carved(train, kept.tolist())
+                about["select"] = carved_about(picked, source, data.seed)
+                made["select"] = select
+            made["train"] = train
+            about["train"] = {"source": source, "size": len(train)}
+            self.classes = ADE20K_CLASSES
+        about["train"]["augment"] = f"resize {SCALE_RANGE[0]}-{SCALE_RANGE[1]}, crop {crop}, pad, flip"
+        about["report"]["evaluation"] = f"single-scale and multi-scale ({', '.join(map(str, RATIOS))}, flips)"
+        self.report = made["report"]
+        return Splits(made["train"], made.get("select"), made["report"], about)
+
+    def num_outputs(self, train: Dataset) -> int:
+        return len(self.classes)
+
+    def outputs(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        return model(batch[0])
+
+    def loss_from(self, outputs: torch.Tensor, batch: Any) -> torch.Tensor:
+        return F.cross_entropy(outputs.float(), batch[1], ignore_index=IGNORE)
+
+    def distill_loss(self, student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+        """Per-pixel KD over the classes."""
+        return kl_distill(student.movedim(1, -1), teacher.movedim(1, -1), temperature)
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, loader: Any, device: torch.device) -> dict[str, float]:
+        from torchmetrics.classification import MulticlassConfusionMatrix
+
+        n = len(self.classes)
+        multi = loader.dataset is self.report
+        matrices = {s: MulticlassConfusionMatrix(n, ignore_index=IGNORE).to(device) for s in ("", "_ms")[: 1 + multi]}
+        was_training = model.training
+        model.eval()
+        try:
+            for images, labels in loader:
+                for image, label in zip(images, labels):
+                    image, label = image.to(device), label.to(device)
+                    probs = predict(model, image, tuple(label.shape), self.crop)
+                    matrices[""].update(probs.argmax(0)[None], label[None])
+                    if multi:
+                        probs = predict(model, image, tuple(label.shape), self.crop, RATIOS, flip=True)
+                        matrices["_ms"].update(probs.argmax(0)[None], label[None])
+        finally:
+            model.train(was_training)
+        out = {}
+        for suffix, matrix in matrices.items():
+            out.update({f"{k}{suffix}": v for k, v in scores(matrix.compute()).items()})
+        return out
+
+    def example_inputs(self, batch: Any, model: nn.Module | None = None) -> Any:
+        """Images at the crop size (the token counts of training and of each evaluation window)."""
+        images = batch if isinstance(batch, torch.Tensor) else batch[0]
+        device = next(model.parameters()).device if model is not None else torch.device("cpu")
+        if isinstance(images, torch.Tensor):
+            return images.to(device)
+        crop = self.crop or int(images[0].shape[-1])
+        return torch.stack([F.interpolate(x[None], size=(crop, crop), mode="bilinear")[0] for x in images]).to(device)
+
+    def extra_files(
+        self, model: nn.Module, device: torch.device, batch_size: int, dense: nn.Module | None = None
+    ) -> dict[str, bytes]:
+        """``segmentation.png``: the first report-split images, their annotation, the dense and the compressed
+        model's single-scale predictions (``dense`` None: only the model's)."""
+        if self.report is None:
+            return {}
+        models = {"prediction": model} if dense is None else {"dense": dense, "compressed": model}
+        rows = []
+        for i in range(min(PICTURES, len(self.report))):
+            image, label = self.report[i]
+            preds = {}
+            for name, m in models.items():
+                was_training = m.training
+                m.eval()
+                try:
+                    probs = predict(unwrap(m), image.to(device), tuple(label.shape), self.crop)
+                finally:
+                    m.train(was_training)
+                preds[name] = probs.argmax(0).cpu()
+            shown = F.interpolate(image[None], size=tuple(label.shape), mode="bilinear", align_corners=False)[0]
+            rows.append((shown * self.report.std + self.report.mean, label, preds))
+        return {"segmentation.png": picture(rows, self.classes)}
+
+
+def palette(n: int) -> torch.Tensor:
+    """(n + 1, 3) colours in [0, 1]: n distinct class colours (golden-ratio hues), then black for the ignore label."""
+    import colorsys
+
+    colours = [
+        colorsys.hsv_to_rgb((0.13 + i * 0.618034) % 1, 0.65 + 0.3 * (i % 2), 0.95 - 0.3 * (i % 3 == 2))
+        for i in range(n)
+    ]
+    return torch.tensor([*colours, (0.0, 0.0, 0.0)])
+
+
+def picture(rows: list[tuple], classes: tuple[str, ...]) -> bytes:
+    """A PNG grid: per row image | ground truth | each prediction, one palette, a legend of the classes shown."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    colours = palette(len(classes))
+
+    def paint(labels: torch.Tensor) -> torch.Tensor:
+        index = torch.where(labels == IGNORE, len(classes), labels).clamp(0, len(classes))
+        return colours[index]
+
+    names = ["image", "ground truth", *rows[0][2]]
+    fig, axes = plt.subplots(len(rows), len(names), figsize=(2.2 * len(names), 2.2 * len(rows) + 0.8), squeeze=False)
+    shown: set[int] = set()
+    for r, (image, label, preds) in enumerate(rows):
+        panels = [image.clamp(0, 1).permute(1, 2, 0), paint(label), *(paint(p) for p in preds.values())]
+        shown |= set(label[label != IGNORE].unique().tolist())
+        for p in preds.values():
+            shown |= set(p.unique().tolist())
+        for c, panel in enumerate(panels):
+            axes[r, c].imshow(panel.numpy(), interpolation="nearest")
+            axes[r, c].set_axis_off()
+            if r == 0:
+                axes[r, c].set_title(names[c], fontsize=9)
+    handles = [Patch(color=colours[k].tolist(), label=classes[k]) for k in sorted(shown)]
+    handles.append(Patch(color=(0, 0, 0), label="ignored"))
+    fig.legend(handles=handles, loc="lower center", ncol=min(6, len(handles)), fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    return buffer.getvalue()
