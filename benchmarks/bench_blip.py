@@ -16,7 +16,6 @@ import dataclasses
 import json
 import subprocess
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ from upop.tasks.vqa import normalise_answer, vqa_accuracy
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import paired_latency, variant_row  # noqa: E402
+from common import step_ratio as common_step_ratio  # noqa: E402
 
 HERE = Path(__file__).parent
 ROOT = HERE.parent
@@ -93,44 +93,13 @@ VARIANTS = {  # run directory -> (row label, search configuration)
 }
 
 
-def step_ratio(bench: Bench, rounds: int = 4, steps: int = 10) -> dict[str, float]:
-    """Seconds per training step of blip-tiny at the benchmark's batch, plain vs search (fastest of interleaved
-    rounds), fp32 on this CPU."""
+def step_ratio(bench: Bench) -> dict[str, float]:
+    """Plain vs search step of blip-tiny at the benchmark's batch (``common.step_ratio``)."""
     task = get_task(bench.cfg.task)
     data = task.datasets(DataConfig(train_size=64, val_size=8, image_size=32)).train
-    batch = next(
-        iter(torch.utils.data.DataLoader(data, bench.cfg.batch_size, collate_fn=getattr(data, "collate", None)))
-    )
-
-    def make(search: bool):
-        torch.manual_seed(0)
-        model = build_model("blip-tiny", 2, kind=bench.kind).train()
-        config = upop.PruneConfig(p=0.5, total_steps=10**6, align_attn=1, align_mlp=1)
-        pruner = upop.Pruner(model, config) if search else None
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-
-        def step() -> None:
-            loss = task.loss(model, batch)
-            if pruner is not None:
-                loss = loss + pruner.sparsity_loss()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            if pruner is not None:
-                pruner.step()
-
-        return step
-
-    runners = {"plain": make(False), "search": make(True)}
-    best = {k: float("inf") for k in runners}
-    for r in range(rounds + 1):
-        for name, step in list(runners.items())[:: 1 if r % 2 else -1]:
-            start = time.perf_counter()
-            for _ in range(steps):
-                step()
-            if r:
-                best[name] = min(best[name], (time.perf_counter() - start) / steps)
-    return {**best, "ratio": best["search"] / best["plain"]}
+    loader = torch.utils.data.DataLoader(data, bench.cfg.batch_size, collate_fn=getattr(data, "collate", None))
+    batch = next(iter(loader))
+    return common_step_ratio(lambda: build_model("blip-tiny", 2, kind=bench.kind), lambda m: task.loss(m, batch))
 
 
 def trivial_baseline(bench: Bench) -> dict[str, Any]:

@@ -18,7 +18,6 @@ import dataclasses
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -32,6 +31,7 @@ from upop.tasks.segmentation import IGNORE, scores
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import paired_latency, variant_row  # noqa: E402
+from common import step_ratio as common_step_ratio  # noqa: E402
 
 HERE = Path(__file__).parent
 ROOT = HERE.parent
@@ -60,42 +60,13 @@ def background_baseline(cfg: run.RunConfig) -> dict[str, float]:
     return scores(confusion)
 
 
-def step_ratio(cfg: run.RunConfig, rounds: int = 3, steps: int = 5) -> dict[str, float]:
-    """Seconds per training step at the benchmark's batch, plain vs search (fastest of interleaved rounds)."""
+def step_ratio(cfg: run.RunConfig) -> dict[str, float]:
+    """Plain vs search step at the benchmark's batch (``common.step_ratio``)."""
     task = get_task(cfg.task)
     data = task.datasets(DataConfig(train_size=cfg.batch_size, val_size=8, image_size=32)).train
     batch = next(iter(torch.utils.data.DataLoader(data, cfg.batch_size)))
-
-    def make(search: bool):
-        torch.manual_seed(0)
-        model = build_model(cfg.model, len(task.classes), kind="segmenter").train()
-        pruner = (
-            upop.Pruner(model, upop.PruneConfig(p=0.5, total_steps=10**6, align_attn=1, align_mlp=1))
-            if search
-            else None
-        )
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-
-        def step() -> None:
-            loss = task.loss(model, batch) + (pruner.sparsity_loss() if pruner is not None else 0)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            if pruner is not None:
-                pruner.step()
-
-        return step
-
-    runners = {"plain": make(False), "search": make(True)}
-    best = {k: float("inf") for k in runners}
-    for r in range(rounds + 1):
-        for name, step in list(runners.items())[:: 1 if r % 2 else -1]:
-            start = time.perf_counter()
-            for _ in range(steps):
-                step()
-            if r:
-                best[name] = min(best[name], (time.perf_counter() - start) / steps)
-    return {**best, "ratio": best["search"] / best["plain"]}
+    build = lambda: build_model(cfg.model, len(task.classes), kind="segmenter")  # noqa: E731
+    return common_step_ratio(build, lambda m: task.loss(m, batch), rounds=3, steps=5)
 
 
 def measure(cfg: run.RunConfig, args: argparse.Namespace, runs: Path) -> None:

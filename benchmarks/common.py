@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Callable
 from pathlib import Path
 
+import torch
+
+import upop
 from upop.core.profile import paired_latency  # noqa: F401  (the benchmarks' timing, shared with the library)
 
 
@@ -31,3 +36,36 @@ def variant_row(runs: Path, name: str) -> dict:
         "flops": r["compressed"]["flops"],
         "dense_flops": r["dense"]["flops"],
     }
+
+
+def step_ratio(build: Callable, loss: Callable, rounds: int = 4, steps: int = 10) -> dict[str, float]:
+    """Seconds per training step of ``build()`` with ``loss(model)``, plain vs a UPop search step (masks, sparsity
+    loss, ``Pruner.step``): the fastest of interleaved rounds, fp32 on this machine; and their ratio."""
+
+    def make(search: bool) -> Callable[[], None]:
+        torch.manual_seed(0)
+        model = build().train()
+        config = upop.PruneConfig(p=0.5, total_steps=10**6, align_attn=1, align_mlp=1)
+        pruner = upop.Pruner(model, config) if search else None
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+        def step() -> None:
+            value = loss(model) + (pruner.sparsity_loss() if pruner is not None else 0)
+            opt.zero_grad()
+            value.backward()
+            opt.step()
+            if pruner is not None:
+                pruner.step()
+
+        return step
+
+    runners = {"plain": make(False), "search": make(True)}
+    best = {k: float("inf") for k in runners}
+    for r in range(rounds + 1):  # round 0 warms up
+        for name, step in list(runners.items())[:: 1 if r % 2 else -1]:
+            start = time.perf_counter()
+            for _ in range(steps):
+                step()
+            if r:
+                best[name] = min(best[name], (time.perf_counter() - start) / steps)
+    return {**best, "ratio": best["search"] / best["plain"]}

@@ -122,13 +122,11 @@ NLVR_SIZES = {  # vision (width, heads, layers, mlp, image, patch), text (width,
 }
 
 
-def _blip_nlvr(size: str, device: torch.device) -> Workload:
-    """UPop's BLIP NLVR model (twin cross-attention) from configs, random weights: pairs of images and a statement."""
+def _blip_configs(size: str, vocab: int) -> tuple[Any, Any]:
+    """BLIP vision and text configs of a size of ``NLVR_SIZES`` (the text's cross-attention reads the vision width)."""
     from transformers.models.blip.configuration_blip import BlipTextConfig, BlipVisionConfig
 
-    from upop.blip import BlipNlvr
-
-    (vw, vh, vl, vm, image, patch), (tw, th, tl, tm, tokens), batch = NLVR_SIZES[size]
+    (vw, vh, vl, vm, image, patch), (tw, th, tl, tm, _), _ = NLVR_SIZES[size]
     vision = BlipVisionConfig(
         hidden_size=vw,
         num_attention_heads=vh,
@@ -139,8 +137,22 @@ def _blip_nlvr(size: str, device: torch.device) -> Workload:
         initializer_range=0.02,
     )
     text = BlipTextConfig(
-        vocab_size=30524, hidden_size=tw, num_attention_heads=th, num_hidden_layers=tl, intermediate_size=tm
+        vocab_size=vocab,
+        hidden_size=tw,
+        num_attention_heads=th,
+        num_hidden_layers=tl,
+        intermediate_size=tm,
+        encoder_hidden_size=vw,
     )
+    return vision, text
+
+
+def _blip_nlvr(size: str, device: torch.device) -> Workload:
+    """UPop's BLIP NLVR model (twin cross-attention) from configs, random weights: pairs of images and a statement."""
+    from upop.blip import BlipNlvr
+
+    (_, _, _, _, image, _), (_, _, _, _, tokens), batch = NLVR_SIZES[size]
+    vision, text = _blip_configs(size, 30524)
 
     def inputs(n: int) -> dict[str, torch.Tensor]:
         return {
@@ -160,30 +172,12 @@ def _blip_nlvr(size: str, device: torch.device) -> Workload:
 def _blip_caption(size: str, device: torch.device) -> Workload:
     """HF BlipForConditionalGeneration from configs (BLIP-base captioning at 384 px for "base"), random weights:
     teacher-forced LM loss on 20 tokens, and generation with the KV cache (3 beams, exactly ``GENERATED`` tokens)."""
-    from transformers.models.blip.configuration_blip import BlipTextConfig, BlipVisionConfig
-
     from upop.blip import build_captioner
 
-    (vw, vh, vl, vm, image, patch), (tw, th, tl, tm, _), batch = NLVR_SIZES[size]
+    (_, _, _, _, image, _), _, batch = NLVR_SIZES[size]
     vocab, tokens = (30524, 20) if size == "base" else (50, 8)
-    vision = BlipVisionConfig(
-        hidden_size=vw,
-        num_attention_heads=vh,
-        num_hidden_layers=vl,
-        intermediate_size=vm,
-        image_size=image,
-        patch_size=patch,
-        initializer_range=0.02,
-    )
-    text = BlipTextConfig(
-        vocab_size=vocab,
-        hidden_size=tw,
-        num_attention_heads=th,
-        num_hidden_layers=tl,
-        intermediate_size=tm,
-        encoder_hidden_size=vw,
-        max_position_embeddings=512 if size == "base" else max(tokens, GENERATED + 4),
-    )
+    vision, text = _blip_configs(size, vocab)
+    text.max_position_embeddings = 512 if size == "base" else max(tokens, GENERATED + 4)
     if size != "base":  # BLIP's special ids (30522 [DEC], 102 [SEP]) within the tiny vocabulary
         text.bos_token_id, text.sep_token_id, text.eos_token_id, text.pad_token_id = 1, vocab - 1, vocab - 1, 0
 

@@ -100,3 +100,18 @@ def test_the_compressed_model_runs_under_torch_compile(compressed):
     x = images(3)
     with torch.no_grad():
         torch.testing.assert_close(torch.compile(model)(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_a_segmenter_loads_alone_and_exports(tmp_path, capsys):
+    """Segmenter: the compressed directory loads without the dense weights and its ONNX export (any input batch)
+    agrees with PyTorch."""
+    out = tmp_path / "seg"
+    argv = ["compress", "--task", "segmentation", "--model", "segmenter-micro", "--train-size", "32"]
+    argv += ["--val-size", "4", "--batch-size", "16", "--epochs-search", "1", "--epochs", "0"]
+    assert main([*argv, "--output-dir", str(out)]) == 0
+    model = upop.load_compressed(out).eval()
+    assert sum(p.numel() for p in model.parameters()) < sum(
+        p.numel() for p in build_model("segmenter-micro", 6, kind="segmenter").parameters()
+    )
+    assert main(["export", str(out), "--onnx", str(tmp_path / "seg.onnx")]) == 0
+    assert "over 1 output(s)" in capsys.readouterr().out

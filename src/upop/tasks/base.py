@@ -7,8 +7,10 @@ reported) and ``report`` (every number in a report). A model is never selected a
 from __future__ import annotations
 
 import abc
+import contextlib
 import hashlib
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -213,6 +215,17 @@ class Task(abc.ABC):
         """Knowledge distillation from the dense model: KL(softmax(teacher / T) || softmax(student / T)) * T^2 over
         the last dimension of the logits (batch mean). Tasks whose outputs hold several logit tensors override."""
         return kl_distill(student, teacher, temperature)
+
+
+@contextlib.contextmanager
+def evaluating(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` in eval mode for the block; its training flag is restored after, whatever happens."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 def kl_distill(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -31,7 +31,7 @@ from torch.utils.data import Dataset
 from upop.engine import dist as D
 from upop.engine.dist import unwrap
 from upop.errors import UPopError
-from upop.tasks.base import DataConfig, Splits, Task, kl_distill, register_task
+from upop.tasks.base import DataConfig, Splits, Task, evaluating, kl_distill, register_task
 from upop.tasks.retrieval import Retrieval, RetrievalImages, tokenize
 
 PROMPT = "a picture of "
@@ -158,14 +158,10 @@ class Caption(Task):
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, loader: Any, device: torch.device) -> dict[str, Any]:
-        was_training = model.training
-        model.eval()
-        try:
+        with evaluating(model):
             made = []
             for images, index in loader:
                 made += zip(index.tolist(), generate_captions(model, images.to(device)))
-        finally:
-            model.train(was_training)
         captions = dict(D.gather_objects(made))
         references = loader.dataset.references
         return caption_scores({i: references[i] for i in captions}, captions)

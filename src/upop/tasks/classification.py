@@ -18,7 +18,17 @@ from torchmetrics.classification import MulticlassAccuracy
 from upop.data import augment
 from upop.data.shapes import ShapesWorld, class_names, subject_label
 from upop.errors import UPopError
-from upop.tasks.base import Carved, DataConfig, Splits, Task, carve, carved_about, default_select_size, register_task
+from upop.tasks.base import (
+    Carved,
+    DataConfig,
+    Splits,
+    Task,
+    carve,
+    carved_about,
+    default_select_size,
+    evaluating,
+    register_task,
+)
 
 SHAPES_MEAN, SHAPES_STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -199,15 +209,11 @@ class Classification(Task):
             for k in (1, 5)
             if k <= num_classes
         }
-        was_training = model.training
-        model.eval()
-        try:
+        with evaluating(model):
             for images, labels in loader:
                 logits = logits_of(model(images.to(device))).float()
                 for metric in metrics.values():
                     metric.update(logits, labels.to(device))
-        finally:
-            model.train(was_training)
         return {name: 100.0 * float(metric.compute()) for name, metric in metrics.items()}
 
     def example_inputs(self, batch: Any, model: nn.Module | None = None) -> Any:

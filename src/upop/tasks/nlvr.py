@@ -25,8 +25,8 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from upop.data.statements import statement_split
 from upop.errors import UPopError
-from upop.tasks.base import DataConfig, Splits, Task, read_annotation, register_task
-from upop.tasks.retrieval import CLIP_MEAN, CLIP_STD, _normalise, tokenize
+from upop.tasks.base import DataConfig, Splits, Task, evaluating, read_annotation, register_task
+from upop.tasks.retrieval import _normalise, image_reader, tokenize
 
 SPLITS = (("train", "train", "training"), ("select", "dev", "selection"), ("report", "test", "report"))
 LABELS = {"False": 0, "True": 1, False: 0, True: 1}
@@ -82,31 +82,15 @@ def _annotation(root: Path, split: str, role: str) -> Path:
 
 
 def folder_split(root: Path, image_root: Path, split: str, role: str, image_size: int) -> tuple:
-    from PIL import Image
-    from torchvision import transforms
-
     annotation = _annotation(root, split, role)
     pairs, sentences, labels = read_nlvr(annotation)
     missing = next((p for pair in pairs for p in pair if not (image_root / p).is_file()), None)
     if missing is not None:
         raise UPopError(f"an image named in {annotation} does not exist under {image_root}: {missing}")
-    tf = transforms.Compose(
-        [
-            transforms.Resize((image_size, image_size), interpolation=transforms.InterpolationMode.BICUBIC),
-            transforms.ToTensor(),
-            transforms.Normalize(CLIP_MEAN, CLIP_STD),
-        ]
-    )
+    read = image_reader(image_root, [p for pair in pairs for p in pair], image_size, crop=False)
 
     def load(i: int) -> torch.Tensor:
-        out = []
-        for p in pairs[i]:
-            try:
-                with Image.open(image_root / p) as im:
-                    out.append(tf(im.convert("RGB")))
-            except OSError as e:
-                raise UPopError(f"cannot read the image {image_root / p}: {e}") from None
-        return torch.stack(out)
+        return torch.stack([read(2 * i), read(2 * i + 1)])
 
     return load, sentences, labels, str(annotation)
 
@@ -158,15 +142,11 @@ class Nlvr(Task):
     @torch.no_grad()
     def evaluate(self, model: nn.Module, loader: Any, device: torch.device) -> dict[str, float]:
         metric = MulticlassAccuracy(2, average="micro").to(device)
-        was_training = model.training
-        model.eval()
-        try:
+        with evaluating(model):
             for images, sentences, labels in loader:
                 images = images.to(device)
                 logits = model(pixel_values=images, **tokenize(model, sentences, device)).float()
                 metric.update(logits, labels.to(device))
-        finally:
-            model.train(was_training)
         return {"accuracy": 100.0 * float(metric.compute())}
 
     def example_inputs(self, batch: Any, model: nn.Module | None = None) -> Any:

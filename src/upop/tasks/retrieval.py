@@ -36,7 +36,7 @@ from upop.data.shapes import ShapesWorld
 from upop.engine import dist as D
 from upop.engine.dist import unwrap
 from upop.errors import UPopError
-from upop.tasks.base import DataConfig, Splits, Task, kl_distill, read_annotation, register_task
+from upop.tasks.base import DataConfig, Splits, Task, evaluating, kl_distill, read_annotation, register_task
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -134,27 +134,17 @@ def _annotation(root: Path, split: str) -> Path:
     return found[0]
 
 
-def folder_split(
-    root: Path, image_root: Path, split: str, image_size: int
-) -> tuple[Callable, int, list[str], torch.Tensor]:
+def image_reader(image_root: Path, paths: list[str], image_size: int, crop: bool) -> Callable[[int], torch.Tensor]:
+    """``load(i)``: the image ``image_root / paths[i]`` as RGB, resized (bicubic) to ``image_size`` square, or with
+    ``crop`` its shorter side resized and centre-cropped, normalised with CLIP's mean and std; one clear line when a
+    file cannot be read."""
     from PIL import Image
     from torchvision import transforms
 
-    annotation = _annotation(root, split)
-    paths, captions, txt2img = read_karpathy(annotation)
-    missing = [p for p in paths if not (image_root / p).is_file()]
-    if missing:
-        raise UPopError(
-            f"{len(missing)} image(s) named in {annotation} do not exist under {image_root}, e.g. {missing[0]}"
-        )
-    tf = transforms.Compose(
-        [
-            transforms.Resize(image_size, interpolation=transforms.InterpolationMode.BICUBIC),
-            transforms.CenterCrop(image_size),
-            transforms.ToTensor(),
-            transforms.Normalize(CLIP_MEAN, CLIP_STD),
-        ]
-    )
+    size = image_size if crop else (image_size, image_size)
+    steps = [transforms.Resize(size, interpolation=transforms.InterpolationMode.BICUBIC)]
+    steps += [transforms.CenterCrop(image_size)] if crop else []
+    tf = transforms.Compose([*steps, transforms.ToTensor(), transforms.Normalize(CLIP_MEAN, CLIP_STD)])
 
     def load(i: int) -> torch.Tensor:
         try:
@@ -163,7 +153,20 @@ def folder_split(
         except OSError as e:
             raise UPopError(f"cannot read the image {image_root / paths[i]}: {e}") from None
 
-    return load, len(paths), captions, txt2img
+    return load
+
+
+def folder_split(
+    root: Path, image_root: Path, split: str, image_size: int
+) -> tuple[Callable, int, list[str], torch.Tensor]:
+    annotation = _annotation(root, split)
+    paths, captions, txt2img = read_karpathy(annotation)
+    missing = [p for p in paths if not (image_root / p).is_file()]
+    if missing:
+        raise UPopError(
+            f"{len(missing)} image(s) named in {annotation} do not exist under {image_root}, e.g. {missing[0]}"
+        )
+    return image_reader(image_root, paths, image_size, crop=True), len(paths), captions, txt2img
 
 
 # ------------------------------------------------------------------------------------------------------ the model
@@ -367,9 +370,7 @@ class Retrieval(Task):
     def evaluate(self, model: nn.Module, loader: Any, device: torch.device) -> dict[str, float]:
         """On every rank, the whole split (the similarity matrix needs every image and caption)."""
         data: RetrievalImages = loader.dataset
-        was_training = model.training
-        model.eval()
-        try:
+        with evaluating(model):
             img = torch.cat(
                 [encode_images(model, x.to(device)) for x in DataLoader(data, batch_size=loader.batch_size or 64)]
             )
@@ -384,8 +385,6 @@ class Retrieval(Task):
             if not _is_blip(model):
                 return recall_at_k(sims, data.txt2img)
             i2t, t2i = blip_rerank(model, data, sims, device, RERANK_K, step)
-        finally:
-            model.train(was_training)
         out = {k: v for k, v in recall_at_k(i2t, data.txt2img).items() if k.startswith("i2t")}
         out.update({k: v for k, v in recall_at_k(t2i, data.txt2img).items() if k.startswith("t2i")})
         out["r_mean"] = sum(out.values()) / len(out)

@@ -44,6 +44,7 @@ from upop.tasks.base import (
     carve,
     carved_about,
     default_select_size,
+    evaluating,
     kl_distill,
     register_task,
 )
@@ -330,9 +331,7 @@ class Segmentation(Task):
         n = len(self.classes)
         multi = loader.dataset is self.report
         matrices = {s: MulticlassConfusionMatrix(n, ignore_index=IGNORE).to(device) for s in ("", "_ms")[: 1 + multi]}
-        was_training = model.training
-        model.eval()
-        try:
+        with evaluating(model):
             for images, labels in loader:
                 for image, label in zip(images, labels):
                     image, label = image.to(device), label.to(device)
@@ -341,8 +340,6 @@ class Segmentation(Task):
                     if multi:
                         probs = predict(model, image, tuple(label.shape), self.crop, RATIOS, flip=True)
                         matrices["_ms"].update(probs.argmax(0)[None], label[None])
-        finally:
-            model.train(was_training)
         out = {}
         for suffix, matrix in matrices.items():
             out.update({f"{k}{suffix}": v for k, v in scores(matrix.compute()).items()})
@@ -370,12 +367,8 @@ class Segmentation(Task):
             image, label = self.report[i]
             preds = {}
             for name, m in models.items():
-                was_training = m.training
-                m.eval()
-                try:
+                with evaluating(m):
                     probs = predict(unwrap(m), image.to(device), tuple(label.shape), self.crop)
-                finally:
-                    m.train(was_training)
                 preds[name] = probs.argmax(0).cpu()
             shown = F.interpolate(image[None], size=tuple(label.shape), mode="bilinear", align_corners=False)[0]
             rows.append((shown * self.report.std + self.report.mean, label, preds))

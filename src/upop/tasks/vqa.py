@@ -43,11 +43,12 @@ from upop.tasks.base import (
     carve,
     carved_about,
     default_select_size,
+    evaluating,
     read_annotation,
     register_task,
 )
 from upop.tasks.caption import lm_loss, token_distill
-from upop.tasks.retrieval import CLIP_MEAN, CLIP_STD, _normalise, tokenize
+from upop.tasks.retrieval import _normalise, image_reader, tokenize
 
 RANK_K = 128
 NUM_BEAMS, MAX_LENGTH = 3, 10
@@ -189,29 +190,11 @@ def _files(root: Path, split: str, required: bool) -> Path | None:
 
 
 def _folder_split(path: Path, image_root: Path, image_size: int, answers_needed: bool) -> Questions:
-    from PIL import Image
-    from torchvision import transforms
-
     ids, questions, answers, paths = read_vqa(path, answers_needed)
     missing = next((p for p in paths if not (image_root / p).is_file()), None)
     if missing is not None:
         raise UPopError(f"an image named in {path} does not exist under {image_root}: {missing}")
-    tf = transforms.Compose(
-        [
-            transforms.Resize((image_size, image_size), interpolation=transforms.InterpolationMode.BICUBIC),
-            transforms.ToTensor(),
-            transforms.Normalize(CLIP_MEAN, CLIP_STD),
-        ]
-    )
-
-    def load(i: int) -> torch.Tensor:
-        try:
-            with Image.open(image_root / paths[i]) as im:
-                return tf(im.convert("RGB"))
-        except OSError as e:
-            raise UPopError(f"cannot read the image {image_root / paths[i]}: {e}") from None
-
-    return Questions(load, questions, answers, ids=ids)
+    return Questions(image_reader(image_root, paths, image_size, crop=False), questions, answers, ids=ids)
 
 
 # ------------------------------------------------------------------------------------------------------------ task
@@ -329,15 +312,11 @@ class Vqa(Task):
     @torch.no_grad()
     def evaluate(self, model: nn.Module, loader: Any, device: torch.device) -> dict[str, float]:
         data = loader.dataset
-        was_training = model.training
-        model.eval()
-        try:
+        with evaluating(model):
             scored, candidates = [], tokenize(model, self.candidates, device)
             for images, questions, humans, index in loader:
                 answers = self.answer(model, images.to(device), questions, candidates)
                 scored += [(int(i), vqa_accuracy(p, h)) for i, p, h in zip(index, answers, humans)]
-        finally:
-            model.train(was_training)
         scored = D.gather_objects(scored)
         out = {"accuracy": 100.0 * sum(s for _, s in scored) / max(1, len(scored))}
         types = getattr(data, "types", None)
@@ -355,17 +334,13 @@ class Vqa(Task):
             return {}
         from torch.utils.data import DataLoader
 
-        was_training = model.training
-        model.eval()
         rows, candidates = [], tokenize(model, self.candidates, device)
-        try:
+        with evaluating(model):
             for images, questions, _, index in DataLoader(
                 self.test, batch_size=batch_size, collate_fn=Questions.collate
             ):
                 answers = self.answer(model, images.to(device), questions, candidates)
                 rows += [{"question_id": self.test.ids[int(i)], "answer": a} for i, a in zip(index, answers)]
-        finally:
-            model.train(was_training)
         return {SUBMISSION: json.dumps(rows, indent=1).encode()}
 
     def example_inputs(self, batch: Any, model: nn.Module | None = None) -> Any:
