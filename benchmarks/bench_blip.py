@@ -1,12 +1,15 @@
 """`make bench` (BLIP section): dense vs UPop 2x and 4x with blip-tiny (BLIP's vision encoder and BERT text encoder
-with cross-attention, width 64, 3 layers, 32 px, CPU) on the built-in NLVR task (twin cross-attention) and on
-built-in image-text retrieval (ITC + ITM, rerank evaluation), unified allocation (one budget over vision, text and
-cross-attention) beside uniform allocation (p in every structure), same search and retraining.
+with cross-attention, width 64, 3 layers, 32 px, CPU) on the built-in NLVR task (twin cross-attention), built-in
+image-text retrieval (ITC + ITM, rerank evaluation), built-in captioning (HF BlipForConditionalGeneration: the text
+decoder) and built-in VQA (question encoder and answer decoder); unified allocation (one budget over every tower)
+beside uniform allocation (p in every structure), same search and retraining.
 
 Reports the report-split metric (after retraining, and right after the search), params and FLOPs, the kept fraction
-per tower (vision, text, cross), the latency speedup of the whole model (median ratio of back-to-back calls, fresh
-process), and the cost of a search step against a plain training step on this CPU (fp32, interleaved rounds).
-Writes benchmarks/results_{nlvr,blip_retrieval}.md and .json.
+per tower, the speed of the whole model (NLVR, retrieval: forward latency; captioning, VQA: generated tokens per
+second with HF's generate and its KV cache), all as median ratios of back-to-back calls in a fresh process, the
+trivial baselines of the generative tasks (the most common caption, the majority answer), and the cost of a search
+step against a plain training step on this CPU (fp32, interleaved rounds). Writes
+benchmarks/results_{nlvr,blip_retrieval,caption,vqa}.md and .json.
 """
 
 from __future__ import annotations
