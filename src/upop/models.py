@@ -188,6 +188,10 @@ def model_names() -> str:
 
 def default_image_size(spec: str) -> int | None:
     """The input size a model spec is built for (None: ask the model after building)."""
+    if spec.startswith("segmenter:"):  # a released Segmenter: its variant.yml says
+        from upop.segmenter import variant_image_size
+
+        return variant_image_size(Path(spec.partition(":")[2]))
     return BUILTIN_MODELS[spec].image_size if spec in BUILTIN_MODELS else None
 
 

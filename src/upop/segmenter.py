@@ -320,6 +320,16 @@ def read_variant(path: Path) -> dict[str, Any]:
     return variant
 
 
+def variant_image_size(path: Path) -> int | None:
+    """The crop size of the Segmenter at ``path`` (a checkpoint.pth or its folder), from its variant.yml (None when
+    there is none: loading the model then says why)."""
+    variant = (path if path.is_dir() else path.parent) / "variant.yml"
+    if not variant.is_file():
+        return None
+    size = read_variant(variant)["net_kwargs"].get("image_size")
+    return int(size[0] if isinstance(size, (list, tuple)) else size) if size else None
+
+
 def load_segmenter(path: Path, n_cls: int | None = None, weights: bool = True) -> Segmenter:
     """A Segmenter from a released ``checkpoint.pth`` (or its folder) and the ``variant.yml`` beside it; with
     ``weights``, its weights (read with ``weights_only=True``). ``n_cls`` must match the checkpoint's classes."""

@@ -238,3 +238,24 @@ def test_cli_compresses_encoder_and_decoder_in_one_budget_and_draws_both_predict
     assert abs(report["pruned_cost_fraction"] - 0.5) < 0.01
     picture = Image.open(out / "segmentation.png")
     assert picture.size[0] > 4 * 150  # image | ground truth | dense | compressed
+
+
+def test_cli_compresses_a_released_segmenter_on_an_ade20k_folder(tmp_path):
+    """``--model segmenter:PATH``: the architecture, crop size and normalisation from variant.yml, the weights from
+    checkpoint.pth; 150 classes as ADE20K's."""
+    ckpt = tmp_path / "seg_tiny"
+    ckpt.mkdir()
+    (ckpt / "variant.yml").write_text(VARIANT)
+    net = dict(image_size=32, patch_size=8, d_model=32, n_heads=2, n_layers=2, n_cls=150, distilled=True)
+    torch.manual_seed(0)
+    state = build_segmenter({**net, "decoder": {"name": "mask_transformer", "n_layers": 2}}).state_dict()
+    torch.save({"model": state}, ckpt / "checkpoint.pth")
+    root, out = _ade(tmp_path / "ade"), tmp_path / "out"
+    args = ["--task", "segmentation", "--model", f"segmenter:{ckpt / 'checkpoint.pth'}", "--data", str(root)]
+    args += ["--batch-size", "2", "--select-size", "2", "--epochs-search", "1", "--epochs", "0", "--p", "0.3"]
+    assert main(["compress", *args, "--output-dir", str(out)]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["image_size"] == 32 and config["num_outputs"] == 150
+    report = json.loads((out / "report.json").read_text())
+    assert report["dense"]["params"] == sum(v.numel() for v in state.values())
+    assert set(report["kept_by_tower"]) == {"encoder", "decoder"}
