@@ -230,6 +230,31 @@ def test_whole_head_granularity_end_to_end(base, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["metrics"] == pytest.approx(report["compressed"]["metrics"])
 
 
+def test_mixed_granularity_end_to_end_and_a_plan_that_is_not_heads_times_dims_is_refused(base, tmp_path, capsys):
+    out = tmp_path / "mixed"
+    argv = compress_argv(base / "model.safetensors", out, "--granularity", "mixed", "--p", "0.5", "--align-attn", "1")
+    assert main(argv) == 0
+    assert "kept attention head x dim pairs" in capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    plan = json.loads((out / "plan.json").read_text())
+    assert report["granularity"] == "mixed" and plan["config"]["granularity"] == "mixed"
+    for row, entry in zip(report["per_structure"], plan["structures"]):
+        if row["kind"] == "attn":
+            heads, dims = entry["grid"]
+            assert row["unit"] == "head x dim pairs" and row["size"] == heads * dims
+            assert row["kept"] == row["heads"] * row["head_dim"] >= 1
+    assert report["compressed"]["params"] < report["dense"]["params"]
+    assert main(["evaluate", "--compressed", str(out)]) == 0
+    assert json.loads(capsys.readouterr().out)["metrics"] == pytest.approx(report["compressed"]["metrics"])
+    attn = next(e for e in plan["structures"] if e["kind"] == "attn")
+    heads, dims = attn["grid"]
+    attn["kept"] = [0, dims + 1]  # dim 0 of head 0 and dim 1 of head 1: not one head_dim shared by the heads
+    (tmp_path / "ragged.json").write_text(json.dumps(plan))
+    argv = compress_argv(base / "model.safetensors", tmp_path / "x", "--plan", str(tmp_path / "ragged.json"))
+    argv[argv.index("--epochs-search") + 1] = "0"
+    assert "whole heads x head dims shared by all kept heads" in _fail(capsys, argv, tmp_path / "x")
+
+
 def test_latency_cost_with_a_table_measured_by_upop_latency_table(base, tmp_path, capsys):
     table = tmp_path / "table.json"
     assert main(["latency-table", *CLI_DATA, "--output", str(table)]) == 0

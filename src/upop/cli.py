@@ -236,10 +236,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument(
         "--granularity",
-        choices=("dim", "head"),
+        choices=("dim", "head", "mixed"),
         default="dim",
-        help="an attention element: dim (default, the paper's: one head dimension shared by all heads) or head (whole "
-        "heads: head_dim is kept, heads are removed)",
+        help="an attention element: dim (default, the paper's: one head dimension shared by all heads), head (whole "
+        "heads: head_dim is kept, heads are removed) or mixed (whole heads, then aligned head dims, in one search)",
     )
     c.add_argument(
         "--allocation",

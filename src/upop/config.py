@@ -13,7 +13,7 @@ from upop.errors import UPopError
 CONFIG_VERSION = 1
 COST_MODELS = ("params", "flops", "latency")
 ALLOCATIONS = ("unified", "uniform")
-GRANULARITIES = ("dim", "head")
+GRANULARITIES = ("dim", "head", "mixed")
 SCORES = ("gradient", "snr", "fisher")
 STANDARDISE = ("kind", "tower", "structure")
 # UPop's ranking as published (read-only): PruneConfig(**PAPER_RANKING), `--paper-ranking`
@@ -57,7 +57,12 @@ class PruneConfig:
         towers: prune only the structures of these towers (e.g. ("vision",)); empty = every tower.
         granularity: what an attention element is: "dim" (default, the paper's: one head dimension, shared by all
             heads and by q, k, v) or "head" (a whole head: the compressed attention keeps head_dim and loses heads;
-            its cost is its share of q/k/v/proj, ranked in the same list as MLP neurons).
+            its cost is its share of q/k/v/proj, ranked in the same list as MLP neurons) or "mixed": whole heads, then
+            aligned head dims, in one search. Every (head, dim) pair carries a mask; a structure's removals form one
+            chain, each step taking away the less important of its least important head (scored over the dims still
+            kept) and its least important aligned block of dims (scored over the heads still kept, shared by them
+            all), so the compressed attention is a standard one: fewer heads of a narrower, aligned head_dim. The
+            chains' steps are ranked in the same list as MLP neurons. Not with cost "latency".
         score: what ranks an element (larger = less important): "gradient" (the paper's: its accumulated mask
             gradient); "fisher" (default): the root mean square over the search steps of the task-loss part of the
             mask's gradient, its empirical Fisher information (Molchanov et al. 2019's squared first-order Taylor
@@ -114,6 +119,11 @@ class PruneConfig:
             raise UPopError(f"cost must be one of {', '.join(COST_MODELS)}, got {self.cost!r}")
         if self.granularity not in GRANULARITIES:
             raise UPopError(f"granularity must be one of {', '.join(GRANULARITIES)}, got {self.granularity!r}")
+        if self.granularity == "mixed" and self.cost == "latency":
+            raise UPopError(
+                'granularity "mixed" ranks heads and head dims together, which one latency curve per '
+                'structure cannot price; use cost "params" or "flops" with it, or granularity "dim"/"head"'
+            )
         if self.score not in SCORES:
             raise UPopError(f"score must be one of {', '.join(SCORES)}, got {self.score!r}")
         if self.standardise not in STANDARDISE:

@@ -203,8 +203,10 @@ def branch_of(name: str) -> str:
 
 
 def unit_of(kind: str, granularity: str = "dim") -> str:
-    """What one element of a structure is: "dims" or "heads" (attention), "neurons" (MLP)."""
-    return "neurons" if kind == "mlp" else ("heads" if granularity == "head" else "dims")
+    """What one element of a structure is: "dims", "heads" or "head x dim pairs" (attention), "neurons" (MLP)."""
+    if kind == "mlp":
+        return "neurons"
+    return {"head": "heads", "mixed": "head x dim pairs"}.get(granularity, "dims")
 
 
 def kept_grid(

@@ -27,6 +27,7 @@ from upop.core.plan import Plan, apply_plan, fingerprint_mismatch, save_compress
 from upop.core.profile import batch_size_of, measure_latency, paired_latency, profile
 from upop.core.pruner import Pruner
 from upop.core.ranking import schedule_summary
+from upop.core.structure import grid_factors
 from upop.data import augment
 from upop.deploy import load_compressed
 from upop.engine import dist as D
@@ -352,6 +353,8 @@ def plan_choice(structures: list[Any], plan: Plan) -> list[torch.Tensor]:
                 f"the plan's {s.name} does not fit this model: it has {s.size} elements and a plan keeps 1 to "
                 f"{s.size} of them (indices 0..{s.size - 1}); the plan says size {entry['size']}"
             )
+        if getattr(s, "grid", None) is not None:
+            grid_factors(s, torch.tensor(kept, dtype=torch.long))  # whole heads x shared dims, or refused here
         c = torch.ones(s.size, dtype=torch.bool)
         c[torch.tensor(kept, dtype=torch.long)] = False
         chosen.append(c)
@@ -548,6 +551,7 @@ def _compress_in(
                 "tower": s.get("tower", "vision"),
                 "kept": len(s["kept"]),
                 "size": s["size"],
+                **_grid_kept(s, prune.granularity),
             }
             for s in model._upop_plan.structures
         ],
@@ -566,6 +570,14 @@ def _compress_in(
 def device_name(device: str | None) -> str:
     info = D.setup(device)
     return torch.cuda.get_device_name(info.device) if info.device.type == "cuda" else info.device.type
+
+
+def _grid_kept(entry: dict[str, Any], granularity: str) -> dict[str, int]:
+    """For an attention structure of mixed granularity, the heads and head dims it keeps (its plan keeps pairs)."""
+    if granularity != "mixed" or entry["kind"] != "attn" or "grid" not in entry:
+        return {}
+    dims = entry["grid"][1]
+    return {"heads": len({k // dims for k in entry["kept"]}), "head_dim": len({k % dims for k in entry["kept"]})}
 
 
 def latency_table(cfg: RunConfig, granularity: str, output: str) -> dict[str, Any]:

@@ -21,7 +21,7 @@ def _patched(model):
     return sum(("forward" in vars(m)) + len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
 
 
-@pytest.mark.parametrize("granularity", ["dim", "head"])
+@pytest.mark.parametrize("granularity", ["dim", "head", "mixed"])
 @pytest.mark.parametrize("adapter,factory,size", CASES, ids=CASE_IDS)
 def test_masks_at_one_are_bitwise_identity_and_detach_restores(adapter, factory, size, granularity):
     model = build(factory, size)
@@ -44,13 +44,19 @@ def _random_choice(pruner, seed):
     g = torch.Generator().manual_seed(seed)
     chosen = []
     for s in pruner.structures:
+        if s.grid is not None:  # mixed granularity: a random set of heads x a random set of dims
+            heads, dims = (torch.rand(n, generator=g) < 0.5 for n in s.grid)
+            heads[torch.randint(0, s.grid[0], (1,), generator=g)] = True
+            dims[torch.randint(0, s.grid[1], (1,), generator=g)] = True
+            chosen.append(~(heads[:, None] & dims[None, :]).reshape(-1))
+            continue
         c = torch.rand(s.size, generator=g) < 0.5
         c[torch.randint(0, s.size, (1,), generator=g)] = False  # keep at least one
         chosen.append(c)
     return chosen
 
 
-@pytest.mark.parametrize("granularity", ["dim", "head"])
+@pytest.mark.parametrize("granularity", ["dim", "head", "mixed"])
 @pytest.mark.parametrize("adapter,factory,size", CASES, ids=CASE_IDS)
 def test_exact_masks_equal_compressed_outputs(adapter, factory, size, granularity):
     model = build(factory, size)
@@ -124,3 +130,44 @@ def test_whole_heads_keep_head_dim_and_scale_and_every_derived_attribute(fused):
     assert heads == [(2, 6, 12, 6**-0.5), (1, 6, 6, 6**-0.5)]
     assert model.blocks[0].attn.qkv.out_features == 3 * 12 and model.blocks[1].attn.proj.in_features == 6
     torch.testing.assert_close(model(x), masked, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_mixed_granularity_keeps_fewer_heads_of_a_narrower_head_dim_and_the_original_scale(fused):
+    from helpers import timm_vit
+
+    torch.manual_seed(0)
+    model = timm_vit(heads=4, head_dim=6).eval()
+    for block in model.blocks:
+        block.attn.fused_attn = fused
+    x = images()
+    pruner = upop.Pruner(model, upop.PruneConfig(p=0.5, total_steps=1, granularity="mixed", **ELEMENTWISE))
+    assert [(s.size, s.grid) for s in pruner.structures if s.kind == "attn"] == [(24, (4, 6))] * 2
+    keep = {"blocks.0.attn": ([0, 2, 3], [1, 4]), "blocks.1.attn": ([1], [0, 1, 2, 3, 4, 5])}
+    chosen = []
+    for s in pruner.structures:
+        if s.name in keep:
+            heads, dims = keep[s.name]
+            kept = torch.zeros(s.grid, dtype=torch.bool)
+            kept[torch.tensor(heads)[:, None], torch.tensor(dims)[None, :]] = True
+            chosen.append(~kept.reshape(-1))
+        else:
+            chosen.append(torch.zeros(s.size, dtype=torch.bool))
+    pruner.set_choice(chosen, 0.0)
+    masked = model(x)
+    model = pruner.compress(force=True)
+    shapes = [(b.attn.num_heads, b.attn.head_dim, b.attn.attn_dim) for b in model.blocks]
+    assert shapes == [(3, 2, 6), (1, 6, 6)]
+    assert model.blocks[0].attn.qkv.out_features == 3 * 6 and model.blocks[0].attn.proj.in_features == 6
+    torch.testing.assert_close(model(x), masked, rtol=1e-5, atol=1e-5)
+
+
+def test_a_mixed_choice_that_is_not_heads_times_shared_dims_is_refused():
+    from helpers import timm_vit
+
+    model = timm_vit(heads=2, head_dim=4)
+    pruner = upop.Pruner(model, upop.PruneConfig(p=0.5, total_steps=1, granularity="mixed", **ELEMENTWISE))
+    chosen = [torch.zeros(s.size, dtype=torch.bool) for s in pruner.structures]
+    chosen[0][[1, 6]] = True  # dim 1 of head 0 and dim 2 of head 1: the heads would keep different dims
+    with pytest.raises(upop.UPopError, match="whole heads x head dims shared by all kept heads"):
+        pruner.set_choice(chosen, 0.0)

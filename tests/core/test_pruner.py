@@ -289,6 +289,77 @@ def test_whole_head_costs_equal_the_real_deltas_and_the_plan_round_trips(tmp_pat
     assert torch.equal(loaded(images(3)), compressed(images(3)))
 
 
-def test_granularity_is_dim_or_head():
-    with pytest.raises(upop.UPopError, match="granularity must be one of dim, head"):
+def test_granularity_is_dim_head_or_mixed():
+    with pytest.raises(upop.UPopError, match="granularity must be one of dim, head, mixed"):
         upop.PruneConfig(granularity="channel")
+    with pytest.raises(upop.UPopError, match='granularity "mixed" .* use cost "params" or "flops"'):
+        upop.PruneConfig(granularity="mixed", cost="latency")
+
+
+def _grid_shape(pruner, s, chosen):
+    kept = (~chosen).reshape(s.grid)
+    heads, dims = kept.any(1), kept.any(0)
+    assert torch.equal(kept, heads[:, None] & dims[None, :])
+    return int(heads.sum()), int(dims.sum())
+
+
+@pytest.mark.parametrize("factory", [timm_vit, hf_vit, hf_clip, open_clip_model])
+@pytest.mark.parametrize("align", [1, 4])
+def test_mixed_search_ranks_heads_and_aligned_dims_with_mlp_neurons_in_one_budget(factory, align):
+    model = build(factory, (4, 8, 3, 64))
+    config = upop.PruneConfig(p=0.5, total_steps=12, granularity="mixed", cost="flops", align_attn=align, align_mlp=1)
+    pruner, _ = _search(model, config, example=images(2))
+    shapes = [_grid_shape(pruner, s, c) for s, c in zip(pruner.structures, pruner.chosen) if s.grid is not None]
+    assert shapes and all(d % align == 0 and h >= 1 for h, d in shapes)
+    costs = [float(c) for c in pruner.costs]
+    total = sum(c * s.size for c, s in zip(costs, pruner.structures))
+    # the largest step: a head (8 dims) or a block of dims over 4 heads
+    biggest = max(c * (max(8, 4 * align) if s.grid else 1) for c, s in zip(costs, pruner.structures))
+    assert abs(pruner.pruned_cost_fraction() - 0.5) <= biggest / total / 2 + 1e-9
+    x = images(3)
+    model.eval()
+    masked = logits(model(x))
+    compressed = pruner.compress()
+    torch.testing.assert_close(logits(compressed(x)), masked, rtol=1e-5, atol=1e-5)
+
+
+def test_mixed_pair_costs_add_up_to_the_real_deltas_of_a_head_and_of_a_dim_and_the_plan_loads_on_meta(tmp_path):
+    import copy
+
+    from upop.adapters import find_adapter
+    from upop.core.structure import slice_structure
+
+    model = build(hf_clip, (3, 6, 2, 20))
+    x = images(1)
+    pruner = upop.Pruner(model, upop.PruneConfig(cost="flops", granularity="mixed", **ELEMENTWISE), example_inputs=x)
+    structures = [s for s in pruner.structures if s.kind == "attn"]
+    pruner.detach()
+    dense = upop.profile(model, x)
+    for s in structures:
+        heads, dims = s.grid
+        for kept_heads, kept_dims in ((heads - 1, dims), (heads, dims - 1)):
+            smaller = copy.deepcopy(model)
+            twin = next(t for t in find_adapter(smaller).structures(smaller, "mixed") if t.name == s.name)
+            keep = torch.arange(heads - kept_heads, heads)[:, None] * dims + torch.arange(dims - kept_dims, dims)
+            keep = keep.reshape(-1)
+            slice_structure(twin, keep)
+            assert twin.grid == (kept_heads, kept_dims)
+            stats = upop.profile(smaller, x)
+            removed = heads * dims - kept_heads * kept_dims
+            assert dense["params"] - stats["params"] == removed * s.element_params(), s.name
+            assert dense["flops"] - stats["flops"] == removed * s.element_flops(), s.name
+    pruner = upop.Pruner(model, upop.PruneConfig(p=0.5, total_steps=1, granularity="mixed", **ELEMENTWISE))
+    pruner.set_choice(
+        [
+            (torch.arange(s.size) // s.grid[1] == 0) | (torch.arange(s.size) % s.grid[1] >= 2)
+            if s.grid
+            else torch.arange(s.size) % 2 == 1
+            for s in pruner.structures
+        ],
+        0.0,
+    )
+    compressed = pruner.compress(force=True)
+    upop.save_compressed(compressed, tmp_path)
+    loaded = upop.load_compressed(lambda: build(hf_clip, (3, 6, 2, 20), seed=7), tmp_path)
+    assert not any(p.is_meta for p in loaded.parameters())
+    assert torch.equal(loaded(images(3)), compressed(images(3)))

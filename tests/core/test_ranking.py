@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from upop.core.ranking import pi_at, select, selected_value, standardise
+from upop.core.ranking import fewest_kept, pi_at, select, selected_value, standardise
 
 
 def test_schedule_values():
@@ -136,3 +136,69 @@ def test_a_floor_of_one_element_is_the_paper_selection_bit_for_bit():
             a = select(scores, [3.0, 1.0, 7.0, 2.0], ratio, align)
             b = select(scores, [3.0, 1.0, 7.0, 2.0], ratio, align, [1, 1, 1, 1])
             assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def _grid_shape(chosen: torch.Tensor, grid: tuple[int, int]) -> tuple[int, int]:
+    """(kept heads, kept dims) of a grid choice; fails unless the kept pairs are whole heads x shared dims."""
+    kept = (~chosen).reshape(grid)
+    heads, dims = kept.any(1), kept.any(0)
+    assert torch.equal(kept, heads[:, None] & dims[None, :]), "kept pairs are not heads x shared dims"
+    return int(heads.sum()), int(dims.sum())
+
+
+def test_grid_choices_are_heads_times_aligned_dims_and_meet_the_budget():
+    g = torch.Generator().manual_seed(4)
+    grids = [(12, 64), (6, 64), (4, 37), None, None]
+    sizes = [12 * 64, 6 * 64, 4 * 37, 1536, 300]
+    costs = [100.0, 130.0, 80.0, 769.0, 50.0]
+    align = [8, 8, 8, 32, 1]
+    total = sum(n * c for n, c in zip(sizes, costs))
+    for ratio in (0.2, 0.5, 0.8):
+        for spread in (0.2, 1.0, 3.0):  # how much heads differ from each other, against dims
+            scores = [torch.randn(n, generator=g) for n in sizes]
+            for i, grid in enumerate(grids[:3]):
+                scores[i] = (scores[i].view(grid) + spread * torch.randn(grid[0], 1, generator=g)).reshape(-1)
+            chosen = select(scores, costs, ratio, align, grids=grids)
+            for c, grid, a in zip(chosen, grids, align):
+                if grid is not None:
+                    heads, dims = _grid_shape(c, grid)
+                    assert heads >= 1 and (dims % a == 0 or dims == grid[1]), (heads, dims, grid)
+            achieved = sum(int(c.sum()) * cost for c, cost in zip(chosen, costs)) / total
+            # the largest unit: a whole head (64 dims) or a block of 8 dims over 12 heads, or 32 MLP neurons
+            biggest = max(64 * 100.0, 96 * 100.0, 64 * 130.0, 32 * 769.0)
+            assert abs(achieved - ratio) <= biggest / total / 2 + 1e-12
+
+
+def test_a_grid_removes_an_unimportant_head_whole_and_unimportant_dims_from_every_head():
+    dims = torch.zeros(4, 16)
+    heads = dims.clone()
+    heads[2] = 5.0  # head 2 is far less important than anything else
+    chosen = select([heads.reshape(-1)], [1.0], 0.25, [4], grids=[(4, 16)])[0]
+    assert _grid_shape(chosen, (4, 16)) == (3, 16) and chosen.view(4, 16)[2].all()
+    dims[:, [1, 5, 9, 13]] = 5.0  # four dims are unimportant in every head
+    chosen = select([dims.reshape(-1)], [1.0], 0.25, [4], grids=[(4, 16)])[0]
+    assert _grid_shape(chosen, (4, 16)) == (4, 12) and chosen.view(4, 16)[:, [1, 5, 9, 13]].all()
+
+
+def test_a_grid_of_one_head_is_the_aligned_dim_ranking_bit_for_bit():
+    g = torch.Generator().manual_seed(5)
+    scores = [torch.randn(37, generator=g), torch.randn(100, generator=g)]
+    for ratio in (0.3, 0.6):
+        for keep in ([1, 1], [9, 30]):
+            plain = select(scores, [5.0, 2.0], ratio, [8, 4], keep)
+            grid = select(scores, [5.0, 2.0], ratio, [8, 4], keep, grids=[(1, 37), None])
+            assert all(torch.equal(x, y) for x, y in zip(plain, grid))
+
+
+def test_a_grid_floor_is_never_crossed():
+    g = torch.Generator().manual_seed(6)
+    for keep in (1, 20, 100, 200):
+        chosen = select([torch.randn(8 * 32, generator=g)], [1.0], 0.99, [8], [keep], grids=[(8, 32)])[0]
+        heads, dims = _grid_shape(chosen, (8, 32))
+        assert heads * dims >= keep and dims >= 8 and heads * dims >= fewest_kept(256, 8, keep, (8, 32))
+        # at ratio 0.99 the chain stops only where neither a head nor a block of 8 dims can go
+        assert heads == 1 or (heads - 1) * dims < keep
+        assert dims == 8 or heads * (dims - 8) < keep
+    assert fewest_kept(256, 8, 20, (8, 32)) == 24  # 3 heads x 8 dims
+    assert fewest_kept(256, 8, 100, (8, 32)) == 112  # 7 heads x 16 dims (dims 8, 16, 24 or 32)
+    assert fewest_kept(4 * 37, 8, 1, (4, 37)) == 8  # 37 dims: 37, or a multiple of 8

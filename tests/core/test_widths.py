@@ -146,3 +146,24 @@ def test_a_latency_cost_search_measures_once_per_shape_and_meets_its_budget(tmp_
     other = build(timm_vit, (2, 16, 3, 48))  # another MLP width: not in the table
     with pytest.raises(upop.UPopError, match=r"has no entry for latency\|mlp neurons\|width 32.*upop latency-table"):
         upop.Pruner(other, upop.PruneConfig(**{**config.to_dict(), "latency_table": str(table)}), images(4))
+
+
+def test_mixed_granularity_probes_head_dims_of_the_block_and_keeps_them_aligned(tmp_path, monkeypatch):
+    monkeypatch.setenv("UPOP_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(widths, "_seconds", _scripted(8))
+    model = build(timm_vit, (4, 16, 2, 64))
+    config = upop.PruneConfig(p=0.5, total_steps=4, granularity="mixed")
+    pruner = upop.Pruner(model, config, example_inputs=images(2))
+    assert pruner.alignment.attn == 8
+    cache = json.loads((tmp_path / "widths.json").read_text())
+    assert any("|attn|" in key and "heads 4|" in key and key.endswith("size 16") for key in cache)  # head dims
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    for _ in range(4):
+        (model(images(2)).square().mean() + pruner.sparsity_loss()).backward()
+        opt.step()
+        opt.zero_grad()
+        pruner.step()
+    for s, c in zip(pruner.structures, pruner.chosen):
+        kept = (~c).reshape(s.grid) if s.grid else ~c
+        width = int(kept.any(0).sum()) if s.grid else int(kept.sum())
+        assert width % 8 == 0, (s.name, width)

@@ -34,17 +34,23 @@ def _generate(model, x, **kw):
 
 
 def _choice(pruner, seed=0):
-    """Half of every structure's elements pruned (True), picked at random."""
+    """Half of every structure's elements pruned (True), picked at random (a quarter of a mixed one's pairs kept)."""
     g = torch.Generator().manual_seed(seed)
     chosen = []
     for s in pruner.structures:
+        if s.grid is not None:  # mixed granularity: half the heads x half the dims are kept
+            heads, dims = (torch.randperm(n, generator=g)[: max(1, n // 2)] for n in s.grid)
+            kept = torch.zeros(s.grid, dtype=torch.bool)
+            kept[heads[:, None], dims[None, :]] = True
+            chosen.append(~kept.reshape(-1))
+            continue
         c = torch.zeros(s.size, dtype=torch.bool)
         c[torch.randperm(s.size, generator=g)[: s.size // 2]] = True
         chosen.append(c)
     return chosen
 
 
-@pytest.mark.parametrize("granularity", ["dim", "head"])
+@pytest.mark.parametrize("granularity", ["dim", "head", "mixed"])
 def test_masked_and_compressed_decoders_generate_the_same_tokens_greedy_and_beam(granularity):
     model = _captioner().double()
     x = torch.randn(3, 3, 16, 16, dtype=torch.float64)

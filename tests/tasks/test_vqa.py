@@ -138,7 +138,7 @@ def test_rank_picks_the_likeliest_candidate_among_the_top_k_by_first_token():
     assert model.rank(x, ids, mask, a_ids, a_mask, k=1).tolist() == top1.tolist()
 
 
-@pytest.mark.parametrize("granularity", ["dim", "head"])
+@pytest.mark.parametrize("granularity", ["dim", "head", "mixed"])
 def test_masked_and_compressed_models_give_the_same_answers_by_generate_and_rank(granularity):
     from test_caption import _choice
 

@@ -95,7 +95,8 @@ class Adapter:
 
     def structures(self, model: nn.Module, granularity: str = "dim") -> list[Structure]:
         """Every prunable structure of ``model``, in module order. ``granularity`` "head" makes each attention
-        structure's elements whole heads instead of head dimensions."""
+        structure's elements whole heads instead of head dimensions; "mixed" its (head, dim) pairs, of which a choice
+        keeps whole heads x shared head dims."""
         found: list[Structure] = []
         resolved = [(spec, spec.resolved_types()) for spec in self.blocks]
         for name, module in model.named_modules():
@@ -104,14 +105,15 @@ class Adapter:
                     target = module.get_submodule(spec.at) if spec.at else module
                     path = ".".join(p for p in (name, spec.at) if p)
                     structure = self._structure(path, target, spec)
-                    if granularity == "head" and spec.kind == "attn":
-                        structure = self._as_heads(structure, spec)
+                    if granularity in ("head", "mixed") and spec.kind == "attn":
+                        structure = self._as_heads(structure, spec, pairs=granularity == "mixed")
                     found.append(structure)
         return found
 
-    def _as_heads(self, s: Structure, spec: BlockSpec) -> Structure:
+    def _as_heads(self, s: Structure, spec: BlockSpec, pairs: bool = False) -> Structure:
         """The same attention with whole heads as its elements: n = heads, B = head_dim, and each slot's groups
-        divided by the heads (3 for a fused qkv, 1 for q, k, v or the output projection)."""
+        divided by the heads (3 for a fused qkv, 1 for q, k, v or the output projection). With ``pairs`` (mixed
+        granularity) its elements are the (head, dim) pairs instead: n = heads x head_dim, B = 1."""
         if spec.resize_heads is None:
             raise UPopError(f"the {self.name} adapter supports head-dimension granularity only ({s.name})")
         heads, head_dim = s.heads, s.size
@@ -119,8 +121,19 @@ class Adapter:
         def regroup(slots: list[Slot]) -> list[Slot]:
             return [dataclasses.replace(slot, groups=slot.groups // heads) for slot in slots]
 
+        rows, cols = regroup(s.rows), regroup(s.cols)
+        if pairs:
+            return dataclasses.replace(
+                s,
+                size=heads * head_dim,
+                heads=1,
+                rows=rows,
+                cols=cols,
+                grid=(heads, head_dim),
+                resize_heads=spec.resize_heads,
+            )
         return dataclasses.replace(
-            s, size=heads, block=head_dim, heads=1, rows=regroup(s.rows), cols=regroup(s.cols), resize=spec.resize_heads
+            s, size=heads, block=head_dim, heads=1, rows=rows, cols=cols, resize=spec.resize_heads
         )
 
     def _structure(self, name: str, module: nn.Module, spec: BlockSpec) -> Structure:

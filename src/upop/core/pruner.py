@@ -26,7 +26,7 @@ from upop.core.ranking import (
     standardise,
     total_cost,
 )
-from upop.core.structure import Slot, Structure, slice_structure
+from upop.core.structure import Slot, Structure, grid_factors, slice_structure
 from upop.core.widths import Alignment, latency_curves, measure_alignment
 from upop.errors import UPopError
 
@@ -255,7 +255,7 @@ class Pruner:
 
         def removable(floor: float) -> float:
             keep = self.floors(floor)
-            fewest = [fewest_kept(s.size, self.alignment.of(s.kind), k) for s, k in zip(self.structures, keep)]
+            fewest = [fewest_kept(s.size, self.alignment.of(s.kind), k, s.grid) for s, k in zip(self.structures, keep)]
             return float(
                 sum(removed_cost(c, s.size, s.size - f) for c, s, f in zip(self.costs, self.structures, fewest))
             )
@@ -274,10 +274,14 @@ class Pruner:
         scores = self.scores()
         align = [self.alignment.of(s.kind) for s in self.structures]
         keep = self.floors()
+        grids = [s.grid for s in self.structures]
         if self.config.allocation == "uniform":  # the same ratio in every structure, ranked within it
-            chosen = [select([z], [c], self.pi, [a], [k])[0] for z, c, a, k in zip(scores, self.costs, align, keep)]
+            chosen = [
+                select([z], [c], self.pi, [a], [k], [g])[0]
+                for z, c, a, k, g in zip(scores, self.costs, align, keep, grids)
+            ]
         else:
-            chosen = select(scores, self.costs, self.pi, align, keep)
+            chosen = select(scores, self.costs, self.pi, align, keep, grids)
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             # all ranks hold the same averaged importance; broadcasting rank 0's decision makes identity certain
             flat = torch.cat(chosen).to(torch.uint8)
@@ -339,6 +343,9 @@ class Pruner:
         """Mark ``chosen`` (per structure, bool (n_i,)) for pruning and set their masks to ``value``, the rest to 1."""
         if len(chosen) != len(self.structures) or any(c.numel() != s.size for c, s in zip(chosen, self.structures)):
             raise UPopError("a choice needs one bool tensor per structure, of the structure's size")
+        for c, s in zip(chosen, self.structures):
+            if s.grid is not None:  # mixed granularity: whole heads x shared dims, or slicing could not match
+                grid_factors(s, (~c.detach().cpu().bool()).nonzero().squeeze(1))
         self.chosen = [c.detach().cpu().bool() for c in chosen]
         with torch.no_grad():
             for mask, c in zip(self.masks, self.chosen):
@@ -392,6 +399,7 @@ class Pruner:
                     "tower": s.tower,
                     "size": s.size,
                     "kept": (~c).nonzero().squeeze(1).tolist(),
+                    **({"grid": list(s.grid)} if s.grid is not None else {}),
                 }
                 for s, c in zip(self.structures, self.chosen)
             ],
@@ -491,7 +499,7 @@ class Pruner:
             precisions = ("fp32", half) if device.type == "cuda" else ("fp32",)
         batch = batch_size_of(example_inputs) if example_inputs is not None else None
         # whole heads: the widths do not change, only the number of heads, which no tile size constrains
-        probed = [s for s in self.structures if s.block == 1]
+        probed = [s.dims_view() for s in self.structures if s.block == 1]
         measured = measure_alignment(probed, device, batch, tuple(precisions))
         for kind, value in given.items():
             if value != "auto":

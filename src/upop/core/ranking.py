@@ -49,9 +49,60 @@ def _units(score: torch.Tensor, align: int, keep: int = 1) -> tuple[torch.Tensor
     return order, unit, count
 
 
-def fewest_kept(n: int, align: int, keep: int) -> int:
+def _grid_units(
+    score: torch.Tensor, grid: tuple[int, int], align: int, keep: int
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """``_units`` for a mixed-granularity structure: its (head, dim) pairs (head-major) are removed in one chain
+    whose every step takes away either the least important kept head (its pairs over the kept dims) or the least
+    important aligned block of kept dims (their pairs over the kept heads), whichever has the larger mean score
+    (heads on a tie). Dims go as in ``_units`` (first the head_dim mod a least important, then blocks of a), so the
+    kept head_dim stays a multiple of a; the chain stops before it would keep fewer than ``keep`` pairs, no head
+    or under one aligned block of dims."""
+    heads, dims = grid
+    s = score.reshape(heads, dims)
+    a = max(1, min(align, dims))
+    r = dims % a
+    kept_h = torch.ones(heads, dtype=torch.bool)
+    kept_d = torch.ones(dims, dtype=torch.bool)
+    members: list[torch.Tensor] = []
+    while True:
+        n_h, n_d = int(kept_h.sum()), int(kept_d.sum())
+        options: list[tuple[float, str, torch.Tensor]] = []
+        if n_h > 1 and (n_h - 1) * n_d >= keep:
+            head_mean = s[:, kept_d].mean(1).masked_fill(~kept_h, float("-inf"))
+            h = torch.argmax(head_mean).reshape(1)
+            options.append((float(head_mean[h]), "head", h))
+        block = r if n_d == dims and r else a
+        if n_d - block >= a and n_h * (n_d - block) >= keep:
+            dim_mean = s[kept_h].mean(0).masked_fill(~kept_d, float("-inf"))
+            d = torch.sort(dim_mean, descending=True, stable=True).indices[:block]
+            options.append((float(dim_mean[d].mean()), "dims", d))
+        if not options:
+            break
+        _, what, chosen = max(options, key=lambda o: o[0])  # the first (a head) on a tie
+        if what == "head":
+            members.append(chosen * dims + kept_d.nonzero().squeeze(1))
+            kept_h[chosen] = False
+        else:
+            members.append((kept_h.nonzero() * dims + chosen[None, :]).reshape(-1))
+            kept_d[chosen] = False
+    if not members:
+        return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long), 0
+    order = torch.cat(members)
+    unit = torch.cat([torch.full((m.numel(),), i, dtype=torch.long) for i, m in enumerate(members)])
+    return order, unit, len(members)
+
+
+def fewest_kept(n: int, align: int, keep: int, grid: tuple[int, int] | None = None) -> int:
     """The fewest elements a structure of ``n`` can keep under ``select``: ``keep`` rounded up to a multiple of the
-    alignment (at least one aligned block), or all ``n`` when that leaves nothing prunable."""
+    alignment (at least one aligned block), or all ``n`` when that leaves nothing prunable. For a ``grid`` (heads,
+    head_dim), the fewest pairs of a kept heads x kept dims shape (dims a multiple of the alignment, or all) not
+    under ``keep``."""
+    if grid is not None:
+        heads, dims = grid
+        a = max(1, min(align, dims))
+        widths = {dims, *range(a, dims + 1, a)}
+        return min(h * d for h in range(1, heads + 1) for d in widths if h * d >= keep)
     a = max(1, min(align, n))
     fixed = max(a, -(-keep // a) * a)
     return n if fixed > n - n % a else fixed
@@ -79,6 +130,7 @@ def select(
     ratio: float,
     align: list[int] | None = None,
     keep: list[int] | None = None,
+    grids: list[tuple[int, int] | None] | None = None,
 ) -> list[torch.Tensor]:
     """Choose the elements to prune, over all structures in one ranking.
 
@@ -90,21 +142,29 @@ def select(
         align: per structure, keep a multiple of this many elements (1, the paper's setting, by default). Larger
             values give hardware-friendly widths (e.g. head_dim a multiple of 8) at a coarser budget granularity.
         keep: per structure, the fewest elements it keeps (a floor; 1 by default). The ranking never crosses it.
+        grids: per structure, None or, for mixed granularity, its (heads, head_dim): its elements are (head, dim)
+            pairs removed as whole heads and aligned blocks of dims shared by the kept heads (``_grid_units``).
 
     Returns:
         per structure, a bool tensor (n_i,) marking the chosen elements. Every structure keeps at least its most
         important element (its ``align`` most important ones). Units (elements, or aligned blocks scored by their
         mean) are ranked in one list by score, descending, and the prefix is cut where its cumulative cost is
-        closest to ``ratio`` x total cost.
+        closest to ``ratio`` x total cost. A structure's units are taken in its own order (a unit's score is at most
+        the score of the unit before it: a running minimum, which changes nothing but in a grid's chain).
     """
     align = align or [1] * len(scores)
     keep = keep or [1] * len(scores)
+    grids = grids or [None] * len(scores)
     flat_scores = [s.reshape(-1).double() for s in scores]
-    members, unit_of, unit_cost_each, offset = [], [], [], 0
-    for i, (s, c, a, k) in enumerate(zip(flat_scores, costs, align, keep)):
-        order, unit, count = _units(s, a, k)
+    members, unit_of, unit_cost_each, offset, starts, counts = [], [], [], 0, [], []
+    for i, (s, c, a, k, g) in enumerate(zip(flat_scores, costs, align, keep, grids)):
+        if g is not None and isinstance(c, torch.Tensor):
+            raise ValueError("a grid structure's units are priced per element, not by a latency curve")
+        order, unit, count = _units(s, a, k) if g is None else _grid_units(s, g, a, k)
         members.append((i, order))
         unit_of.append(unit + offset)
+        starts.append(offset)
+        counts.append(count)
         sizes = torch.bincount(unit, minlength=count).double()
         if isinstance(c, torch.Tensor):  # units are removed in order: each takes the width down by its size
             after = (s.numel() - torch.cumsum(sizes, 0)).long()
@@ -116,6 +176,9 @@ def select(
     element_score = torch.cat([flat_scores[i][order] for i, order in members])
     size = torch.zeros(offset, dtype=torch.float64).index_add_(0, element_unit, torch.ones_like(element_score))
     unit_score = torch.zeros(offset, dtype=torch.float64).index_add_(0, element_unit, element_score) / size
+    for start, count in zip(starts, counts):
+        if count:
+            unit_score[start : start + count] = torch.cummin(unit_score[start : start + count], 0).values
     unit_cost = torch.cat(unit_cost_each)
     target = ratio * sum(total_cost(c, s.numel()) for s, c in zip(flat_scores, costs))
     # Stable sort: ties keep structure order, then within-structure order, on every rank and run.

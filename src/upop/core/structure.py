@@ -5,14 +5,16 @@ for a fused qkv projection, heads for a separate q, k or v projection, 1 for an 
 element, 1 but for whole heads), and in each of its *column* linears the input columns laid out as (G, n, B) (heads
 for an attention output projection, 1 for an MLP's second layer). Element j of the mask scales the B rows/columns j of
 every group. Head-dimension granularity (the paper's) has B = 1 and G counting heads; whole-head granularity has
-n = heads, B = head_dim and G = 3 (fused qkv) or 1. This one layout covers fused qkv (timm),
-separate q/k/v (HF ViT/DeiT, CLIP, BLIP, BERT), packed ``in_proj_weight`` (``nn.MultiheadAttention``: a row "linear"
-that is a weight/bias pair of parameters of the attention module itself), cross-attention (rows of another input
-width) and MLP pairs.
+n = heads, B = head_dim and G = 3 (fused qkv) or 1; mixed granularity has n = heads x head_dim (the (head, dim)
+pairs, head-major), B = 1 and G = 3 or 1, and keeps only whole heads x shared dims (``grid``). This one layout
+covers fused qkv (timm), separate q/k/v (HF ViT/DeiT, CLIP, BLIP, BERT), packed ``in_proj_weight``
+(``nn.MultiheadAttention``: a row "linear" that is a weight/bias pair of parameters of the attention module itself),
+cross-attention (rows of another input width) and MLP pairs.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -83,6 +85,10 @@ class Structure:
             cost is asked); each slot holds its own count (key/value linears of a cross-attention see the other
             tower's tokens).
         tower: the tower the structure is in ("vision", "text", ...), for per-tower reports and restrictions.
+        grid: for mixed granularity, (heads, head_dim): the elements are (head, dim) pairs, head-major, and a choice
+            keeps whole heads x head dims shared by the kept heads (``grid_factors``), so that the block stays a
+            standard attention. ``resize_heads`` then keeps the block's attributes true after heads were sliced
+            away, before ``resize`` does after head dims were.
     """
 
     name: str
@@ -96,6 +102,8 @@ class Structure:
     tokens: int = 0
     tower: str = "vision"
     block: int = 1
+    grid: tuple[int, int] | None = None
+    resize_heads: Callable[[nn.Module, int, int], None] | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -114,6 +122,15 @@ class Structure:
                     f"{self.name}: {slot.path} has {slot.in_features} inputs, not {slot.groups} x {self.size}"
                     + (f" x {self.block}" if self.block > 1 else "")
                 )
+
+    def dims_view(self) -> Structure:
+        """A mixed-granularity structure seen as its head dimensions (for probes shaped like the block)."""
+        if self.grid is None:
+            return self
+        heads, dims = self.grid
+        rows = [dataclasses.replace(slot, groups=slot.groups * heads) for slot in self.rows]
+        cols = [dataclasses.replace(slot, groups=slot.groups * heads) for slot in self.cols]
+        return dataclasses.replace(self, size=dims, heads=heads, rows=rows, cols=cols, grid=None)
 
     def element_params(self) -> int:
         """Parameters one element owns: its rows (with bias) in every row linear, its columns in every column linear."""
@@ -160,6 +177,21 @@ def slice_cols(slot: Slot, size: int, keep: torch.Tensor) -> None:
     slot.set(w, None)
 
 
+def grid_factors(structure: Structure, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For a mixed-granularity structure, the kept heads and head dims whose pairs are exactly ``keep`` (pair indices
+    head * head_dim + dim). Raises UPopError when ``keep`` is not whole heads x dims shared by every kept head."""
+    heads, dims = structure.grid  # type: ignore[misc]
+    keep = torch.as_tensor(keep, dtype=torch.long).reshape(-1)
+    kept_heads, kept_dims = torch.unique(keep // dims), torch.unique(keep % dims)
+    product = (kept_heads[:, None] * dims + kept_dims[None, :]).reshape(-1)
+    if keep.numel() != product.numel() or not torch.equal(torch.sort(keep).values, product):
+        raise UPopError(
+            f"{structure.name}: with mixed granularity a structure keeps whole heads x head dims shared by all kept "
+            f"heads; heads {kept_heads.tolist()} and dims {kept_dims.tolist()} do not cover exactly the kept pairs"
+        )
+    return kept_heads, kept_dims
+
+
 def slice_structure(structure: Structure, keep: torch.Tensor) -> None:
     """Physically prune ``structure`` to the elements ``keep`` (sorted 1-D int64), then let the adapter fix the block's
     bookkeeping. Shapes of the structure's slots are updated; ``structure.size`` becomes len(keep)."""
@@ -168,11 +200,22 @@ def slice_structure(structure: Structure, keep: torch.Tensor) -> None:
         raise UPopError(f"{structure.name}: a structure must keep at least one element")
     if keep.min() < 0 or keep.max() >= structure.size:
         raise UPopError(f"{structure.name}: kept indices must lie in [0, {structure.size}), got {keep.tolist()}")
+    grid = structure.grid
+    if grid is not None:
+        kept_heads, kept_dims = grid_factors(structure, keep)
     old = structure.size
     for slot in structure.rows:
         slice_rows(slot, old, keep)
     for slot in structure.cols:
         slice_cols(slot, old, keep)
     structure.size = int(keep.numel())
-    if structure.resize is not None and structure.module is not None:
+    if structure.module is None:
+        return
+    if grid is not None:  # heads first (head_dim unchanged), then head dims (the original scale kept)
+        structure.grid = (int(kept_heads.numel()), int(kept_dims.numel()))
+        if structure.resize_heads is not None:
+            structure.resize_heads(structure.module, grid[0], structure.grid[0])
+        if structure.resize is not None:
+            structure.resize(structure.module, grid[1], structure.grid[1])
+    elif structure.resize is not None:
         structure.resize(structure.module, old, structure.size)
