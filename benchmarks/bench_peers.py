@@ -58,6 +58,8 @@ METHODS = {  # name -> (row label, kind, settings)
     "upop": ("UPop (default: --score fisher --floor 0.5)", "upop", {}),
     "upop-paper": ("UPop, paper's ranking", "upop", dict(PAPER_RANKING)),
     "uniform": ("UPop --allocation uniform", "upop", {"allocation": "uniform"}),
+    "heads": ("UPop --granularity head (whole heads)", "upop", {"granularity": "head"}),
+    "mixed": ("UPop --granularity mixed (heads, then dims)", "upop", {"granularity": "mixed"}),
     "tp-taylor": ("Torch-Pruning Taylor", "tp", {"importance": "taylor", "global": False}),
     "tp-magnitude": ("Torch-Pruning L2 magnitude", "tp", {"importance": "magnitude", "global": False}),
     "tp-taylor-global": ("Torch-Pruning Taylor, global ratio", "tp", {"importance": "taylor", "global": True}),
@@ -78,7 +80,7 @@ METHODS = {  # name -> (row label, kind, settings)
     ),
     "study-floor0.5": ("paper's ranking, --floor 0.5", "upop", {**PAPER_RANKING, "floor": 0.5}),
 }
-MAIN = ["upop", "upop-paper", "uniform", "tp-taylor", "tp-magnitude", "tp-taylor-global"]
+MAIN = ["upop", "upop-paper", "uniform", "heads", "mixed", "tp-taylor", "tp-magnitude", "tp-taylor-global"]
 STUDY = {  # task -> (budgets, methods) of the ranking study
     "classification": (
         "0.75",

@@ -43,6 +43,18 @@ VARIANTS = {
 }
 
 
+# DeiT-Small rows (random weights, latency only): result key -> (row label, search settings)
+DEIT_ROWS = {
+    "deit_small": ("DeiT-Small 224px, random weights, UPop 2x", {}),
+    "deit_small_aligned": ("same, --align-attn 8 --align-mlp 32", {"align_attn": 8, "align_mlp": 32}),
+    "deit_small_heads": ("same, --granularity head (whole heads)", {"granularity": "head"}),
+    "deit_small_mixed": (
+        "same, --granularity mixed --align-attn 8 --align-mlp 32",
+        {"granularity": "mixed", "align_attn": 8, "align_mlp": 32},
+    ),
+}
+
+
 # recipe study at 4x: name -> (row label, recipe changes from the default)
 RECIPES = {
     "constant": ("search LR constant (default)", {}),
@@ -179,9 +191,7 @@ def measure(args: argparse.Namespace, runs: Path) -> None:
     flops = {k: upop.profile(m, x[:1])["flops"] for k, m in models.items()}
     params = {k: upop.profile(m, x[:1])["params"] for k, m in models.items()}
     steps = step_times(steps=10, rounds=3 * args.rounds, batch=128)
-    deit = deit_small_row(args.latency_iters // 3)
-    deit_aligned = deit_small_row(args.latency_iters // 3, align_attn=8, align_mlp=32)
-    deit_heads = deit_small_row(args.latency_iters // 3, granularity="head")
+    deit = {key: deit_small_row(args.latency_iters // 3, **settings) for key, (_, settings) in DEIT_ROWS.items()}
 
     dense_top1 = reports["0.5"]["dense"]["metrics"]["top1"]  # the report split (val scenes)
     rows = [
@@ -239,45 +249,11 @@ def measure(args: argparse.Namespace, runs: Path) -> None:
             "kept": rep["kept"],
             "pruned_cost_fraction": rep["pruned_cost_fraction"],
         }
-    rows.append(
-        (
-            "DeiT-Small 224px, random weights, UPop 2x",
-            "-",
-            "-",
-            "",
-            "",
-            f"{deit['flops_reduction']:.2f}x",
-            f"{deit['latency_speedup']:.2f}x",
-            f"{deit['latency_speedup'] / deit['flops_reduction']:.2f}",
-        )
-    )
-    rows.append(
-        (
-            "same, --align-attn 8 --align-mlp 32",
-            "-",
-            "-",
-            "",
-            "",
-            f"{deit_aligned['flops_reduction']:.2f}x",
-            f"{deit_aligned['latency_speedup']:.2f}x",
-            f"{deit_aligned['latency_speedup'] / deit_aligned['flops_reduction']:.2f}",
-        )
-    )
-    rows.append(
-        (
-            "same, --granularity head (whole heads)",
-            "-",
-            "-",
-            "",
-            "",
-            f"{deit_heads['flops_reduction']:.2f}x",
-            f"{deit_heads['latency_speedup']:.2f}x",
-            f"{deit_heads['latency_speedup'] / deit_heads['flops_reduction']:.2f}",
-        )
-    )
-    result["deit_small"] = deit
-    result["deit_small_aligned"] = deit_aligned
-    result["deit_small_heads"] = deit_heads
+    for key, (label, _) in DEIT_ROWS.items():
+        row = deit[key]
+        reduction, speed = row["flops_reduction"], row["latency_speedup"]
+        rows.append((label, "-", "-", "", "", f"{reduction:.2f}x", f"{speed:.2f}x", f"{speed / reduction:.2f}"))
+        result[key] = row
     result["step_time_s"] = steps
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     table = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in rows]

@@ -9,7 +9,8 @@ Segmenter ViT-S/16 with its mask transformer at 512 x 512, 150 classes, batch 16
    interleaved rounds;
 3. 2x models from a short search under autocast on random data (no NaN/inf may reach the importance; the budget must
    be met; masked == compressed in fp32 after it): default widths (align "auto", measured on this device),
-   element-wise (align 1, the paper's), aligned 8/32, whole heads, latency cost; and hand-sliced uniform 2x shapes
+   element-wise (align 1, the paper's), aligned 8/32, whole heads, mixed (whole heads, then aligned head dims),
+   latency cost, each with the heads x head_dim shapes its attention blocks got; and hand-sliced uniform 2x shapes
    of the same budget (every structure keeps its first half, as multiples of 8 dims, or half its heads), the
    reference for what the hardware allows;
 4. each tower of dense vs every 2x model: speedups as the median of back-to-back ratios, in fp32 and autocast at the
@@ -359,8 +360,20 @@ def searched(w: Workload, x: Any, device: torch.device, steps: int, **settings: 
         compressed = pruner.compress()
         sliced = _first_tensor(next(iter(w.towers.values()))(compressed, probe)).float()
     report["masked_vs_compressed_max_abs"] = float((masked - sliced).abs().max())
+    report["attention_shapes"] = attention_shapes(pruner.structures)
     report["masked_max_abs"] = float(masked.abs().max())
     return compressed, report
+
+
+def attention_shapes(structures: list) -> dict[str, int]:
+    """How many compressed attention blocks have each "heads x head_dim" shape (read off the sliced structures)."""
+    shapes: dict[str, int] = {}
+    for s in structures:
+        if s.kind == "attn":
+            heads, dims = s.grid if s.grid is not None else (s.size, s.block) if s.block > 1 else (s.heads, s.size)
+            key = f"{heads}x{dims}"
+            shapes[key] = shapes.get(key, 0) + 1
+    return dict(sorted(shapes.items(), key=lambda kv: -kv[1]))
 
 
 def _first_tensor(out: Any) -> torch.Tensor:
@@ -391,6 +404,7 @@ VARIANTS = {
     "elementwise": {"align_attn": 1, "align_mlp": 1},
     "aligned_8_32": {"align_attn": 8, "align_mlp": 32},
     "whole_heads": {"granularity": "head"},
+    "mixed_heads_then_dims": {"granularity": "mixed"},
     "latency_cost": {"cost": "latency"},
 }
 

@@ -234,7 +234,8 @@ def test_mixed_granularity_end_to_end_and_a_plan_that_is_not_heads_times_dims_is
     out = tmp_path / "mixed"
     argv = compress_argv(base / "model.safetensors", out, "--granularity", "mixed", "--p", "0.5", "--align-attn", "1")
     assert main(argv) == 0
-    assert "kept attention head x dim pairs" in capsys.readouterr().out
+    shown = capsys.readouterr().out
+    assert "kept attention head x dim pairs" in shown and "kept attention heads x head_dim" in shown
     report = json.loads((out / "report.json").read_text())
     plan = json.loads((out / "plan.json").read_text())
     assert report["granularity"] == "mixed" and plan["config"]["granularity"] == "mixed"
@@ -243,6 +244,7 @@ def test_mixed_granularity_end_to_end_and_a_plan_that_is_not_heads_times_dims_is
             heads, dims = entry["grid"]
             assert row["unit"] == "head x dim pairs" and row["size"] == heads * dims
             assert row["kept"] == row["heads"] * row["head_dim"] >= 1
+            assert f"{row['heads']}x{row['head_dim']}" in (out / "report.md").read_text()
     assert report["compressed"]["params"] < report["dense"]["params"]
     assert main(["evaluate", "--compressed", str(out)]) == 0
     assert json.loads(capsys.readouterr().out)["metrics"] == pytest.approx(report["compressed"]["metrics"])

@@ -28,6 +28,7 @@ def test_gpu_check_runs_at_tiny_size_on_cpu(tmp_path):
             assert search["masked_vs_compressed_max_abs"] <= 1e-4 * (1 + search["masked_max_abs"]), name
             # at tiny widths an aligned unit (32 MLP neurons of 48) is a large share: a coarse budget
             assert abs(search["pruned_cost_fraction"] - 0.5) <= 0.1 and search["params"] < row["dense_params"], name
+            assert sum(search["attention_shapes"].values()) >= 2, name
         assert row["search"]["default_auto"]["alignment"]["device"] == "cpu" and row["search_step_ratio"] > 0
         rows = {*gpu_check.VARIANTS, "uniform_dims_hand_sliced", "uniform_heads_hand_sliced"}
         for tower in row["speedup"].values():

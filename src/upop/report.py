@@ -157,6 +157,9 @@ def comparison_table(report: dict[str, Any]) -> str:
             for kind, label in (("attn", f"attention {attn_unit}"), ("mlp", "MLP neurons")):
                 if kind in kinds:
                     rows.append((f"kept {tower} {label}", "1.000", f"{kinds[kind]:.3f}", ""))
+    shapes = [f"{s['heads']}x{s['head_dim']}" for s in report.get("per_structure", []) if "heads" in s]
+    if shapes:  # mixed granularity: each attention block's kept heads x head_dim, in model order
+        rows.append(("kept attention heads x head_dim", "", ", ".join(shapes), ""))
     rows.append(
         ("pruned share of prunable cost", "", f"{report['pruned_cost_fraction']:.4f}", f"target p={report['p']}")
     )
