@@ -45,6 +45,7 @@ from common import emit_json  # noqa: E402
 
 CLIP_SIZES = {  # vision (width, heads, layers, mlp, image, patch), text (width, heads, layers, mlp, tokens)
     "B16": ((768, 12, 12, 3072, 224, 16), (512, 8, 12, 2048, 77)),
+    "small": ((192, 3, 6, 768, 96, 16), (128, 2, 6, 512, 32)),  # the CPU table: DeiT-Tiny widths, 37 image tokens
     "tiny": ((32, 2, 2, 64, 16, 4), (24, 2, 2, 48, 7)),
 }
 
@@ -457,6 +458,47 @@ def check(spec: str, device: torch.device, args: argparse.Namespace) -> dict:
     return out
 
 
+ROW_LABELS = {
+    "default_auto": "**default** (align auto)",
+    "elementwise": "element-wise (align 1, the paper's)",
+    "aligned_8_32": "aligned 8/32",
+    "whole_heads": "whole heads (`--granularity head`)",
+    "mixed_heads_then_dims": "mixed (`--granularity mixed`)",
+    "latency_cost": "latency cost (`--cost latency`)",
+    "uniform_dims_hand_sliced": "uniform 2x dims, hand-sliced",
+    "uniform_heads_hand_sliced": "uniform 2x heads, hand-sliced",
+}
+
+
+def markdown(result: dict) -> str:
+    """The speed table of a result: per model and tower, each 2x model's speedup over dense ("slower" below 1) in
+    fp32 and autocast at the batch, and autocast at batch 1; the searched rows' attention shapes."""
+    lines = [
+        f"| model, tower | setting | fp32, batch B | {result['autocast']}, batch B | {result['autocast']}, batch 1 "
+        "| the model's attention blocks (heads x head_dim: count) |",
+        "|---|---|---|---|---|---|",
+    ]
+
+    def cell(v: float) -> str:
+        return f"{v:.2f}x" if v >= 1 else f"**{1 / v:.2f}x slower**"
+
+    for m in result["models"]:
+        for i, (tower, conditions) in enumerate(m["speedup"].items()):
+            first = True
+            for key, label in ROW_LABELS.items():
+                values = [conditions[c].get(key) for c in ("fp32", "autocast", "autocast_batch1")]
+                if any(v is None for v in values):
+                    continue
+                shapes = m["search"].get(key, {}).get("attention_shapes", {}) if i == 0 else {}  # once per model
+                shown = ", ".join(f"{s}: {n}" for s, n in list(shapes.items())[:4]) + (
+                    ", ..." if len(shapes) > 4 else ""
+                )
+                name = f"{m['model']} (B = {m['batch']}), {tower}" if first else ""
+                lines.append(f"| {name} | {label} | " + " | ".join(cell(v) for v in values) + f" | {shown} |")
+                first = False
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument(
@@ -485,6 +527,8 @@ def main(argv: list[str] | None = None) -> dict:
         if args.out:  # after every model, so a run cut short keeps what it finished
             Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     emit_json(result, args.out)
+    if args.out:
+        Path(args.out).with_suffix(".md").write_text(markdown(result))
     return result
 
 

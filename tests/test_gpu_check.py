@@ -34,6 +34,10 @@ def test_gpu_check_runs_at_tiny_size_on_cpu(tmp_path):
         for tower in row["speedup"].values():
             assert set(tower) == {"fp32", "autocast", "autocast_batch1"} and set(tower["fp32"]) == rows
     assert (tmp_path / "r.json").is_file()
+    table = (tmp_path / "r.md").read_text().splitlines()
+    rows = 1 + len(gpu_check.VARIANTS) + 1  # the searched rows and the two hand-sliced shapes
+    assert len(table) == 2 + rows * sum(len(row["speedup"]) for row in result["models"])
+    assert all(line.count("|") == 7 for line in table)
 
 
 def test_gpu_widths_runs_at_tiny_size_on_cpu(tmp_path):
