@@ -113,3 +113,10 @@ def test_odd_batch_with_mixup_is_refused(tmp_path, capsys):
     out = tmp_path / "out"
     argv = ["train", *CLI_DATA, "--augment", "deit", "--batch-size", "15", "--output-dir", str(out)]
     assert "the batch size must be even, got 15" in _fail(capsys, argv, out)
+
+
+def test_mixed_granularity_with_a_latency_cost_is_refused(tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["compress", *CLI_DATA, "--granularity", "mixed", "--cost", "latency", "--output-dir", str(out)]
+    err = _fail(capsys, argv, out)
+    assert 'granularity "mixed"' in err and 'use cost "params" or "flops"' in err
