@@ -111,16 +111,21 @@ def test_a_deep_copy_of_a_masked_model_computes_with_its_own_weights():
     assert not torch.equal(twin(x), before)
 
 
-@pytest.mark.parametrize("fused", [True, False])
-def test_whole_heads_keep_head_dim_and_scale_and_every_derived_attribute(fused):
+def _timm_4x6(fused: bool, granularity: str):
+    """A timm ViT of 4 heads x 6 dims on its fused or unfused attention path, with a Pruner at ``granularity``."""
     from helpers import timm_vit
 
     torch.manual_seed(0)
     model = timm_vit(heads=4, head_dim=6).eval()
     for block in model.blocks:
         block.attn.fused_attn = fused
-    x = images()
-    pruner = upop.Pruner(model, upop.PruneConfig(p=0.5, total_steps=1, granularity="head", **ELEMENTWISE))
+    pruner = upop.Pruner(model, upop.PruneConfig(p=0.5, total_steps=1, granularity=granularity, **ELEMENTWISE))
+    return model, images(), pruner
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_whole_heads_keep_head_dim_and_scale_and_every_derived_attribute(fused):
+    model, x, pruner = _timm_4x6(fused, "head")
     assert [s.size for s in pruner.structures if s.kind == "attn"] == [4, 4]
     prune = {"blocks.0.attn": [True, False, True, False], "blocks.1.attn": [False, True, True, True]}
     pruner.set_choice([torch.tensor(prune.get(s.name, [False] * s.size)) for s in pruner.structures], 0.0)
@@ -134,14 +139,7 @@ def test_whole_heads_keep_head_dim_and_scale_and_every_derived_attribute(fused):
 
 @pytest.mark.parametrize("fused", [True, False])
 def test_mixed_granularity_keeps_fewer_heads_of_a_narrower_head_dim_and_the_original_scale(fused):
-    from helpers import timm_vit
-
-    torch.manual_seed(0)
-    model = timm_vit(heads=4, head_dim=6).eval()
-    for block in model.blocks:
-        block.attn.fused_attn = fused
-    x = images()
-    pruner = upop.Pruner(model, upop.PruneConfig(p=0.5, total_steps=1, granularity="mixed", **ELEMENTWISE))
+    model, x, pruner = _timm_4x6(fused, "mixed")
     assert [(s.size, s.grid) for s in pruner.structures if s.kind == "attn"] == [(24, (4, 6))] * 2
     keep = {"blocks.0.attn": ([0, 2, 3], [1, 4]), "blocks.1.attn": ([1], [0, 1, 2, 3, 4, 5])}
     chosen = []

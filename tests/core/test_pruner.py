@@ -261,7 +261,9 @@ def test_whole_heads_are_ranked_with_mlp_neurons_in_one_budget(factory):
     assert plan.config["granularity"] == "head"
 
 
-def test_whole_head_costs_equal_the_real_deltas_and_the_plan_round_trips(tmp_path):
+def _attention_deltas(granularity, keeps):
+    """A small HF CLIP, and for each of its attention structures at ``granularity`` and each kept set
+    ``keeps(structure)`` gives: (structure, elements removed, params and FLOPs that slicing to it really saved)."""
     import copy
 
     from upop.adapters import find_adapter
@@ -269,17 +271,30 @@ def test_whole_head_costs_equal_the_real_deltas_and_the_plan_round_trips(tmp_pat
 
     model = build(hf_clip, (3, 6, 2, 20))
     x = images(1)
-    pruner = upop.Pruner(model, upop.PruneConfig(cost="flops", granularity="head", **ELEMENTWISE), example_inputs=x)
+    config = upop.PruneConfig(cost="flops", granularity=granularity, **ELEMENTWISE)
+    pruner = upop.Pruner(model, config, example_inputs=x)
     structures = [s for s in pruner.structures if s.kind == "attn"]
     pruner.detach()
     dense = upop.profile(model, x)
+    deltas = []
     for s in structures:
-        smaller = copy.deepcopy(model)
-        twin = next(t for t in find_adapter(smaller).structures(smaller, "head") if t.name == s.name)
-        slice_structure(twin, torch.arange(1, s.size))
-        stats = upop.profile(smaller, x)
-        assert dense["params"] - stats["params"] == s.element_params(), s.name
-        assert dense["flops"] - stats["flops"] == s.element_flops(), s.name
+        for keep in keeps(s):
+            smaller = copy.deepcopy(model)
+            twin = next(t for t in find_adapter(smaller).structures(smaller, granularity) if t.name == s.name)
+            slice_structure(twin, keep)
+            stats = upop.profile(smaller, x)
+            deltas.append(
+                (s, s.size - keep.numel(), dense["params"] - stats["params"], dense["flops"] - stats["flops"])
+            )
+    return model, deltas
+
+
+def test_whole_head_costs_equal_the_real_deltas_and_the_plan_round_trips(tmp_path):
+    import copy
+
+    model, deltas = _attention_deltas("head", lambda s: [torch.arange(1, s.size)])
+    for s, removed, params, flops in deltas:
+        assert removed == 1 and params == s.element_params() and flops == s.element_flops(), s.name
     reference = copy.deepcopy(model)
     pruner = upop.Pruner(model, upop.PruneConfig(p=0.5, total_steps=1, granularity="head", **ELEMENTWISE))
     pruner.set_choice([torch.arange(s.size) % 2 == 1 for s in pruner.structures], 0.0)
@@ -324,30 +339,15 @@ def test_mixed_search_ranks_heads_and_aligned_dims_with_mlp_neurons_in_one_budge
 
 
 def test_mixed_pair_costs_add_up_to_the_real_deltas_of_a_head_and_of_a_dim_and_the_plan_loads_on_meta(tmp_path):
-    import copy
-
-    from upop.adapters import find_adapter
-    from upop.core.structure import slice_structure
-
-    model = build(hf_clip, (3, 6, 2, 20))
-    x = images(1)
-    pruner = upop.Pruner(model, upop.PruneConfig(cost="flops", granularity="mixed", **ELEMENTWISE), example_inputs=x)
-    structures = [s for s in pruner.structures if s.kind == "attn"]
-    pruner.detach()
-    dense = upop.profile(model, x)
-    for s in structures:
+    def one_head_or_one_dim_less(s):
         heads, dims = s.grid
-        for kept_heads, kept_dims in ((heads - 1, dims), (heads, dims - 1)):
-            smaller = copy.deepcopy(model)
-            twin = next(t for t in find_adapter(smaller).structures(smaller, "mixed") if t.name == s.name)
-            keep = torch.arange(heads - kept_heads, heads)[:, None] * dims + torch.arange(dims - kept_dims, dims)
-            keep = keep.reshape(-1)
-            slice_structure(twin, keep)
-            assert twin.grid == (kept_heads, kept_dims)
-            stats = upop.profile(smaller, x)
-            removed = heads * dims - kept_heads * kept_dims
-            assert dense["params"] - stats["params"] == removed * s.element_params(), s.name
-            assert dense["flops"] - stats["flops"] == removed * s.element_flops(), s.name
+        pairs = torch.arange(heads * dims).view(heads, dims)
+        return [pairs[1:].reshape(-1), pairs[:, 1:].reshape(-1)]
+
+    model, deltas = _attention_deltas("mixed", one_head_or_one_dim_less)
+    for i, (s, removed, params, flops) in enumerate(deltas):
+        assert removed == s.grid[1] if i % 2 == 0 else removed == s.grid[0]  # a head's dims, a dim's heads
+        assert params == removed * s.element_params() and flops == removed * s.element_flops(), s.name
     pruner = upop.Pruner(model, upop.PruneConfig(p=0.5, total_steps=1, granularity="mixed", **ELEMENTWISE))
     pruner.set_choice(
         [

@@ -25,6 +25,16 @@ def _scripted(slow_unless_multiple_of: int):
 
 
 @pytest.mark.parametrize("penalty_below, expected", [(1, 1), (4, 4), (8, 8), (16, 16)])
+def _search(model, pruner, steps: int) -> None:
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    for _ in range(steps):
+        (model(images(2)).square().mean() + pruner.sparsity_loss()).backward()
+        opt.step()
+        opt.zero_grad()
+        pruner.step()
+
+
+@pytest.mark.parametrize("penalty_below, expected", [(1, 1), (4, 4), (8, 8), (16, 16)])
 def test_the_smallest_alignment_at_full_speed_is_chosen(monkeypatch, penalty_below, expected):
     monkeypatch.setattr(widths, "_seconds", _scripted(penalty_below))
     build_mlp = lambda w: widths.MlpProbe(16, w)  # noqa: E731
@@ -56,12 +66,7 @@ def test_a_search_with_auto_keeps_multiples_and_a_resumed_search_keeps_its_align
     monkeypatch.setattr(widths, "_seconds", _scripted(8))
     model = build(timm_vit, (2, 16, 2, 64))
     pruner = upop.Pruner(model, upop.PruneConfig(p=0.5, total_steps=4), example_inputs=images(2))
-    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
-    for _ in range(4):
-        (model(images(2)).square().mean() + pruner.sparsity_loss()).backward()
-        opt.step()
-        opt.zero_grad()
-        pruner.step()
+    _search(model, pruner, 4)
     assert all(int((~c).sum()) % 8 == 0 for c in pruner.chosen)
     state = pruner.state_dict()
     pruner.detach()
@@ -157,12 +162,7 @@ def test_mixed_granularity_probes_head_dims_of_the_block_and_keeps_them_aligned(
     assert pruner.alignment.attn == 8
     cache = json.loads((tmp_path / "widths.json").read_text())
     assert any("|attn|" in key and "heads 4|" in key and key.endswith("size 16") for key in cache)  # head dims
-    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
-    for _ in range(4):
-        (model(images(2)).square().mean() + pruner.sparsity_loss()).backward()
-        opt.step()
-        opt.zero_grad()
-        pruner.step()
+    _search(model, pruner, 4)
     for s, c in zip(pruner.structures, pruner.chosen):
         kept = (~c).reshape(s.grid) if s.grid else ~c
         width = int(kept.any(0).sum()) if s.grid else int(kept.sum())
