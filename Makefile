@@ -32,6 +32,7 @@ bench: venv
 	$(PY) benchmarks/bench_clip.py
 	$(PY) benchmarks/bench_blip.py
 	$(PY) benchmarks/bench_seg.py
+	$(PY) benchmarks/search_cost.py --out benchmarks/results_search_cost.json
 	$(PY) benchmarks/bench_peers.py
 	$(PY) benchmarks/bench_peers.py --study
 
