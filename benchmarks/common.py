@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -38,28 +39,40 @@ def variant_row(runs: Path, name: str) -> dict:
     }
 
 
+@dataclass
+class Runner:
+    """A model, its optimizer, a Pruner for a search (None for plain training), and one training step of them."""
+
+    step: Callable[[], None]
+    model: torch.nn.Module
+    opt: torch.optim.Optimizer
+    pruner: upop.Pruner | None
+
+
+def training_runner(build: Callable, loss: Callable, search: bool) -> Runner:
+    """``build()`` trained with ``loss(model)`` by AdamW, plain or as a UPop search (masks, sparsity loss,
+    ``Pruner.step``; a schedule too long to re-rank in a benchmark's steps)."""
+    torch.manual_seed(0)
+    model = build().train()
+    config = upop.PruneConfig(p=0.5, total_steps=10**6, align_attn=1, align_mlp=1)
+    pruner = upop.Pruner(model, config) if search else None
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step() -> None:
+        value = loss(model) + (pruner.sparsity_loss() if pruner is not None else 0)
+        opt.zero_grad()
+        value.backward()
+        opt.step()
+        if pruner is not None:
+            pruner.step()
+
+    return Runner(step, model, opt, pruner)
+
+
 def step_ratio(build: Callable, loss: Callable, rounds: int = 4, steps: int = 10) -> dict[str, float]:
-    """Seconds per training step of ``build()`` with ``loss(model)``, plain vs a UPop search step (masks, sparsity
-    loss, ``Pruner.step``): the fastest of interleaved rounds, fp32 on this machine; and their ratio."""
-
-    def make(search: bool) -> Callable[[], None]:
-        torch.manual_seed(0)
-        model = build().train()
-        config = upop.PruneConfig(p=0.5, total_steps=10**6, align_attn=1, align_mlp=1)
-        pruner = upop.Pruner(model, config) if search else None
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-
-        def step() -> None:
-            value = loss(model) + (pruner.sparsity_loss() if pruner is not None else 0)
-            opt.zero_grad()
-            value.backward()
-            opt.step()
-            if pruner is not None:
-                pruner.step()
-
-        return step
-
-    runners = {"plain": make(False), "search": make(True)}
+    """Seconds per training step of ``build()`` with ``loss(model)``, plain vs a UPop search step: the fastest of
+    interleaved rounds, fp32 on this machine; and their ratio."""
+    runners = {"plain": training_runner(build, loss, False).step, "search": training_runner(build, loss, True).step}
     best = {k: float("inf") for k in runners}
     for r in range(rounds + 1):  # round 0 warms up
         for name, step in list(runners.items())[:: 1 if r % 2 else -1]:

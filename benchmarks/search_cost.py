@@ -17,19 +17,17 @@ import json
 import subprocess
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-import upop
 from upop.models import build_model
 from upop.tasks import DataConfig, get_task
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import emit_json, step_ratio  # noqa: E402
+from common import emit_json, step_ratio, training_runner  # noqa: E402
 
 WORKLOADS = {  # model -> (task, model kind)
     "vit-tiny": ("classification", "classifier"),
@@ -57,37 +55,11 @@ def workload(name: str, batch: int, device: torch.device) -> tuple[Callable[[], 
     return build, lambda model: task.loss(model, batch_data)
 
 
-@dataclass
-class Runner:
-    step: Callable[[], None]
-    model: torch.nn.Module
-    opt: torch.optim.Optimizer
-    pruner: upop.Pruner | None
-
-
-def _runner(build: Callable, loss: Callable, search: bool) -> Runner:
-    """A model, its optimizer and (for a search) a Pruner, and one training step of them."""
-    model = build().train()
-    config = upop.PruneConfig(p=0.5, total_steps=10**6, align_attn=1, align_mlp=1)
-    pruner = upop.Pruner(model, config) if search else None
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-
-    def step() -> None:
-        value = loss(model) + (pruner.sparsity_loss() if pruner is not None else 0)
-        opt.zero_grad()
-        value.backward()
-        opt.step()
-        if pruner is not None:
-            pruner.step()
-
-    return Runner(step, model, opt, pruner)
-
-
 def op_counts(build: Callable, loss: Callable) -> dict[str, Any]:
     """aten ops in one plain and one search step (after two warm-up steps), and the ops the search adds."""
     counts, slots = {}, 0
     for search in (False, True):
-        run = _runner(build, loss, search)
+        run = training_runner(build, loss, search)
         run.step()
         run.step()
         with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -121,7 +93,7 @@ def memory_estimate(build: Callable, loss: Callable, search: bool) -> dict[str, 
     process's peak resident set is set by its imports, not by the step): what stays resident (parameters, their
     gradients, the optimizer's state, the Pruner's masks and accumulators) plus every tensor autograd saves for the
     backward of one step (unique storages, resident ones not counted twice)."""
-    run = _runner(build, loss, search)
+    run = training_runner(build, loss, search)
     run.step()  # the optimizer's state exists after the first step
     model, pruner = run.model, run.pruner
     state = [v for s in run.opt.state.values() for v in s.values()]
@@ -148,7 +120,7 @@ def peak_memory(name: str, batch: int, steps: int, search: bool, device: torch.d
     """The CUDA allocator's peak over ``steps`` steps, in this process (meant to be a fresh one)."""
     build, loss = workload(name, batch, device)
     torch.cuda.reset_peak_memory_stats(device)
-    run = _runner(build, loss, search)
+    run = training_runner(build, loss, search)
     for _ in range(steps):
         run.step()
     torch.cuda.synchronize(device)
