@@ -35,7 +35,7 @@ import torch
 import upop
 from upop import run
 from upop.adapters import find_adapter
-from upop.config import PAPER_RANKING
+from upop.core.config import PAPER_RANKING
 from upop.core.plan import Plan
 from upop.tasks import DataConfig
 

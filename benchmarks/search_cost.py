@@ -99,7 +99,8 @@ def memory_estimate(build: Callable, loss: Callable, search: bool) -> dict[str, 
     state = [v for s in run.opt.state.values() for v in s.values()]
     extra = []
     if pruner is not None:
-        extra = [*pruner.masks, pruner._importance, pruner._task_sum, pruner._task_sq]
+        acc = pruner.accumulated
+        extra = [*pruner.masks, acc.total, acc.task_sum, acc.task_sq]
     params = list(model.parameters())
     resident = _bytes(params) * 2 + _bytes(state) + _bytes(extra)  # parameters and their gradients
     saved: list[torch.Tensor] = []

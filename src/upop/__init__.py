@@ -1,10 +1,9 @@
 """UPop: Unified and Progressive Pruning of vision and vision-language Transformers."""
 
-from upop.adapters import Adapter, BlockSpec, register_adapter, registered_adapters
-from upop.config import PAPER_RANKING, PruneConfig
-from upop.core.plan import Plan, apply_plan, save_compressed
+from upop.adapters import Adapter, BlockSpec, Pruner, apply_plan, register_adapter, registered_adapters
+from upop.core.config import PAPER_RANKING, PruneConfig
+from upop.core.plan import Plan, save_compressed
 from upop.core.profile import measure_latency, profile
-from upop.core.pruner import Pruner
 from upop.deploy import load_compressed
 from upop.errors import UPopError
 

@@ -8,7 +8,7 @@ import json
 import sys
 from typing import Any
 
-from upop.config import PAPER_RANKING, PruneConfig
+from upop.core.config import PAPER_RANKING, PruneConfig
 from upop.errors import UPopError
 
 
@@ -348,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return e.exit_code
     finally:
-        from upop.engine.dist import teardown
+        from upop.utils.dist import teardown
 
         teardown()
     return 0

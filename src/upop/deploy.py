@@ -11,6 +11,7 @@ from pathlib import Path
 
 from torch import nn
 
+from upop.adapters import find_adapter
 from upop.core import plan as P
 from upop.errors import UPopError
 
@@ -31,8 +32,8 @@ def load_compressed(
     """
     if directory is None:
         directory = model_or_directory
-        return P.load_compressed(_builder(Path(directory)), directory)
-    return P.load_compressed(model_or_directory, directory)
+        return P.load_compressed(_builder(Path(directory)), directory, find_adapter)
+    return P.load_compressed(model_or_directory, directory, find_adapter)
 
 
 def _builder(directory: Path) -> Callable[[], nn.Module]:
@@ -68,7 +69,7 @@ def export_onnx(directory: str | os.PathLike, output: str | os.PathLike, batch: 
     import numpy as np
     import torch
 
-    from upop.core.files import atomic_write
+    from upop.utils.files import atomic_write
     from upop.core.profile import call_model
     from upop.tasks import get_task
 

@@ -20,17 +20,15 @@ import torch
 from safetensors.torch import save
 
 import upop
-from upop.adapters import find_adapter
-from upop.config import MIN_RERANKINGS, PruneConfig
-from upop.core.files import atomic_write
-from upop.core.plan import Plan, apply_plan, fingerprint_mismatch, save_compressed
+from upop.adapters import Pruner, apply_plan, find_adapter
+from upop.core.config import MIN_RERANKINGS, PruneConfig
+from upop.utils.files import atomic_write
+from upop.core.plan import Plan, check_base, plan_choice, save_compressed
 from upop.core.profile import batch_size_of, measure_latency, paired_latency, profile
-from upop.core.pruner import Pruner
 from upop.core.ranking import schedule_summary
-from upop.core.structure import grid_factors
 from upop.data import augment
 from upop.deploy import load_compressed
-from upop.engine import dist as D
+from upop.utils import dist as D
 from upop.engine import signals
 from upop.engine.loop import LR_SCHEDULES, Loaders, Phase, make_loaders, run_phase
 from upop.engine.rundir import Checkpointing, RunDir, json_bytes, read_run_config  # noqa: F401  (the jobs' API)
@@ -337,30 +335,6 @@ def _search(
     return pruner.compress(), searched
 
 
-def plan_choice(structures: list[Any], plan: Plan) -> list[torch.Tensor]:
-    """A plan as choices over ``structures`` (True = pruned); a structure the plan does not name is kept whole.
-    Raises UPopError when the plan names another structure, or sizes or indices that do not fit."""
-    entries = {e["name"]: e for e in plan.structures}
-    unknown = sorted(set(entries) - {s.name for s in structures})
-    if unknown:
-        raise UPopError(f"the plan names {unknown[0]!r}, which this model does not have (or the search excludes)")
-    chosen = []
-    for s in structures:
-        entry = entries.get(s.name, {"size": s.size, "kept": list(range(s.size))})
-        kept = entry["kept"]
-        if entry["size"] != s.size or not kept or not all(isinstance(k, int) and 0 <= k < s.size for k in kept):
-            raise UPopError(
-                f"the plan's {s.name} does not fit this model: it has {s.size} elements and a plan keeps 1 to "
-                f"{s.size} of them (indices 0..{s.size - 1}); the plan says size {entry['size']}"
-            )
-        if getattr(s, "grid", None) is not None:
-            grid_factors(s, torch.tensor(kept, dtype=torch.long))  # whole heads x shared dims, or refused here
-        c = torch.ones(s.size, dtype=torch.bool)
-        c[torch.tensor(kept, dtype=torch.long)] = False
-        chosen.append(c)
-    return chosen
-
-
 def _given(
     setup: Setup, model: torch.nn.Module, prune: PruneConfig, plan: Plan, example: Any
 ) -> tuple[torch.nn.Module, dict[str, Any]]:
@@ -405,13 +379,10 @@ def compress(
     model = new_model(cfg, setup, pretrained)
     find_adapter(model)  # fail before any work if the family is not supported
     if plan is not None:
-        mismatch = fingerprint_mismatch(plan.fingerprint, model)
-        if mismatch:
-            raise UPopError(f"the plan was made for another architecture than this {cfg.model}: {mismatch}")
+        check_base(plan, model, cfg.model)
         prune = dataclasses.replace(prune, granularity=plan.config.get("granularity", prune.granularity))
         found = find_adapter(model).structures(model, prune.granularity)
-        searched = [s for s in found if not prune.excludes(s.name) and (not prune.towers or s.tower in prune.towers)]
-        plan_choice(searched, plan)  # refused before any output exists
+        plan_choice([s for s in found if prune.searches(s)], plan)  # refused before any output exists
     prune = dataclasses.replace(prune, total_steps=max(1, recipe.epochs_search * len(loaders.train)))
     if plan is None:
         prune.check_schedule()

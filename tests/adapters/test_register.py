@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import upop
-from upop.adapters.base import _REGISTRY
+from upop.adapters.registry import _REGISTRY
 
 
 class MyAttention(nn.Module):

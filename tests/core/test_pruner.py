@@ -8,7 +8,7 @@ import torch
 from helpers import ELEMENTWISE, build, hf_clip, hf_vit, images, logits, open_clip_model, timm_vit
 
 import upop
-from upop.config import PAPER_RANKING
+from upop.core.config import PAPER_RANKING
 from upop.core.ranking import pi_at
 
 

@@ -12,7 +12,7 @@ import torch
 from helpers import ELEMENTWISE, build, hf_clip, images, logits, timm_vit
 
 import upop
-from upop.config import PAPER_RANKING
+from upop.core.config import PAPER_RANKING
 
 # sha256 (first 16 hex) of the chosen sets after each of the 12 steps of `_history`, computed with UPop at commit
 # 3d7b037, before the ranking had options: the paper's ranking must keep reproducing them bit for bit.

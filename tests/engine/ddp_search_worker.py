@@ -6,9 +6,9 @@ import sys
 
 import torch
 
-from upop.config import PruneConfig
-from upop.core.pruner import Pruner
-from upop.engine import dist as D
+from upop.core.config import PruneConfig
+from upop import Pruner
+from upop.utils import dist as D
 from upop.engine.loop import Phase, make_loaders, run_phase
 from upop.models import build_model
 from upop.tasks import DataConfig, get_task

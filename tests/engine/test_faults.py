@@ -13,10 +13,10 @@ from helpers import CLI_DATA
 from torch.utils.data import Dataset
 
 from upop.cli import main
-from upop.config import PruneConfig
-from upop.core.pruner import Pruner
+from upop.core.config import PruneConfig
+from upop import Pruner
 from upop.engine import checkpoint as C
-from upop.engine import dist as D
+from upop.utils import dist as D
 from upop.engine.loop import Phase, make_loaders, run_phase
 from upop.errors import UPopError
 from upop.models import build_model

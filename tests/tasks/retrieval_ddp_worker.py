@@ -8,7 +8,7 @@ import sys
 
 import torch
 
-from upop.engine import dist as D
+from upop.utils import dist as D
 from upop.models import build_model
 from upop.tasks import DataConfig, get_task
 

@@ -1,4 +1,5 @@
-"""Model-family adapters. Importing this package registers every built-in adapter."""
+"""Model-family adapters: one table per family and the registry that finds them. Importing this package registers
+every built-in family; ``Pruner`` and ``apply_plan`` here are the core's with the adapter looked up in the registry."""
 
 from upop.adapters import (  # noqa: F401  (registration)
     blip_nlvr,
@@ -10,6 +11,8 @@ from upop.adapters import (  # noqa: F401  (registration)
     segmenter,
     timm_vit,
 )
-from upop.adapters.base import Adapter, BlockSpec, find_adapter, register_adapter, registered_adapters
+from upop.adapters.api import Pruner, apply_plan
+from upop.adapters.registry import find_adapter, register_adapter, registered_adapters
+from upop.core.adapter import Adapter, BlockSpec
 
-__all__ = ["Adapter", "BlockSpec", "find_adapter", "register_adapter", "registered_adapters"]
+__all__ = ["Adapter", "BlockSpec", "Pruner", "apply_plan", "find_adapter", "register_adapter", "registered_adapters"]

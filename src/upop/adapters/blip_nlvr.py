@@ -6,7 +6,8 @@ its own structure, in the ``cross`` tower."""
 
 from __future__ import annotations
 
-from upop.adapters.base import Adapter, BlockSpec, register_adapter
+from upop.adapters.registry import register_adapter
+from upop.core.adapter import Adapter, BlockSpec
 from upop.adapters.hf_bert import heads_resized, keep_scale
 
 

@@ -14,7 +14,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from upop.adapters.base import Adapter, BlockSpec, register_adapter
+from upop.adapters.registry import register_adapter
+from upop.core.adapter import Adapter, BlockSpec
 
 
 def keep_scale(attn: nn.Module, old: int, new: int) -> None:

@@ -12,7 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from upop.adapters.base import Adapter, BlockSpec, register_adapter
+from upop.adapters.registry import register_adapter
+from upop.core.adapter import Adapter, BlockSpec
 
 _COMPACT: dict[type, type] = {}
 

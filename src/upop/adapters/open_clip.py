@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from upop.adapters.base import Adapter, BlockSpec, register_adapter
+from upop.adapters.registry import register_adapter
+from upop.core.adapter import Adapter, BlockSpec
 from upop.adapters.compact_mha import compact_mha, compact_mha_heads
 
 

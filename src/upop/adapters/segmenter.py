@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from upop.adapters.base import Adapter, BlockSpec, register_adapter
+from upop.adapters.registry import register_adapter
+from upop.core.adapter import Adapter, BlockSpec
 
 
 def _head_dims(attn: nn.Module, old: int, new: int) -> None:

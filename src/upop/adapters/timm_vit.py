@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from upop.adapters.base import Adapter, BlockSpec, register_adapter
+from upop.adapters.registry import register_adapter
+from upop.core.adapter import Adapter, BlockSpec
 
 
 def _attn_check(attn: nn.Module) -> str | None:

@@ -17,8 +17,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 from torch import nn
 
-from upop.core.files import atomic_write
+from upop.core.adapter import Adapter
+from upop.core.structure import Structure, grid_factors, slice_structure
 from upop.errors import UPopError
+from upop.utils.files import atomic_write
 
 PLAN_FORMAT = "upop-plan"
 PLAN_VERSION = 1
@@ -86,25 +88,62 @@ class Plan:
         return sum(len(s["kept"]) for s in sel) / total if total else 1.0
 
 
-def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
-    """Slice a fresh dense ``model`` (in place) to the plan's architecture. The weights are the dense model's until
-    the compressed weights are loaded. Raises UPopError naming the first mismatching keys if the architecture
-    differs from the plan's base."""
-    from upop.adapters import find_adapter  # the core stays importable without any adapter
-    from upop.core.structure import slice_structure
+def plan_kept(structures: list[Structure], plan: Plan) -> list[torch.Tensor]:
+    """Per structure, the indices the plan keeps (all of them where the plan does not name the structure). The one
+    check of a plan against a model's structures: raises UPopError when the plan names a structure that is not among
+    ``structures``, or sizes or indices that do not fit, or (mixed granularity) kept pairs that are not whole heads x
+    shared dims."""
+    entries = {e["name"]: e for e in plan.structures}
+    unknown = sorted(set(entries) - {s.name for s in structures})
+    if unknown:
+        raise UPopError(
+            f"the plan names {unknown[0]!r}, which is not among this model's structures (or the search excludes it)"
+        )
+    kept = []
+    for s in structures:
+        entry = entries.get(s.name, {"size": s.size, "kept": list(range(s.size))})
+        indices = entry["kept"]
+        if entry["size"] != s.size or not indices or not all(isinstance(k, int) and 0 <= k < s.size for k in indices):
+            raise UPopError(
+                f"the plan's {s.name} does not fit this model: it has {s.size} elements and a plan keeps 1 to "
+                f"{s.size} of them (indices 0..{s.size - 1}); the plan says size {entry['size']}"
+            )
+        keep = torch.tensor(indices, dtype=torch.long)
+        if s.grid is not None:
+            grid_factors(s, keep)  # whole heads x shared dims, or refused here
+        kept.append(keep)
+    return kept
 
+
+def plan_choice(structures: list[Structure], plan: Plan) -> list[torch.Tensor]:
+    """The plan as a Pruner's choice over ``structures``: per structure a bool tensor, True = pruned (checked by
+    ``plan_kept``)."""
+    chosen = []
+    for s, keep in zip(structures, plan_kept(structures, plan)):
+        c = torch.ones(s.size, dtype=torch.bool)
+        c[keep] = False
+        chosen.append(c)
+    return chosen
+
+
+def check_base(plan: Plan, model: nn.Module, what: str) -> None:
+    """Refuse a ``model`` whose architecture is not the plan's base (``what`` names the model in the message)."""
     mismatch = fingerprint_mismatch(plan.fingerprint, model)
     if mismatch:
-        raise UPopError(f"the plan was made for another architecture than this {type(model).__name__}: {mismatch}")
-    granularity = plan.config.get("granularity", "dim")
-    structures = {s.name: s for s in find_adapter(model, plan.adapter).structures(model, granularity)}
-    for entry in plan.structures:
-        if entry["name"] not in structures:
-            raise UPopError(f"the plan names {entry['name']!r}, which the {plan.adapter} adapter does not find")
-        s = structures[entry["name"]]
-        if s.size != entry["size"]:
-            raise UPopError(f"{entry['name']}: the plan expects {entry['size']} elements, the model has {s.size}")
-        slice_structure(s, torch.tensor(entry["kept"], dtype=torch.long))
+        raise UPopError(f"the plan was made for another architecture than this {what}: {mismatch}")
+
+
+def apply_plan(model: nn.Module, plan: Plan, adapter: Adapter) -> nn.Module:
+    """Slice a fresh dense ``model`` (in place) to the plan's architecture, its structures located by ``adapter``
+    (the one named in the plan: ``upop.apply_plan`` looks it up). The weights are the dense model's until the
+    compressed weights are loaded. Raises UPopError naming the first mismatching keys if the architecture differs
+    from the plan's base."""
+    check_base(plan, model, type(model).__name__)
+    structures = adapter.structures(model, plan.config.get("granularity", "dim"))
+    named = {e["name"] for e in plan.structures}
+    for s, keep in zip(structures, plan_kept(structures, plan)):
+        if s.name in named:
+            slice_structure(s, keep)
     model._upop_plan = plan
     return model
 
@@ -159,9 +198,14 @@ def parameters_on_meta() -> Iterator[None]:
         nn.Module.register_parameter = original  # type: ignore[method-assign]
 
 
-def load_compressed(model: nn.Module | Callable[[], nn.Module], directory: str | os.PathLike) -> nn.Module:
+def load_compressed(
+    model: nn.Module | Callable[[], nn.Module],
+    directory: str | os.PathLike,
+    adapter_for: Callable[[nn.Module, str], Adapter],
+) -> nn.Module:
     """Apply the plan in ``directory`` to a model of the dense architecture and load the compressed weights
-    (safetensors; nothing is unpickled). Returns the compressed model.
+    (safetensors; nothing is unpickled). Returns the compressed model. ``adapter_for(model, name)`` gives the adapter
+    the plan names (``upop.load_compressed`` looks it up in the registry).
 
     ``model`` is a fresh dense model (changed in place), or a function that builds one: it is then built with its
     parameters on the meta device, so no dense weights are allocated or read, and the compressed weights are loaded
@@ -173,7 +217,7 @@ def load_compressed(model: nn.Module | Callable[[], nn.Module], directory: str |
     if not isinstance(model, nn.Module):
         with parameters_on_meta():
             model = model()
-    model = apply_plan(model, plan)
+    model = apply_plan(model, plan, adapter_for(model, plan.adapter))
     try:
         state = load_file(str(weights))
     except (SafetensorError, OSError) as e:

@@ -113,3 +113,35 @@ def paired_latency(models: dict[str, Any], inputs: Any, iters: int = 30, warmup:
     dense = times["dense"]
     speedup = {k: statistics.median(d / t for d, t in zip(dense, v)) for k, v in times.items()}
     return {k: statistics.median(v) for k, v in times.items()}, speedup
+
+
+def count_tokens(model: nn.Module, structures: list, example_inputs: Any) -> None:
+    """Run one forward to learn how many tokens per sample each slot of each structure sees (set as ``tokens`` on
+    the structures and their slots): every token that reaches it over the forward, divided by the batch (a model that
+    encodes two images per sample counts both). A slot whose module is not called (a projection applied by its
+    parent's functional code) sees the queries."""
+    seen: dict[int, int] = {}
+    handles = []
+    slots = {id(slot.module): slot.module for s in structures for slot in (*s.rows, *s.cols)}
+    for key, module in slots.items():
+
+        def hook(module, inputs, out, key=key):
+            x = inputs[0] if inputs else None
+            if isinstance(x, torch.Tensor) and x.dim() >= 1:
+                seen[key] = seen.get(key, 0) + (x.numel() // x.shape[-1] if x.dim() > 1 else 1)
+
+        handles.append(module.register_forward_hook(hook))
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            call_model(model, example_inputs)
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    batch = max(1, batch_size_of(example_inputs))
+    for s in structures:
+        s.tokens = seen.get(id(s.rows[0].module), 0) // batch
+        for slot in (*s.rows, *s.cols):
+            slot.tokens = seen.get(id(slot.module), 0) // batch or s.tokens

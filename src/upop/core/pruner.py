@@ -1,5 +1,6 @@
 """The Pruner: attaches masks, accumulates their gradients, ranks every element in one budget, sets the masks on the
-progressive schedule, and compresses the model. It is the only stateful part of the core and names no model family."""
+progressive schedule, and compresses the model. It is the only stateful part of the core and names no model family:
+it is given the adapter that locates the model's structures (``upop.Pruner`` looks it up in the registry)."""
 
 from __future__ import annotations
 
@@ -9,39 +10,21 @@ import types
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from upop.adapters import find_adapter
-from upop.config import PruneConfig
+from upop.core.adapter import Adapter
+from upop.core.config import PruneConfig
+from upop.core.importance import Importance, standardised
 from upop.core.plan import Plan, fingerprint
-from upop.core.profile import batch_size_of, call_model
-from upop.core.ranking import (
-    Cost,
-    fewest_kept,
-    pi_at,
-    removed_cost,
-    select,
-    selected_value,
-    standardise,
-    total_cost,
-)
+from upop.core.profile import batch_size_of, count_tokens
+from upop.core.ranking import Cost, fewest_kept, pi_at, removed_cost, select, selected_value, total_cost
+from upop.core.stability import Stability
 from upop.core.structure import Slot, Structure, grid_factors, slice_structure
-from upop.core.widths import Alignment, latency_curves, measure_alignment
+from upop.core.widths import Alignment, resolve_alignment, structure_costs
 from upop.errors import UPopError
+from upop.utils.dist import average, broadcast_from_main
 
 STATE_VERSION = 1
-STARVED_SHARE = 0.25  # a structure keeping under this fraction of the uniform share 1 - p is reported as starved
-SETTLED = 0.9  # the ranking had settled when the last two re-rankings agree this much (overlap and rank correlation)
-
-
-def _rank_correlation(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Spearman's rank correlation of two score vectors (ties broken by position)."""
-    ra = torch.argsort(torch.argsort(a, stable=True)).double()
-    rb = torch.argsort(torch.argsort(b, stable=True)).double()
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    denominator = float(ra.norm() * rb.norm())
-    return float((ra * rb).sum()) / denominator if denominator > 0 else 1.0
 
 
 def _masked_forward(module: nn.Module, *args: Any, mask: torch.Tensor, slot: Slot, **kwargs: Any) -> Any:
@@ -83,22 +66,24 @@ class Pruner:
 
     Use::
 
-        pruner = Pruner(model, PruneConfig(p=0.5, total_steps=T))
+        pruner = upop.Pruner(model, upop.PruneConfig(p=0.5, total_steps=T))
         loss = task_loss + pruner.sparsity_loss(); loss.backward(); optimizer.step(); optimizer.zero_grad()
         pruner.step()                # after every optimizer step
         model = pruner.compress()    # after T steps
 
     The masks are not parameters of the model, so no optimizer sees them, whenever it is built. Their gradients are
-    read, averaged over DDP ranks and accumulated by ``step``; ``scores`` turns them into the ranking's scores
-    (``config.score``: by default an element whose mask gradient has the smaller root mean square is less important;
-    the paper's "gradient": a larger accumulated gradient is), ``stability_summary`` says how settled it was.
+    read, averaged over DDP ranks and accumulated by ``step`` (``upop.core.importance``); ``scores`` turns them into
+    the ranking's scores (``config.score``: by default an element whose mask gradient has the smaller root mean
+    square is less important; the paper's "gradient": a larger accumulated gradient is), ``stability_summary`` says
+    how settled it was.
 
     Args:
         model: the dense model (a DDP wrapper is unwrapped).
         config: the search configuration.
         example_inputs: a batch as the model takes it (tensor, tuple or dict); needed for ``cost="flops"``, and the
             shape the widths of ``align="auto"`` are measured at (a default shape without it).
-        adapter: an adapter name to force; by default the registry picks the one matching the model.
+        adapter: the adapter that locates the model's structures (``upop.Pruner`` takes a registered adapter's name,
+            or finds the one matching the model).
         precisions: what ``align="auto"`` measures in ("fp32", "bf16", "fp16"); default fp32 and the device's half
             precision on a GPU (where models are usually deployed in it), fp32 on a CPU.
     """
@@ -108,62 +93,67 @@ class Pruner:
         model: nn.Module,
         config: PruneConfig | None = None,
         example_inputs: Any = None,
-        adapter: str | None = None,
+        adapter: Adapter | None = None,
         precisions: tuple[str, ...] | None = None,
     ) -> None:
         model = getattr(model, "module", model) if isinstance(model, nn.parallel.DistributedDataParallel) else model
         if getattr(model, "_upop_pruner", None) is not None:
             raise UPopError("this model already has a Pruner attached; call detach() on it first")
-        self.model = model
+        if not isinstance(adapter, Adapter):
+            raise UPopError("the core Pruner is given its adapter; upop.Pruner finds it in the registry")
+        self.model, self.adapter = model, adapter
         self.config = config or PruneConfig()
         self.config.check_schedule()
-        self.adapter = find_adapter(model, adapter)
         self.fingerprint = fingerprint(model)
-        found = self.adapter.structures(model, self.config.granularity)
-        towers = sorted({s.tower for s in found})
-        unknown = [t for t in self.config.towers if t not in towers]
-        if unknown:
-            raise UPopError(f"this {type(model).__name__} has no tower {unknown[0]!r}; its towers: {', '.join(towers)}")
-        self.structures: list[Structure] = [
-            s
-            for s in found
-            if not self.config.excludes(s.name) and (not self.config.towers or s.tower in self.config.towers)
-        ]
-        if not self.structures:
-            raise UPopError(f"no prunable structure left in the {type(model).__name__} (all excluded or none found)")
+        self.structures: list[Structure] = self._searched_structures()
         device = next(model.parameters()).device
         self.masks = [torch.ones(s.size, device=device, requires_grad=True) for s in self.structures]
-        # one flat fp32 accumulator; the per-structure entries are views of it, so a step adds once
-        self._importance = torch.zeros(sum(s.size for s in self.structures), dtype=torch.float32, device=device)
-        self.importance = list(torch.split(self._importance, [s.size for s in self.structures]))
-        # score="fisher" / "snr": sum and sum of squares of the task-loss part of the step gradients (the L1 penalty's
-        # known gradient, w * sign(m) per kind, taken out when sparsity_loss() was in the step's loss)
-        self._task_sum = torch.zeros_like(self._importance)
-        self._task_sq = torch.zeros_like(self._importance)
-        weights = {"attn": self.config.w_attn, "mlp": self.config.w_mlp}
-        self._penalty = torch.cat([torch.full((s.size,), weights[s.kind], device=device) for s in self.structures])
+        self.accumulated = Importance(self.structures, {"attn": self.config.w_attn, "mlp": self.config.w_mlp}, device)
         self._penalised = False
-        self.accumulated_steps = 0
-        self.stability: list[dict[str, float]] = []  # one record per re-ranking: how much the decision moved
-        self._last_scores: torch.Tensor | None = None
+        self.stability = Stability()
         self.chosen = [torch.zeros(s.size, dtype=torch.bool) for s in self.structures]
-        if self.config.cost in ("flops", "latency") and example_inputs is None:
-            raise UPopError(
-                f'cost="{self.config.cost}" needs example_inputs (a batch as the model takes it) for the token counts'
-            )
-        if example_inputs is not None:
-            self._count_tokens(example_inputs)
-        self.latency_tables: dict[str, Any] = {}
-        self.costs: list[Cost] = self._costs(device, example_inputs)
-        self.alignment = self._alignment(device, example_inputs, precisions)
-        self.floor = self._fit_floor()  # the floor the ranking uses (the configured one unless p needs less)
+        self._measure(device, example_inputs, precisions)
         self.interval = self.config.rank_interval()
         self.step_count = 0
         self.skipped_steps = 0  # steps whose mask gradients were not finite (not accumulated)
         self.pi = 0.0
-        # Masks are attached by giving each row linear an instance-level forward (the class and the model's source
-        # are untouched); detach() deletes it, restoring the class's forward.
-        self._patched: list[nn.Linear] = []
+        self._patched: list[nn.Module] = []
+        self._attach()
+        model._upop_pruner = self
+
+    def _searched_structures(self) -> list[Structure]:
+        """The adapter's structures of the model that the configuration does not exclude (or restrict to towers)."""
+        found = self.adapter.structures(self.model, self.config.granularity)
+        towers = sorted({s.tower for s in found})
+        unknown = [t for t in self.config.towers if t not in towers]
+        if unknown:
+            raise UPopError(
+                f"this {type(self.model).__name__} has no tower {unknown[0]!r}; its towers: {', '.join(towers)}"
+            )
+        kept = [s for s in found if self.config.searches(s)]
+        if not kept:
+            raise UPopError(
+                f"no prunable structure left in the {type(self.model).__name__} (all excluded or none found)"
+            )
+        return kept
+
+    def _measure(self, device: torch.device, example_inputs: Any, precisions: tuple[str, ...] | None) -> None:
+        """Token counts, element costs, the alignment and the floor the ranking uses."""
+        if self.config.cost in ("flops", "latency") and example_inputs is None:
+            raise UPopError(
+                f'cost="{self.config.cost}" needs example_inputs (a batch as the model takes it) for the token counts'
+            )
+        batch = batch_size_of(example_inputs) if example_inputs is not None else None
+        if example_inputs is not None:
+            count_tokens(self.model, self.structures, example_inputs)
+        self.costs: list[Cost]
+        self.costs, self.latency_tables = structure_costs(self.structures, self.config, device, batch)
+        self.alignment: Alignment = resolve_alignment(self.structures, self.config, device, batch, precisions)
+        self.floor = self._fit_floor()  # the floor the ranking uses (the configured one unless p needs less)
+
+    def _attach(self) -> None:
+        """Masks are attached by giving each row linear an instance-level forward (the class and the model's source
+        are untouched); ``detach`` deletes it, restoring the class's forward."""
         for structure, mask in zip(self.structures, self.masks):
             for slot in structure.rows:
                 if "forward" in vars(slot.module):
@@ -171,7 +161,11 @@ class Pruner:
                     raise UPopError(f"{slot.path} already has an instance-level forward (another tool's patch)")
                 _attach_mask(slot, mask)
                 self._patched.append(slot.module)
-        model._upop_pruner = self
+
+    @property
+    def importance(self) -> list[torch.Tensor]:
+        """Per structure, the accumulated mask gradient of each element (n_i,)."""
+        return self.accumulated.per_structure()
 
     # ----------------------------------------------------------------------------------------------- search loop
     def sparsity_loss(self) -> torch.Tensor:
@@ -198,18 +192,10 @@ class Pruner:
         for m in self.masks:
             m.grad = None
         self._penalised, penalised = False, self._penalised
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(grads, op=dist.ReduceOp.SUM)
-            grads /= dist.get_world_size()
+        average(grads)
         if not skip and torch.isfinite(grads).all():
-            self._importance += grads
-            if penalised:
-                task = grads - self._penalty * torch.cat([m.detach().reshape(-1) for m in self.masks]).sign()
-            else:
-                task = grads
-            self._task_sum += task
-            self._task_sq.addcmul_(task, task)
-            self.accumulated_steps += 1
+            signs = torch.cat([m.detach().reshape(-1) for m in self.masks]).sign() if penalised else None
+            self.accumulated.add(grads, signs)
         else:
             self.skipped_steps += 1  # a NaN/inf step must not corrupt the ranking
         self.step_count += 1
@@ -222,24 +208,8 @@ class Pruner:
         gradient (score="gradient"), minus the root mean square of the task-loss part of the step gradients
         ("fisher"), or that part's sum over its standard error ("snr"); standardised per kind (and per tower, or per
         structure, as configured)."""
-        raw = self._importance.double().cpu()
-        if self.config.score == "fisher" and self.accumulated_steps > 0:
-            raw = -(self._task_sq.double().cpu() / self.accumulated_steps).sqrt()  # a larger RMS is more important
-        elif self.config.score == "snr" and self.accumulated_steps > 1:
-            n, total = self.accumulated_steps, self._task_sum.double().cpu()
-            spread = (self._task_sq.double().cpu() - total * total / n).clamp(min=0).sqrt()
-            raw = total / spread.clamp(min=1e-12 * float(spread.max().clamp(min=1e-30)))
-        parts = torch.split(raw, [s.size for s in self.structures])
-        scope = self.config.standardise
-        groups: dict[tuple, list[int]] = {}
-        for i, s in enumerate(self.structures):
-            key = (s.kind,) if scope == "kind" else (s.kind, s.tower) if scope == "tower" else (i,)
-            groups.setdefault(key, []).append(i)
-        scores: list[torch.Tensor] = [torch.empty(0)] * len(self.structures)
-        for idx in groups.values():
-            for i, z in zip(idx, standardise([parts[i] for i in idx])):
-                scores[i] = z
-        return scores
+        raw = self.accumulated.raw(self.config.score)
+        return standardised(raw, self.structures, self.config.standardise)
 
     def floors(self, floor: float | None = None) -> list[int]:
         """Per structure, the fewest elements it keeps: ceil(floor x (1 - p) x n), at least 1 (``floor``: the
@@ -282,62 +252,16 @@ class Pruner:
             ]
         else:
             chosen = select(scores, self.costs, self.pi, align, keep, grids)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            # all ranks hold the same averaged importance; broadcasting rank 0's decision makes identity certain
-            flat = torch.cat(chosen).to(torch.uint8)
-            flat = flat.to(self.masks[0].device)
-            dist.broadcast(flat, src=0)
-            chosen = list(torch.split(flat.cpu().bool(), [s.size for s in self.structures]))
-        self._record_stability(torch.cat(scores), torch.cat(chosen))
+        # all ranks hold the same averaged importance; broadcasting rank 0's decision makes identity certain
+        flat = broadcast_from_main(torch.cat(chosen).to(torch.uint8).to(self.masks[0].device))
+        chosen = list(torch.split(flat.cpu().bool(), [s.size for s in self.structures]))
+        self.stability.record(self.step_count, self.pi, torch.cat(scores), torch.cat(self.chosen), torch.cat(chosen))
         self.set_choice(chosen, selected_value(self.pi, self.config.p))
-
-    def _record_stability(self, scores: torch.Tensor, chosen: torch.Tensor) -> None:
-        """How much this re-ranking moved from the previous one: the share of the elements chosen then that are
-        still chosen (1.0 = the ranking only grew its chosen set, as pi rose), and the rank correlation of all
-        scores."""
-        before = torch.cat(self.chosen)
-        record = {"step": self.step_count, "pi": self.pi, "chosen": int(chosen.sum())}
-        if self._last_scores is not None:
-            record["overlap"] = float((before & chosen).sum()) / max(1, int(before.sum())) if before.any() else 1.0
-            record["rank_correlation"] = _rank_correlation(self._last_scores, scores)
-        self._last_scores = scores
-        self.stability.append(record)
 
     def stability_summary(self) -> dict[str, Any]:
         """The final ranking's stability: the overlap of the chosen sets and the rank correlation of the scores at
         the last two re-rankings, the smallest kept fraction of any structure, and the warnings they call for."""
-        last = self.stability[-1] if self.stability else {}
-        kept = [(1.0 - float(c.sum()) / c.numel(), s.name) for c, s in zip(self.chosen, self.structures)]
-        smallest, where = min(kept)
-        warn_below = max(self.floor, STARVED_SHARE) * (1.0 - self.config.p)
-        warnings = []
-        if self.floor < self.config.floor:
-            warnings.append(
-                f"the floor was lowered from {self.config.floor:g} to {self.floor:.3g} of the uniform share: with "
-                f"{self.config.cost} costs the configured floors left less than p = {self.config.p:g} to remove"
-            )
-        if self.config.allocation == "unified" and smallest < warn_below - 1e-9:
-            warnings.append(
-                f"{where} keeps {smallest:.1%} of its elements, under {warn_below:.1%} ({STARVED_SHARE:g} of the "
-                f"uniform share 1 - p): a noisy ranking may have starved it; consider --floor or a longer search"
-            )
-        overlap, correlation = last.get("overlap"), last.get("rank_correlation")
-        if overlap is not None and (overlap < SETTLED or correlation < SETTLED):
-            warnings.append(
-                f"the ranking was still changing at the end of the search: between steps {self.stability[-2]['step']} "
-                f"and {last['step']} {overlap:.1%} of the chosen elements stayed chosen and the scores' rank "
-                f"correlation was {correlation:.2f} (settled: both >= {SETTLED:g}); a longer search (--epochs-search) "
-                "or --score snr ranks more reliably"
-            )
-        return {
-            "overlap": overlap,
-            "rank_correlation": correlation,
-            "min_kept_fraction": smallest,
-            "min_kept_structure": where,
-            "floor": self.floor,
-            "rerankings": [dict(r) for r in self.stability],
-            "warnings": warnings,
-        }
+        return self.stability.summary(self.structures, self.chosen, self.config, self.floor)
 
     def set_choice(self, chosen: list[torch.Tensor], value: float) -> None:
         """Mark ``chosen`` (per structure, bool (n_i,)) for pruning and set their masks to ``value``, the rest to 1."""
@@ -433,12 +357,8 @@ class Pruner:
             "skipped_steps": self.skipped_steps,
             "pi": self.pi,
             "masks": [m.detach().cpu().clone() for m in self.masks],
-            "importance": [a.cpu().clone() for a in self.importance],
-            "task_sum": self._task_sum.cpu().clone(),
-            "task_sq": self._task_sq.cpu().clone(),
-            "accumulated_steps": self.accumulated_steps,
-            "stability": [dict(r) for r in self.stability],
-            "last_scores": self._last_scores.clone() if self._last_scores is not None else None,
+            **self.accumulated.state_dict(),
+            **self.stability.state_dict(),
             "chosen": [c.clone() for c in self.chosen],
             "alignment": [self.alignment.attn, self.alignment.mlp],
         }
@@ -450,34 +370,12 @@ class Pruner:
         with torch.no_grad():
             for dst, src in zip(self.masks, state["masks"]):
                 dst.copy_(src)
-            for dst, src in zip(self.importance, state["importance"]):
-                dst.copy_(src)
+        self.accumulated.load_state_dict(state)
+        self.stability.load_state_dict(state)
         self.chosen = [c.clone().bool() for c in state["chosen"]]
-        if "task_sum" in state:
-            with torch.no_grad():
-                self._task_sum.copy_(state["task_sum"])
-                self._task_sq.copy_(state["task_sq"])
-            self.accumulated_steps = int(state["accumulated_steps"])
-            self.stability = [dict(r) for r in state["stability"]]
-            self._last_scores = state["last_scores"].clone() if state["last_scores"] is not None else None
         if "alignment" in state:  # the resumed search keeps the widths it measured, not a new measurement
             self.alignment.attn, self.alignment.mlp = (int(v) for v in state["alignment"])
             self.floor = self._fit_floor()
-
-    def _costs(self, device: torch.device, example_inputs: Any) -> list[Cost]:
-        """Per structure, the cost of an element (params, FLOPs) or the measured latency curve T(w) (rank 0's on every
-        rank: one decision everywhere)."""
-        if self.config.cost != "latency":
-            return [float(s.element_cost(self.config.cost)) for s in self.structures]
-        precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if device.type == "cuda" else "fp32"
-        curves, self.latency_tables = latency_curves(
-            self.structures, device, batch_size_of(example_inputs), precision, self.config.latency_table
-        )
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            flat = torch.cat(curves).to(device)
-            dist.broadcast(flat, src=0)
-            curves = list(torch.split(flat.cpu(), [s.size + 1 for s in self.structures]))
-        return curves
 
     def latency_summary(self) -> dict[str, float] | None:
         """For cost="latency": the structures' measured time dense, kept, and the target (ms per example batch)."""
@@ -487,55 +385,3 @@ class Pruner:
         kept = sum(float(c[s.size - int(ch.sum())]) for c, s, ch in zip(self.costs, self.structures, self.chosen))
         prunable = sum(total_cost(c, s.size) for c, s in zip(self.costs, self.structures))
         return {"dense_ms": 1e3 * dense, "kept_ms": 1e3 * kept, "target_ms": 1e3 * (dense - self.config.p * prunable)}
-
-    def _alignment(self, device: torch.device, example_inputs: Any, precisions: tuple[str, ...] | None) -> Alignment:
-        """The alignment per kind: as configured, or for "auto" measured on ``device`` (rank 0's measurement on every
-        rank)."""
-        given = {k: getattr(self.config, f"align_{k}") for k in ("attn", "mlp")}
-        if "auto" not in given.values():
-            return Alignment(given["attn"], given["mlp"], "given")
-        if precisions is None:
-            half = "bf16" if device.type != "cuda" or torch.cuda.is_bf16_supported() else "fp16"
-            precisions = ("fp32", half) if device.type == "cuda" else ("fp32",)
-        batch = batch_size_of(example_inputs) if example_inputs is not None else None
-        # whole heads: the widths do not change, only the number of heads, which no tile size constrains
-        probed = [s.dims_view() for s in self.structures if s.block == 1]
-        measured = measure_alignment(probed, device, batch, tuple(precisions))
-        for kind, value in given.items():
-            if value != "auto":
-                setattr(measured, kind, value)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            agreed = torch.tensor([measured.attn, measured.mlp], device=device)
-            dist.broadcast(agreed, src=0)
-            measured.attn, measured.mlp = int(agreed[0]), int(agreed[1])
-        return measured
-
-    def _count_tokens(self, example_inputs: Any) -> None:
-        """Run one forward to learn how many tokens per sample each slot of each structure sees: every token that
-        reaches it over the forward, divided by the batch (a model that encodes two images per sample counts both).
-        A slot whose module is not called (a projection applied by its parent's functional code) sees the queries."""
-        seen: dict[int, int] = {}
-        handles = []
-        slots = {id(slot.module): slot.module for s in self.structures for slot in (*s.rows, *s.cols)}
-        for key, module in slots.items():
-
-            def hook(module, inputs, out, key=key):
-                x = inputs[0] if inputs else None
-                if isinstance(x, torch.Tensor) and x.dim() >= 1:
-                    seen[key] = seen.get(key, 0) + (x.numel() // x.shape[-1] if x.dim() > 1 else 1)
-
-            handles.append(module.register_forward_hook(hook))
-        was_training = self.model.training
-        try:
-            self.model.eval()
-            with torch.no_grad():
-                call_model(self.model, example_inputs)
-        finally:
-            self.model.train(was_training)
-            for h in handles:
-                h.remove()
-        batch = max(1, batch_size_of(example_inputs))
-        for s in self.structures:
-            s.tokens = seen.get(id(s.rows[0].module), 0) // batch
-            for slot in (*s.rows, *s.cols):
-                slot.tokens = seen.get(id(slot.module), 0) // batch or s.tokens

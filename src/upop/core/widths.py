@@ -28,7 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from upop.core.files import atomic_write
+from upop.core.config import PruneConfig
+from upop.errors import UPopError
+from upop.utils.dist import broadcast_from_main
+from upop.utils.files import atomic_write
 
 CANDIDATES = (1, 2, 4, 8, 16, 32)
 TOLERANCE = 1.5  # a width this much slower than the (larger) reference width is not at full speed (GPU penalties: 2-5x)
@@ -240,8 +243,6 @@ def latency_curves(
         try:
             given = json.loads(Path(table_file).read_text())
         except (OSError, json.JSONDecodeError) as e:
-            from upop.errors import UPopError
-
             raise UPopError(f"cannot read the latency table {table_file}: {e}") from None
     tables: dict[str, Any] = {}
     curves = []
@@ -251,8 +252,6 @@ def latency_curves(
             if given is not None:
                 found = next((v for k, v in given.items() if k.split("|", 1)[1] == key.split("|", 1)[1]), None)
                 if found is None:
-                    from upop.errors import UPopError
-
                     raise UPopError(
                         f"the latency table {table_file} has no entry for {key.split('|', 2)[2]} in {precision}; "
                         "build it for this model and batch on the deploying machine (upop latency-table)"
@@ -262,3 +261,44 @@ def latency_curves(
                 tables[key] = _cached(key, lambda s=s: _measure_curve(s, device, rows, dtypes[precision]))
         curves.append(curve_from_table(tables[key], s.size))
     return curves, tables
+
+
+# ------------------------------------------------------------------------------------------------ for the Pruner
+def structure_costs(
+    structures: list, config: PruneConfig, device: torch.device, batch: int | None
+) -> tuple[list[float | torch.Tensor], dict[str, Any]]:
+    """Per structure, the cost of an element (``config.cost`` "params" or "flops") or the measured latency curve T(w)
+    (rank 0's on every rank: one decision everywhere), and the latency table it came from ({} otherwise)."""
+    if config.cost != "latency":
+        return [float(s.element_cost(config.cost)) for s in structures], {}
+    precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if device.type == "cuda" else "fp32"
+    curves, tables = latency_curves(structures, device, batch, precision, config.latency_table)
+    flat = broadcast_from_main(torch.cat(curves).to(device))
+    return list(torch.split(flat.cpu(), [s.size + 1 for s in structures])), tables
+
+
+def resolve_alignment(
+    structures: list,
+    config: PruneConfig,
+    device: torch.device,
+    batch: int | None,
+    precisions: tuple[str, ...] | None = None,
+) -> Alignment:
+    """The alignment per kind: as configured, or for "auto" measured on ``device`` in ``precisions`` (default fp32
+    and, on a GPU, its half precision, where models are usually deployed) at ``batch``; rank 0's measurement on every
+    rank."""
+    given = {k: getattr(config, f"align_{k}") for k in ("attn", "mlp")}
+    if "auto" not in given.values():
+        return Alignment(given["attn"], given["mlp"], "given")
+    if precisions is None:
+        half = "bf16" if device.type != "cuda" or torch.cuda.is_bf16_supported() else "fp16"
+        precisions = ("fp32", half) if device.type == "cuda" else ("fp32",)
+    # whole heads: the widths do not change, only the number of heads, which no tile size constrains
+    probed = [s.dims_view() for s in structures if s.block == 1]
+    measured = measure_alignment(probed, device, batch, tuple(precisions))
+    for kind, value in given.items():
+        if value != "auto":
+            setattr(measured, kind, value)
+    agreed = broadcast_from_main(torch.tensor([measured.attn, measured.mlp], device=device))
+    measured.attn, measured.mlp = int(agreed[0]), int(agreed[1])
+    return measured

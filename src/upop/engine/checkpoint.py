@@ -33,8 +33,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
-from upop.core.files import fsync_dir, write_file
-from upop.engine.dist import DistInfo, all_ok, barrier, broadcast_int
+from upop.utils.files import fsync_dir, write_file
+from upop.utils.dist import DistInfo, all_ok, barrier, broadcast_int
 from upop.errors import UPopError
 
 MANIFEST = "manifest.json"

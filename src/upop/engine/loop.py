@@ -21,10 +21,10 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from tqdm import tqdm
 
-from upop.core.pruner import Pruner
+from upop import Pruner
 from upop.engine import signals
 from upop.engine.checkpoint import Checkpointer, Snapshot, set_rng_state
-from upop.engine.dist import DistInfo, unwrap
+from upop.utils.dist import DistInfo, unwrap
 from upop.errors import UPopError
 from upop.tasks.base import Splits, Task
 

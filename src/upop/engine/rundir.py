@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from upop.core.files import atomic_write
-from upop.engine import dist as D
+from upop.utils.files import atomic_write
+from upop.utils import dist as D
 from upop.engine.checkpoint import Checkpointer, Snapshot
 from upop.engine.lock import LOCK_FILE, DirLock
 from upop.engine.loop import JsonlLog

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 
-from upop.engine.dist import DistInfo
+from upop.utils.dist import DistInfo
 
 CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}  # the shell's 128 + signal number
 _received: list[int] = []

@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from upop.engine import dist as D
-from upop.engine.dist import unwrap
+from upop.utils import dist as D
+from upop.utils.dist import unwrap
 from upop.errors import UPopError
 from upop.tasks.base import DataConfig, Splits, Task, evaluating, kl_distill, register_task
 from upop.tasks.retrieval import Retrieval, RetrievalImages, tokenize

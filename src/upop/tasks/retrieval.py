@@ -33,8 +33,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from upop.data.captions import CAPTIONS_PER_SCENE, scene_captions
 from upop.data.shapes import ShapesWorld
-from upop.engine import dist as D
-from upop.engine.dist import unwrap
+from upop.utils import dist as D
+from upop.utils.dist import unwrap
 from upop.errors import UPopError
 from upop.tasks.base import DataConfig, Splits, Task, evaluating, kl_distill, read_annotation, register_task
 

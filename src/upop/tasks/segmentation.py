@@ -34,7 +34,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from upop.data.shapes import SEGMENTATION_CLASSES, ShapesWorld, semantic_map
-from upop.engine.dist import unwrap
+from upop.utils.dist import unwrap
 from upop.errors import UPopError
 from upop.tasks.base import (
     Carved,

@@ -32,8 +32,8 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from upop.data.questions import answer_list, question_split
-from upop.engine import dist as D
-from upop.engine.dist import unwrap
+from upop.utils import dist as D
+from upop.utils.dist import unwrap
 from upop.errors import UPopError
 from upop.tasks.base import (
     Carved,

@@ -182,6 +182,10 @@ class PruneConfig:
                 return True
         return False
 
+    def searches(self, structure: Any) -> bool:
+        """Whether the search ranks ``structure`` (a ``Structure``): not excluded, and in ``towers`` when given."""
+        return not self.excludes(structure.name) and (not self.towers or structure.tower in self.towers)
+
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["exclude"] = list(self.exclude)

@@ -148,3 +148,23 @@ def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
 def teardown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def group_size() -> int:
+    """The number of processes of the default group (1 when torch.distributed is not initialised)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def broadcast_from_main(tensor: torch.Tensor) -> torch.Tensor:
+    """Rank 0's ``tensor`` on every rank (in place; the tensor itself on one process): one decision everywhere."""
+    if group_size() > 1:
+        dist.broadcast(tensor, src=0)
+    return tensor
+
+
+def average(tensor: torch.Tensor) -> torch.Tensor:
+    """The mean of ``tensor`` over the ranks (in place; the tensor itself on one process)."""
+    if group_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        tensor /= group_size()
+    return tensor

@@ -1,6 +1,7 @@
-"""Adapters: where a model family keeps its attention and MLP blocks, and in which layout.
+"""The adapter interface: where a model family keeps its attention and MLP blocks, and in which layout. The core
+knows "an adapter", never a family: the families' tables and their registry live in ``upop.adapters``.
 
-An adapter is a table of ``BlockSpec`` rows plus one registration line. A subclass (or instance) provides exactly:
+An adapter is a table of ``BlockSpec`` rows plus one registration line (``upop.register_adapter``). A subclass (or instance) provides exactly:
 
 - ``name``: a unique short name (stored in every plan).
 - ``description``: one line for error messages listing what is supported.
@@ -173,26 +174,6 @@ class Adapter:
         )
 
 
-_REGISTRY: dict[str, Adapter] = {}
-
-
-def register_adapter(adapter: Adapter) -> Adapter:
-    """Add ``adapter`` to the registry (names must be unique). Registered adapters are the ones every property test
-    runs over."""
-    if not adapter.name or adapter.name in _REGISTRY:
-        raise ValueError(f"adapter name {adapter.name!r} is empty or already registered")
-    _REGISTRY[adapter.name] = adapter
-    return adapter
-
-
-def registered_adapters() -> dict[str, Adapter]:
-    return dict(_REGISTRY)
-
-
-def supported() -> str:
-    return "; ".join(f"{a.name} ({a.description})" for a in _REGISTRY.values())
-
-
 class Composite(Adapter):
     """A model that holds blocks of several families (e.g. BLIP: a ViT and a BERT): the structures of every part, in
     module order. Its name joins the parts' names with "+", so a plan names them all."""
@@ -208,18 +189,3 @@ class Composite(Adapter):
         order = {name: i for i, (name, _) in enumerate(model.named_modules())}
         found = [s for a in self.parts for s in a.structures(model, granularity)]
         return sorted(found, key=lambda s: order.get(s.name, len(order)))
-
-
-def find_adapter(model: nn.Module, name: str | None = None) -> Adapter:
-    """The adapter for ``model`` (or the one called ``name``; "a+b" names a composite): every registered family the
-    model holds blocks of, one adapter or their composite. Raises UPopError listing what is supported."""
-    if name is not None:
-        unknown = [n for n in name.split("+") if n not in _REGISTRY]
-        if unknown:
-            raise UPopError(f"no adapter named {unknown[0]!r}; supported: {supported()}")
-        parts = [_REGISTRY[n] for n in name.split("+")]
-        return parts[0] if len(parts) == 1 else Composite(parts)
-    parts = [adapter for adapter in _REGISTRY.values() if adapter.matches(model)]
-    if not parts:
-        raise UPopError(f"no UPop adapter for a {type(model).__name__}; supported: {supported()}")
-    return parts[0] if len(parts) == 1 else Composite(parts)
