@@ -26,9 +26,12 @@ from typing import Any
 import torch
 
 import upop
-from upop import run
-from upop.models import build_model, load_weights
-from upop.tasks import DataConfig, get_task
+from upop.data.config import DataConfig
+from upop.jobs.common import RunConfig
+from upop.jobs.compress import Recipe, compress
+from upop.jobs.train import train
+from upop.models import build, build_model, load_weights
+from upop.tasks import get_task
 from upop.tasks.caption import MAX_LENGTH, caption_scores, generate_captions
 from upop.tasks.vqa import MAX_LENGTH as VQA_MAX_LENGTH
 from upop.tasks.vqa import normalise_answer, vqa_accuracy
@@ -46,7 +49,7 @@ LR = 3e-4  # post-LN BERT layers from scratch: 1e-3 does not learn (measured), 3
 class Bench:
     """One task's benchmark: its run configuration, the model kind, the metric of the table, the results' name."""
 
-    cfg: run.RunConfig
+    cfg: RunConfig
     kind: str
     metric: str
     name: str
@@ -55,14 +58,14 @@ class Bench:
 
 BENCHES = {
     "nlvr": Bench(
-        run.RunConfig(task="nlvr", model="blip-tiny", data=DataConfig(train_size=20000, val_size=1000), batch_size=64),
+        RunConfig(task="nlvr", model="blip-tiny", data=DataConfig(train_size=20000, val_size=1000), batch_size=64),
         "nlvr",
         "accuracy",
         "nlvr",
         "only one image contains a red object",
     ),
     "retrieval": Bench(
-        run.RunConfig(
+        RunConfig(
             task="retrieval", model="blip-tiny", data=DataConfig(train_size=4000, val_size=500), batch_size=64
         ),
         "dual_encoder",
@@ -73,14 +76,14 @@ BENCHES = {
 }
 GENERATIVE = {
     "caption": Bench(
-        run.RunConfig(task="caption", model="blip-tiny", data=DataConfig(train_size=4000, val_size=500), batch_size=64),
+        RunConfig(task="caption", model="blip-tiny", data=DataConfig(train_size=4000, val_size=500), batch_size=64),
         "captioner",
         "cider",
         "caption",
         "",
     ),
     "vqa": Bench(
-        run.RunConfig(task="vqa", model="blip-tiny", data=DataConfig(train_size=20000, val_size=1000), batch_size=64),
+        RunConfig(task="vqa", model="blip-tiny", data=DataConfig(train_size=20000, val_size=1000), batch_size=64),
         "vqa",
         "accuracy",
         "vqa",
@@ -98,7 +101,7 @@ VARIANTS = {  # run directory -> (row label, search configuration)
 
 def step_ratio(bench: Bench) -> dict[str, float]:
     """Plain vs search step of blip-tiny at the benchmark's batch (``common.step_ratio``)."""
-    task = get_task(bench.cfg.task)
+    task = get_task(bench.cfg.task, build("blip-tiny", bench.kind, 2))
     data = task.datasets(DataConfig(train_size=64, val_size=8, image_size=32)).train
     loader = torch.utils.data.DataLoader(data, bench.cfg.batch_size, collate_fn=getattr(data, "collate", None))
     batch = next(iter(loader))
@@ -125,15 +128,16 @@ def generation_speed(models: dict[str, torch.nn.Module], bench: Bench, args: arg
     the benchmark's batch, with the task's decoding (captions: 3 beams after the prompt; VQA: 3 beams from the start
     token), every call made to generate exactly as many tokens (min length = max length) so the counts are equal."""
     x = torch.randn(args.latency_batch, 3, 32, 32)
+    tokenizer = build("blip-tiny", bench.kind).tokenizer
     if bench.kind == "captioner":
         new = MAX_LENGTH - 4  # the prompt (start token, "a picture of") is 4 of the 20
 
         def call(m):
-            return lambda images: generate_captions(m, images, min_length=MAX_LENGTH, max_length=MAX_LENGTH)
+            return lambda x: generate_captions(m, tokenizer, x, min_length=MAX_LENGTH, max_length=MAX_LENGTH)
 
     else:
         new = VQA_MAX_LENGTH - 1
-        q = models["dense"].upop_tokenizer(["how many circles are there?"] * args.latency_batch)
+        q = tokenizer(["how many circles are there?"] * args.latency_batch)
 
         def call(m):
             return lambda images: m.generate(
@@ -215,7 +219,7 @@ def measure(bench: Bench, args: argparse.Namespace, runs: Path) -> None:
     load_weights(models["dense"], runs / "base" / "model.safetensors")
     for name in VARIANTS:
         models[name] = upop.load_compressed(build_model("blip-tiny", 2, kind=bench.kind), runs / name)
-    tokens = models["dense"].upop_tokenizer([bench.text] * args.latency_batch)
+    tokens = build("blip-tiny", bench.kind).tokenizer([bench.text] * args.latency_batch)
     pairs = (2,) if bench.kind == "nlvr" else ()
     inputs = {"pixel_values": torch.randn(args.latency_batch, *pairs, 3, 32, 32), **tokens}
     for m in models.values():
@@ -290,13 +294,13 @@ def main(argv: list[str] | None = None) -> None:
             continue
         torch.set_num_threads(2)
         if not (runs / "base" / "report.json").is_file():
-            run.train(bench.cfg, epochs=args.base_epochs, lr=LR, output_dir=str(runs / "base"), overwrite=True)
+            train(bench.cfg, epochs=args.base_epochs, lr=LR, output_dir=str(runs / "base"), overwrite=True)
         for name, (_, config) in VARIANTS.items():
             if (runs / name / "report.json").is_file():
                 continue
-            recipe = run.Recipe(epochs_search=args.epochs_search, epochs=args.epochs, lr_search=LR, lr=LR)
+            recipe = Recipe(epochs_search=args.epochs_search, epochs=args.epochs, lr_search=LR, lr=LR)
             base = str(runs / "base" / "model.safetensors")
-            run.compress(bench.cfg, config, base, recipe, str(runs / name), overwrite=True)
+            compress(bench.cfg, config, base, recipe, str(runs / name), overwrite=True)
         passed = ["--latency-batch", str(args.latency_batch), "--iters", str(args.iters), "--runs", str(args.runs)]
         passed += ["--results", str(args.results)]
         passed += [f"--{k.replace('_', '-')}={v}" for k, v in sizes.items()]

@@ -19,10 +19,13 @@ from pathlib import Path
 import torch
 
 import upop
-from upop import run
-from upop.models import build_model, load_weights
-from upop.tasks import DataConfig
-from upop.tasks.retrieval import encode_images, encode_texts, recall_at_k, tokenize
+from upop.data.config import DataConfig
+from upop.jobs.common import RunConfig
+from upop.jobs.compress import Recipe, compress
+from upop.jobs.train import train
+from upop.models import build, build_model, load_weights
+from upop.tasks.base import tokenize
+from upop.tasks.retrieval import encode_images, encode_texts, recall_at_k
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import paired_latency, variant_row  # noqa: E402
@@ -30,7 +33,7 @@ from common import paired_latency, variant_row  # noqa: E402
 HERE = Path(__file__).parent
 ROOT = HERE.parent
 DATA = DataConfig(train_size=4000, val_size=500)
-CFG = run.RunConfig(task="retrieval", model="clip-tiny", data=DATA, batch_size=128)
+CFG = RunConfig(task="retrieval", model="clip-tiny", data=DATA, batch_size=128)
 VARIANTS = {  # run directory -> (row label, search configuration)
     "p0.5-unified": ("UPop 2x unified", upop.PruneConfig(p=0.5)),
     "p0.5-uniform": ("2x uniform", upop.PruneConfig(p=0.5, allocation="uniform")),
@@ -54,7 +57,7 @@ def measure(args: argparse.Namespace, runs: Path) -> None:
         models[name] = upop.load_compressed(build_model("clip-tiny", 0, kind="dual_encoder"), runs / name)
     images = torch.randn(args.latency_batch, 3, 32, 32)
     captions = ["a large red circle left of a small blue square"] * args.latency_batch
-    tokens = tokenize(models["dense"], captions, torch.device("cpu"))
+    tokens = tokenize(build("clip-tiny", "dual_encoder").tokenizer, captions, torch.device("cpu"))
     for m in models.values():
         m.eval()
     _, vision = paired_latency({k: (lambda x, m=m: encode_images(m, x)) for k, m in models.items()}, images, args.iters)
@@ -128,10 +131,10 @@ def main() -> None:
         return
     torch.set_num_threads(2)
     if not (runs / "base" / "report.json").is_file():
-        run.train(CFG, epochs=args.base_epochs, lr=1e-3, output_dir=str(runs / "base"), overwrite=True)
+        train(CFG, epochs=args.base_epochs, lr=1e-3, output_dir=str(runs / "base"), overwrite=True)
     for name, (_, config) in VARIANTS.items():
-        recipe = run.Recipe(epochs_search=args.epochs_search, epochs=args.epochs)
-        run.compress(CFG, config, str(runs / "base" / "model.safetensors"), recipe, str(runs / name), overwrite=True)
+        recipe = Recipe(epochs_search=args.epochs_search, epochs=args.epochs)
+        compress(CFG, config, str(runs / "base" / "model.safetensors"), recipe, str(runs / name), overwrite=True)
     # timings in a fresh process (a long training run leaves caches and the allocator in a skewing state)
     subprocess.run(
         [

@@ -10,7 +10,7 @@ shared by all heads and by q, k, v, and MLP neurons; the embedding width is kept
   API: ``MetaPruner`` with Taylor (``GroupTaylorImportance``, gradients of 10 training batches) or L2 magnitude
   (``GroupMagnitudeImportance``) importance, one shot, its per-layer ratio (and, in the "global" row, its one global
   ratio) bisected to UPop's parameter budget; then retrained S + R epochs. Its decision (which rows it kept) is read
-  off the pruned weights and handed to ``upop.run.compress(plan=...)``, so retraining, selection and evaluation are
+  off the pruned weights and handed to ``upop.compress(plan=...)``, so retraining, selection and evaluation are
   the very code UPop's own rows run.
 
 Every score is on the report split, the retraining epoch chosen on the selection split. Seeds change the search and
@@ -33,20 +33,23 @@ from typing import Any
 import torch
 
 import upop
-from upop import run
 from upop.adapters import find_adapter
 from upop.core.config import PAPER_RANKING
 from upop.core.plan import Plan
-from upop.tasks import DataConfig
+from upop.data.config import DataConfig
+from upop.jobs.common import RunConfig, device_name, prepare
+from upop.jobs.compress import Recipe, compress
+from upop.jobs.report import CompressReport, TrainReport
+from upop.jobs.train import train
 
 HERE = Path(__file__).parent
 ROOT = HERE.parent
 TAYLOR_BATCHES = 10
 
 TASKS = {  # name -> (run config, base training epochs and LR, search epochs, retraining epochs, metric)
-    "classification": (run.RunConfig(model="vit-tiny"), 15, 2e-3, 2, 3, "top1"),
+    "classification": (RunConfig(model="vit-tiny"), 15, 2e-3, 2, 3, "top1"),
     "retrieval": (
-        run.RunConfig(task="retrieval", model="clip-tiny", data=DataConfig(train_size=4000, val_size=500)),
+        RunConfig(task="retrieval", model="clip-tiny", data=DataConfig(train_size=4000, val_size=500)),
         15,
         1e-3,
         3,
@@ -170,14 +173,14 @@ def as_upop_plan(model: torch.nn.Module, chosen: list[torch.Tensor]) -> tuple[fl
     return pruner.pruned_cost_fraction(), pruner.plan()
 
 
-def tp_plan(cfg: run.RunConfig, pretrained: str, p: float, settings: dict) -> tuple[Plan, dict]:
+def tp_plan(cfg: RunConfig, pretrained: str, p: float, settings: dict) -> tuple[Plan, dict]:
     """Torch-Pruning's plan at UPop's budget p: its ratio bisected until the removed share of prunable params is
     closest to p."""
     import torch_pruning as tp
 
     torch.manual_seed(cfg.seed)
-    setup = run.prepare(cfg)
-    model = run.new_model(cfg, setup, pretrained)
+    setup = prepare(cfg, pretrained)
+    model = setup.model
     task = setup.task
     example = task.example_inputs(next(iter(setup.loaders.report)), model)
     grads = None
@@ -210,7 +213,7 @@ def tp_plan(cfg: run.RunConfig, pretrained: str, p: float, settings: dict) -> tu
 def base(task: str, runs: Path) -> str:
     cfg, epochs, lr, *_ = TASKS[task]
     if not (runs / "base" / "report.json").is_file():
-        run.train(cfg, epochs=epochs, lr=lr, output_dir=str(runs / "base"), overwrite=True)
+        train(cfg, epochs=epochs, lr=lr, output_dir=str(runs / "base"), overwrite=True)
     return str(runs / "base" / "model.safetensors")
 
 
@@ -223,24 +226,24 @@ def one_run(task: str, method: str, p: float, seed: int, runs: Path, pretrained:
     if not (out / "report.json").is_file():
         start = time.time()
         if kind == "upop":
-            recipe = run.Recipe(epochs_search=search, epochs=retrain)
-            run.compress(cfg, upop.PruneConfig(p=p, **settings), pretrained, recipe, str(out), overwrite=True)
+            recipe = Recipe(epochs_search=search, epochs=retrain)
+            compress(cfg, upop.PruneConfig(p=p, **settings), pretrained, recipe, str(out), overwrite=True)
         else:
             plan, extra = tp_plan(cfg, pretrained, p, settings)
-            recipe = run.Recipe(epochs_search=0, epochs=search + retrain)
-            run.compress(cfg, upop.PruneConfig(p=p), pretrained, recipe, str(out), overwrite=True, plan=plan)
+            recipe = Recipe(epochs_search=0, epochs=search + retrain)
+            compress(cfg, upop.PruneConfig(p=p), pretrained, recipe, str(out), overwrite=True, plan=plan)
             (out / "torch_pruning.json").write_text(json.dumps(extra) + "\n")
         print(f"{task} {method} p={p} seed {seed}: {time.time() - start:.0f} s", flush=True)
-    r = json.loads((out / "report.json").read_text())
-    stability = r.get("stability") or {}
+    r = CompressReport.read(out)
+    stability = r.stability or {}
     return {
         "seed": seed,
-        "score": r["compressed"]["metrics"][metric],
-        "last": r["compressed_last"]["metrics"][metric],
-        "before_retraining": r["searched_metrics"][metric],
-        "removed": r["pruned_cost_fraction"],
-        "speedup": r["speed"]["speedup"],
-        "min_kept": min(s["kept"] / s["size"] for s in r["per_structure"]),
+        "score": r.compressed.metrics[metric],
+        "last": r.compressed_last.metrics[metric],
+        "before_retraining": r.searched_metrics[metric],
+        "removed": r.pruned_cost_fraction,
+        "speedup": r.speed.speedup,
+        "min_kept": min(s["kept"] / s["size"] for s in r.per_structure),
         "overlap": stability.get("overlap"),
     }
 
@@ -297,7 +300,7 @@ def main() -> None:
     for task, (ps, methods) in plan.items():
         runs = ROOT / "runs" / "bench-peers" / task
         pretrained = base(task, runs)
-        dense = json.loads((runs / "base" / "report.json").read_text())["metrics"][TASKS[task][5]]
+        dense = TrainReport.read(runs / "base").metrics[TASKS[task][5]]
         results = {
             float(p): {m: [one_run(task, m, float(p), s, runs, pretrained) for s in seeds] for m in methods}
             for p in ps.split(",")
@@ -305,7 +308,7 @@ def main() -> None:
         everything[task] = {"dense": dense, "results": results}
         lines += table(task, results, dense, seeds) + [""]
     lines.append(
-        f"Machine: {run.device_name(None)}, 2 threads. Speedup: the compressed model against the dense one, median of "
+        f"Machine: {device_name(None)}, 2 threads. Speedup: the compressed model against the dense one, median of "
         "30 back-to-back pairs at the evaluation batch, median over seeds."
     )
     text = "\n".join(lines) + "\n"

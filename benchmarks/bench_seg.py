@@ -23,11 +23,16 @@ from pathlib import Path
 import torch
 
 import upop
-from upop import run
+from upop.data.ade20k import IGNORE
+from upop.data.config import DataConfig
 from upop.data.shapes import SEGMENTATION_CLASSES
+from upop.jobs.common import RunConfig
+from upop.jobs.compress import Recipe, compress
+from upop.jobs.report import TrainReport
+from upop.jobs.train import train
 from upop.models import build_model, load_weights
-from upop.tasks import DataConfig, get_task
-from upop.tasks.segmentation import IGNORE, scores
+from upop.tasks import get_task
+from upop.tasks.segmentation import scores
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import paired_latency, variant_row  # noqa: E402
@@ -36,7 +41,7 @@ from common import step_ratio as common_step_ratio  # noqa: E402
 HERE = Path(__file__).parent
 ROOT = HERE.parent
 LR = 1e-3
-CFG = run.RunConfig(
+CFG = RunConfig(
     task="segmentation", model="segmenter-tiny", data=DataConfig(train_size=20000, val_size=500), batch_size=64
 )
 VARIANTS = {  # run directory -> (row label, search configuration)
@@ -47,7 +52,7 @@ VARIANTS = {  # run directory -> (row label, search configuration)
 }
 
 
-def background_baseline(cfg: run.RunConfig) -> dict[str, float]:
+def background_baseline(cfg: RunConfig) -> dict[str, float]:
     """The report-split scores of predicting the background (class 0) everywhere."""
     task = get_task(cfg.task)
     report = task.datasets(dataclasses.replace(cfg.data, image_size=32)).report
@@ -60,7 +65,7 @@ def background_baseline(cfg: run.RunConfig) -> dict[str, float]:
     return scores(confusion)
 
 
-def step_ratio(cfg: run.RunConfig) -> dict[str, float]:
+def step_ratio(cfg: RunConfig) -> dict[str, float]:
     """Plain vs search step at the benchmark's batch (``common.step_ratio``)."""
     task = get_task(cfg.task)
     data = task.datasets(DataConfig(train_size=cfg.batch_size, val_size=8, image_size=32)).train
@@ -69,7 +74,7 @@ def step_ratio(cfg: run.RunConfig) -> dict[str, float]:
     return common_step_ratio(build, lambda m: task.loss(m, batch), rounds=3, steps=5)
 
 
-def measure(cfg: run.RunConfig, args: argparse.Namespace, runs: Path) -> None:
+def measure(cfg: RunConfig, args: argparse.Namespace, runs: Path) -> None:
     torch.set_num_threads(2)
     classes = len(SEGMENTATION_CLASSES)
     models = {"dense": build_model(cfg.model, classes, kind="segmenter")}
@@ -85,9 +90,9 @@ def measure(cfg: run.RunConfig, args: argparse.Namespace, runs: Path) -> None:
         params = sum(p.numel() for p in model.parameters())
         rows.append({"variant": name, "label": label, **row, "params": params, "speedup": speed[name]})
         if name == "dense" and (runs / "dense-long" / "report.json").is_file():  # as many epochs as a compressed run
-            long = json.loads((runs / "dense-long" / "report.json").read_text())
-            label = f"dense, {long['epochs']} epochs"
-            rows.append({**rows[0], "variant": "dense-long", "label": label, "metrics": long["metrics"]})
+            long = TrainReport.read(runs / "dense-long")
+            label = f"dense, {long.epochs} epochs"
+            rows.append({**rows[0], "variant": "dense-long", "label": label, "metrics": long.metrics})
     baseline, steps = background_baseline(cfg), step_ratio(cfg)
     result = {"rows": rows, "baseline": baseline, "search_step": steps}
     (args.results / "results_segmentation.json").write_text(json.dumps(result, indent=1) + "\n")
@@ -152,15 +157,15 @@ def main(argv: list[str] | None = None) -> None:
         return
     torch.set_num_threads(2)
     if not (args.runs / "base" / "report.json").is_file():
-        run.train(cfg, epochs=args.base_epochs, lr=LR, output_dir=str(args.runs / "base"), overwrite=True)
+        train(cfg, epochs=args.base_epochs, lr=LR, output_dir=str(args.runs / "base"), overwrite=True)
     if not (args.runs / "dense-long" / "report.json").is_file():  # the dense model trained as long as a compressed one
         epochs = args.base_epochs + args.epochs_search + args.epochs
-        run.train(cfg, epochs=epochs, lr=LR, output_dir=str(args.runs / "dense-long"), overwrite=True)
+        train(cfg, epochs=epochs, lr=LR, output_dir=str(args.runs / "dense-long"), overwrite=True)
     for name, (_, config) in VARIANTS.items():
         if (args.runs / name / "report.json").is_file():
             continue
-        recipe = run.Recipe(epochs_search=args.epochs_search, epochs=args.epochs, lr_search=LR, lr=LR)
-        run.compress(cfg, config, str(args.runs / "base" / "model.safetensors"), recipe, str(args.runs / name))
+        recipe = Recipe(epochs_search=args.epochs_search, epochs=args.epochs, lr_search=LR, lr=LR)
+        compress(cfg, config, str(args.runs / "base" / "model.safetensors"), recipe, str(args.runs / name))
     passed = ["--latency-batch", str(args.latency_batch), "--iters", str(args.iters), "--runs", str(args.runs)]
     passed += ["--results", str(args.results), *(f"--{k.replace('_', '-')}={v}" for k, v in sizes.items())]
     subprocess.run([sys.executable, __file__, "--measure-only", *passed], check=True)  # timings in a fresh process

@@ -24,7 +24,10 @@ from pathlib import Path
 import torch
 
 import upop
-from upop import run
+from upop.jobs.common import RunConfig
+from upop.jobs.compress import Recipe, compress
+from upop.jobs.report import CompressReport
+from upop.jobs.train import train
 from upop.models import build_model, load_weights
 from upop.tasks import get_task
 
@@ -65,7 +68,7 @@ RECIPES = {
 
 def base_model(path: Path, epochs: int) -> Path:
     if not (path / "report.json").is_file():
-        run.train(run.RunConfig(model="vit-tiny"), epochs=epochs, lr=2e-3, output_dir=str(path), overwrite=True)
+        train(RunConfig(model="vit-tiny"), epochs=epochs, lr=2e-3, output_dir=str(path), overwrite=True)
     return path / "model.safetensors"
 
 
@@ -77,17 +80,17 @@ def recipe_study(args: argparse.Namespace, runs: Path, pretrained: Path) -> None
         for seed in args.seeds:
             out = runs / ("p0.75" if name == "constant" and seed == 0 else f"study-p0.75-{name}-seed{seed}")
             if not (out / "report.json").is_file():
-                cfg = dataclasses.replace(run.RunConfig(model="vit-tiny"), seed=seed)
-                recipe = run.Recipe(epochs_search=args.epochs_search, epochs=args.epochs, **changes)
-                run.compress(cfg, upop.PruneConfig(p=0.75), str(pretrained), recipe, str(out), overwrite=True)
-            r = json.loads((out / "report.json").read_text())
+                cfg = dataclasses.replace(RunConfig(model="vit-tiny"), seed=seed)
+                recipe = Recipe(epochs_search=args.epochs_search, epochs=args.epochs, **changes)
+                compress(cfg, upop.PruneConfig(p=0.75), str(pretrained), recipe, str(out), overwrite=True)
+            r = CompressReport.read(out)
             results[name].append(
                 {
                     "seed": seed,
-                    "top1": r["compressed"]["metrics"]["top1"],
-                    "top1_last": r["compressed_last"]["metrics"]["top1"],
-                    "top1_searched": r["searched_metrics"]["top1"],
-                    "epoch": r["compressed"]["epoch"],
+                    "top1": r.compressed.metrics["top1"],
+                    "top1_last": r.compressed_last.metrics["top1"],
+                    "top1_searched": r.searched_metrics["top1"],
+                    "epoch": r.compressed.epoch,
                 }
             )
     lines = [
@@ -181,7 +184,7 @@ def step_times(steps: int, rounds: int, batch: int) -> dict[str, float]:
 
 def measure(args: argparse.Namespace, runs: Path) -> None:
     """Timing part, run in a fresh process: latency, FLOPs, step times; then the tables."""
-    reports = {p: json.loads((runs / f"p{p}" / "report.json").read_text()) for p in VARIANTS}
+    reports = {p: CompressReport.read(runs / f"p{p}") for p in VARIANTS}
     x = torch.randn(args.latency_batch, 3, 32, 32)
     models = {"dense": build_model("vit-tiny", 30)}
     load_weights(models["dense"], runs / "base" / "model.safetensors")  # the trained weights, as compressed
@@ -193,7 +196,7 @@ def measure(args: argparse.Namespace, runs: Path) -> None:
     steps = step_times(steps=10, rounds=3 * args.rounds, batch=128)
     deit = {key: deit_small_row(args.latency_iters // 3, **settings) for key, (_, settings) in DEIT_ROWS.items()}
 
-    dense_top1 = reports["0.5"]["dense"]["metrics"]["top1"]  # the report split (val scenes)
+    dense_top1 = reports["0.5"].dense.metrics["top1"]  # the report split (val scenes)
     rows = [
         (
             "model",
@@ -225,12 +228,12 @@ def measure(args: argparse.Namespace, runs: Path) -> None:
         red = flops["dense"] / flops[p]
         speed = speedups[p]
         name = VARIANTS[p][0]
-        top1 = rep["compressed"]["metrics"]["top1"]
+        top1 = rep.compressed.metrics["top1"]
         rows.append(
             (
                 name,
                 f"{top1:.2f} ({100 * top1 / dense_top1:.1f}% of dense)",
-                f"{rep['searched_metrics']['top1']:.2f}",
+                f"{rep.searched_metrics['top1']:.2f}",
                 f"{params[p] / 1e3:.1f}k",
                 f"{flops[p] / 1e6:.2f}M",
                 f"{red:.2f}x",
@@ -297,10 +300,10 @@ def main() -> None:
     if args.study_only:
         recipe_study(args, runs, pretrained)
         return
-    cfg = run.RunConfig(model="vit-tiny")
-    recipe = run.Recipe(epochs_search=args.epochs_search, epochs=args.epochs)
+    cfg = RunConfig(model="vit-tiny")
+    recipe = Recipe(epochs_search=args.epochs_search, epochs=args.epochs)
     for p, (_, config) in VARIANTS.items():
-        run.compress(cfg, config, str(pretrained), recipe, str(runs / f"p{p}"), overwrite=True)
+        compress(cfg, config, str(pretrained), recipe, str(runs / f"p{p}"), overwrite=True)
     # timings in a fresh process: a long training run leaves the allocator and caches in a state that skews them
     subprocess.run(
         [

@@ -12,6 +12,7 @@ import torch
 
 import upop
 from upop.core.profile import paired_latency  # noqa: F401  (the benchmarks' timing, shared with the library)
+from upop.jobs.report import CompressReport, TrainReport
 
 
 def emit_json(result: dict, out: str | None) -> None:
@@ -27,15 +28,14 @@ def variant_row(runs: Path, name: str) -> dict:
     the search, the kept fraction per tower and the FLOPs, of the compress run ``runs/name``, or of the dense
     ``runs/base`` for ``name`` "dense"."""
     if name == "dense":
-        dense = json.loads((runs / "base" / "report.json").read_text())
-        return {"metrics": dense["metrics"], "searched": None, "kept": {}, "flops": None}
-    r = json.loads((runs / name / "report.json").read_text())
+        return {"metrics": TrainReport.read(runs / "base").metrics, "searched": None, "kept": {}, "flops": None}
+    r = CompressReport.read(runs / name)
     return {
-        "metrics": r["compressed"]["metrics"],
-        "searched": r["searched_metrics"],
-        "kept": r["kept_by_tower"],
-        "flops": r["compressed"]["flops"],
-        "dense_flops": r["dense"]["flops"],
+        "metrics": r.compressed.metrics,
+        "searched": r.searched_metrics,
+        "kept": r.kept_by_tower,
+        "flops": r.compressed.flops,
+        "dense_flops": r.dense.flops,
     }
 
 

@@ -152,7 +152,7 @@ def _blip_configs(size: str, vocab: int) -> tuple[Any, Any]:
 
 def _blip_nlvr(size: str, device: torch.device) -> Workload:
     """UPop's BLIP NLVR model (twin cross-attention) from configs, random weights: pairs of images and a statement."""
-    from upop.blip import BlipNlvr
+    from upop.models.blip.modeling import BlipNlvr
 
     (_, _, _, _, image, _), (_, _, _, _, tokens), batch = NLVR_SIZES[size]
     vision, text = _blip_configs(size, 30524)
@@ -175,7 +175,7 @@ def _blip_nlvr(size: str, device: torch.device) -> Workload:
 def _blip_caption(size: str, device: torch.device) -> Workload:
     """HF BlipForConditionalGeneration from configs (BLIP-base captioning at 384 px for "base"), random weights:
     teacher-forced LM loss on 20 tokens, and generation with the KV cache (3 beams, exactly ``GENERATED`` tokens)."""
-    from upop.blip import build_captioner
+    from upop.models.blip.modeling import build_captioner
 
     (_, _, _, _, image, _), _, batch = NLVR_SIZES[size]
     vocab, tokens = (30524, 20) if size == "base" else (50, 8)
@@ -244,7 +244,7 @@ SEGMENTER_SIZES = {  # width, heads, layers, patch, image, classes, batch
 def _segmenter(size: str, device: torch.device) -> Workload:
     """UPop's Segmenter (ViT encoder, mask-transformer decoder with width / 64 heads) from its config, random
     weights: per-pixel cross-entropy on random labels."""
-    from upop.segmenter import build_segmenter
+    from upop.models.segmenter.modeling import build_segmenter
 
     width, heads, layers, patch, image, classes, batch = SEGMENTER_SIZES[size]
     decoder = {"name": "mask_transformer", "n_layers": 2, "n_heads": max(1, width // 64)}

@@ -23,8 +23,9 @@ from typing import Any
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from upop.models import build_model
-from upop.tasks import DataConfig, get_task
+from upop.data.config import DataConfig
+from upop.models import build, build_model
+from upop.tasks import get_task, task_class
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import emit_json, step_ratio, training_runner  # noqa: E402
@@ -40,19 +41,19 @@ WORKLOADS = {  # model -> (task, model kind)
 def workload(name: str, batch: int, device: torch.device) -> tuple[Callable[[], torch.nn.Module], Callable]:
     """(build, loss): a fresh built-in model on ``device`` and its task's training loss on one built-in batch."""
     task_name, kind = WORKLOADS[name]
-    task = get_task(task_name)
-    size = 16 if name.endswith("micro") else 32
-    data = task.datasets(DataConfig(train_size=batch, val_size=8, image_size=size)).train
+    data_config = DataConfig(train_size=batch, val_size=8, image_size=16 if name.endswith("micro") else 32)
+    outputs = task_class(task_name).num_outputs(data_config)
+    task = get_task(task_name, build(name, kind, outputs))
+    data = task.datasets(data_config).train
     loader = torch.utils.data.DataLoader(data, batch, collate_fn=getattr(data, "collate", None))
     batch_data = next(iter(loader))
     batch_data = [b.to(device) if isinstance(b, torch.Tensor) else b for b in batch_data]
-    classes = len(getattr(task, "classes", []) or [])
 
-    def build() -> torch.nn.Module:
+    def fresh() -> torch.nn.Module:
         torch.manual_seed(0)
-        return build_model(name, classes, kind=kind).to(device)
+        return build_model(name, outputs, kind=kind).to(device)
 
-    return build, lambda model: task.loss(model, batch_data)
+    return fresh, lambda model: task.loss(model, batch_data)
 
 
 def op_counts(build: Callable, loss: Callable) -> dict[str, Any]:

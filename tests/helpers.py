@@ -221,7 +221,7 @@ def hf_bert(heads: int = 3, head_dim: int = 7, depth: int = 2, mlp_hidden: int =
 
 
 def blip_nlvr(heads: int = 3, head_dim: int = 7, depth: int = 2, mlp_hidden: int = 19, image: int = 16) -> nn.Module:
-    from upop.blip import BlipNlvr
+    from upop.models.blip.modeling import BlipNlvr
 
     vision, text = _blip_configs(heads, head_dim, depth, mlp_hidden, image)
 
@@ -235,7 +235,7 @@ def hf_blip_caption(
     heads: int = 3, head_dim: int = 7, depth: int = 2, mlp_hidden: int = 19, image: int = 16
 ) -> nn.Module:
     """HF BlipForConditionalGeneration: the decoder's logits (causal self-attention, cross-attention to the image)."""
-    from upop.blip import build_captioner
+    from upop.models.blip.modeling import build_captioner
 
     vision, text = _blip_configs(heads, head_dim, depth, mlp_hidden, image)
 
@@ -248,7 +248,7 @@ def hf_blip_caption(
 def blip_vqa(heads: int = 3, head_dim: int = 7, depth: int = 2, mlp_hidden: int = 19, image: int = 16) -> nn.Module:
     """UPop's BLIP VQA: the answer decoder's logits through the question encoder (each question answered with the
     batch's questions in reverse order as answers)."""
-    from upop.blip import BlipVqa
+    from upop.models.blip.modeling import BlipVqa
 
     vision, text = _blip_configs(heads, head_dim, depth, mlp_hidden, image)
 
@@ -259,7 +259,7 @@ def blip_vqa(heads: int = 3, head_dim: int = 7, depth: int = 2, mlp_hidden: int 
 
 
 def _segmenter(decoder: str, heads: int, head_dim: int, depth: int, mlp_hidden: int, image: int) -> nn.Module:
-    from upop.segmenter import build_segmenter
+    from upop.models.segmenter.modeling import build_segmenter
 
     dim = heads * head_dim
     dec = {"name": decoder, "n_layers": depth, "n_heads": heads, "d_ff": mlp_hidden + 3}

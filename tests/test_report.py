@@ -8,7 +8,7 @@ import json
 from test_bad_input import _folder
 
 from upop.cli import main
-from upop.report import kept_grid, speed_text
+from upop.jobs.render import kept_grid, speed_text
 
 
 def test_a_slowdown_reads_slower_never_a_fraction_faster():
@@ -47,15 +47,15 @@ def test_config_of_a_folder_run_does_not_record_the_builtin_worlds_settings(tmp_
 def test_a_compressed_model_slower_than_dense_is_said_plainly(tmp_path, capsys, monkeypatch):
     from helpers import compress_argv
 
-    from upop import run
+    from upop.jobs import compress
 
-    real = run.paired_latency
+    real = compress.paired_latency
 
     def slower(models, inputs, iters=30, warmup=5):
         latency, speedup = real(models, inputs, iters=3, warmup=1)
         return {"dense": 0.008, "compressed": 0.010}, {**speedup, "compressed": 0.8}
 
-    monkeypatch.setattr(run, "paired_latency", slower)
+    monkeypatch.setattr(compress, "paired_latency", slower)
     out = tmp_path / "out"
     assert main(compress_argv(None, out, "--epochs", "0")) == 0
     err = capsys.readouterr().err.strip().splitlines()

@@ -4,7 +4,7 @@ from upop.adapters import Adapter, BlockSpec, Pruner, apply_plan, register_adapt
 from upop.core.config import PAPER_RANKING, PruneConfig
 from upop.core.plan import Plan, save_compressed
 from upop.core.profile import measure_latency, profile
-from upop.deploy import load_compressed
+from upop.jobs.deploy import load_compressed
 from upop.errors import UPopError
 
 __all__ = [

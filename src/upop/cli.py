@@ -1,5 +1,6 @@
-"""The ``upop`` command: train | compress | evaluate | export. Flags follow the paper's scripts where they make sense.
-Runs unchanged under ``torchrun --nproc_per_node=N`` (DDP)."""
+"""The ``upop`` command: train | compress | evaluate | latency-table | export. Flags follow the paper's scripts where
+they make sense; the tasks, models, model families and metrics the help lists come from the registries, so it cannot
+drift from the code. Runs unchanged under ``torchrun --nproc_per_node=N`` (DDP)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,33 @@ import json
 import sys
 from typing import Any
 
+from upop.adapters import registered_adapters
 from upop.core.config import PAPER_RANKING, PruneConfig
 from upop.errors import UPopError
+from upop.models import MODEL_KINDS, model_names
+from upop.tasks import registered_tasks
+
+
+def tasks_help() -> str:
+    """Every registered task with the metric that selects and headlines it."""
+    return ", ".join(f"{name} ({cls.main_metric})" for name, cls in registered_tasks().items())
+
+
+def models_help() -> str:
+    """Every model spec the registered families build, per kind of model, with the tasks that need that kind."""
+    lines = []
+    for kind in MODEL_KINDS:
+        tasks = [name for name, cls in registered_tasks().items() if cls.model_kind == kind]
+        if tasks:
+            lines.append(f"{'/'.join(tasks)}: {model_names(kind)}")
+    return "; ".join(lines)
+
+
+def families_help() -> str:
+    """Every registered adapter: the model families the Pruner prunes."""
+    return "model families the Pruner prunes: " + "; ".join(
+        f"{a.name} ({a.description})" for a in registered_adapters().values()
+    )
 
 
 def _common(p: argparse.ArgumentParser, fallback_to_saved: bool = False) -> None:
@@ -24,22 +50,18 @@ def _common(p: argparse.ArgumentParser, fallback_to_saved: bool = False) -> None
     arg(
         "--task",
         default="classification",
-        help="classification | retrieval | nlvr | caption | vqa (default: classification)",
+        choices=tuple(registered_tasks()),
+        metavar="TASK",
+        help=f"the task, with its main metric: {tasks_help()} (default: classification)",
     )
-    arg(
-        "--model",
-        default="vit-tiny",
-        help="vit-tiny | vit-micro | clip-tiny | clip-micro | blip-tiny | blip-micro (built-in), "
-        "timm:ARCH (e.g. timm:deit_small_patch16_224), hf:PATH, open_clip:ARCH:WEIGHTS (ARCH: an open_clip name "
-        "or a model-config JSON)",
-    )
+    arg("--model", default="vit-tiny", help=f"the model, per task: {models_help()} (default: vit-tiny)")
     arg(
         "--data",
         default=None,
         help="dataset folder in the task's format (classification: ImageNet-style root/train, root/val; retrieval: "
         "Karpathy-format root/*train.json and root/*val.json, *test.json; caption: the same; nlvr: BLIP's NLVR2 "
-        "files; vqa: BLIP's VQA files *train.json, *val.json, answer_list.json, optional *test.json); "
-        "default: the built-in shapes world",
+        "files; vqa: BLIP's VQA files *train.json, *val.json, answer_list.json, optional *test.json; "
+        "segmentation: ADE20K's images/ and annotations/ folders); default: the built-in shapes world",
     )
     arg("--image-root", default=None, help="folder the annotation files' image paths are relative to (default: --data)")
     arg("--image-size", type=int, default=None, help="input side in pixels (default: the model's)")
@@ -148,13 +170,17 @@ def _given_plan(path: str | None) -> Any:
 
 
 def _checkpointing(args: argparse.Namespace) -> Any:
-    from upop.run import Checkpointing
+    from upop.engine.rundir import Checkpointing
 
     return Checkpointing(args.checkpoint_every, args.keep_checkpoints, args.resume)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="upop", description="Unified and Progressive Pruning for vision Transformers")
+    parser = argparse.ArgumentParser(
+        prog="upop",
+        description="Unified and Progressive Pruning (UPop) of vision and vision-language Transformers",
+        epilog=families_help(),
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a dense base model")
@@ -319,8 +345,8 @@ _DATA_FLAGS = {
 
 def _run_config(args: argparse.Namespace, saved: dict[str, Any] | None = None) -> Any:
     """RunConfig from the flags given, then the values ``saved`` beside a compressed dir, then the defaults."""
-    from upop.run import RunConfig
-    from upop.tasks import DataConfig
+    from upop.data.config import DataConfig
+    from upop.jobs.common import RunConfig
 
     saved = saved or {}
     data = dict(saved.get("data") or {})
@@ -354,84 +380,112 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> None:
+    from upop.jobs.train import train
+
+    report = train(
+        _run_config(args),
+        args.epochs,
+        args.lr,
+        args.output_dir,
+        args.overwrite,
+        _checkpointing(args),
+        args.max_nonfinite,
+    )
+    metrics = ", ".join(f"{k} {v:.2f}" for k, v in report.metrics.items())
+    _print(f"dense {args.model} (report split, epoch {report.selected_epoch}): {metrics}\nsaved to {args.output_dir}")
+
+
+def _prune_config(args: argparse.Namespace) -> PruneConfig:
+    return PruneConfig(
+        p=args.p,
+        interval=args.interval,
+        w_attn=args.w_sp_attn,
+        w_mlp=args.w_sp_mlp,
+        cost=args.cost,
+        exclude=tuple(args.exclude),
+        align_attn=args.align_attn,
+        align_mlp=args.align_mlp,
+        allocation=args.allocation,
+        granularity=args.granularity,
+        latency_table=args.latency_table,
+        towers=tuple(t for t in (args.towers or "").split(",") if t),
+        **_ranking(args),
+    )
+
+
+def _compress(args: argparse.Namespace) -> None:
+    from upop.jobs.compress import Recipe, compress
+    from upop.jobs.render import comparison_table, report_header
+
+    plan = _given_plan(args.plan)
+    if args.epochs_search is None:
+        args.epochs_search = 0 if plan is not None else 2
+    elif plan is not None and args.epochs_search != 0:
+        raise UPopError(
+            f"--plan retrains a given plan without a search; --epochs-search must be 0, got {args.epochs_search}"
+        )
+    recipe = Recipe(
+        epochs_search=args.epochs_search,
+        epochs=args.epochs,
+        lr_search=args.lr_search,
+        lr=args.lr,
+        search_schedule=args.lr_schedule_search,
+        distill=args.distill_weight if args.distill else 0.0,
+        temperature=args.distill_temperature,
+    )
+    report = compress(
+        _run_config(args),
+        _prune_config(args),
+        args.pretrained,
+        recipe,
+        args.output_dir,
+        args.overwrite,
+        _checkpointing(args),
+        args.max_nonfinite,
+        plan,
+    )
+    _print(report_header(report) + "\n\n" + comparison_table(report) + f"\nsaved to {args.output_dir}")
+
+
+def _latency_table(args: argparse.Namespace) -> None:
+    from upop.jobs.common import device_name
+    from upop.jobs.latency import latency_table
+
+    table = latency_table(_run_config(args), args.granularity, args.output)
+    _print(f"wrote {args.output}: {len(table)} structure shape(s) measured on {device_name(args.device)}")
+
+
+def _export(args: argparse.Namespace) -> None:
+    from upop.jobs.deploy import export_onnx
+
+    result = export_onnx(args.compressed, args.onnx)
+    _print(
+        f"wrote {args.onnx}: onnxruntime matches PyTorch on example inputs (max abs difference "
+        f"{result['max_abs_diff']:.2g} over {result['outputs']} output(s))"
+    )
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    from upop.engine.rundir import read_run_config
+    from upop.jobs.evaluate import evaluate
+
+    saved = read_run_config(args.compressed).get("run", {}) if args.compressed else {}
+    result = evaluate(_run_config(args, saved), args.compressed, args.pretrained)
+    _print(json.dumps(result.to_dict(), indent=1))
+
+
+COMMANDS = {
+    "train": _train,
+    "compress": _compress,
+    "evaluate": _evaluate,
+    "latency-table": _latency_table,
+    "export": _export,
+}
+
+
 def _run(args: argparse.Namespace) -> None:
-    from upop import run
-    from upop.report import comparison_table, report_header
-
-    if args.command == "train":
-        report = run.train(
-            _run_config(args),
-            args.epochs,
-            args.lr,
-            args.output_dir,
-            args.overwrite,
-            _checkpointing(args),
-            args.max_nonfinite,
-        )
-        _print(
-            f"dense {args.model} (report split, epoch {report['selected_epoch']}): "
-            + ", ".join(f"{k} {v:.2f}" for k, v in report["metrics"].items())
-            + f"\nsaved to {args.output_dir}"
-        )
-    elif args.command == "compress":
-        plan = _given_plan(args.plan)
-        if args.epochs_search is None:
-            args.epochs_search = 0 if plan is not None else 2
-        elif plan is not None and args.epochs_search != 0:
-            raise UPopError(
-                f"--plan retrains a given plan without a search; --epochs-search must be 0, got {args.epochs_search}"
-            )
-        prune = PruneConfig(
-            p=args.p,
-            interval=args.interval,
-            w_attn=args.w_sp_attn,
-            w_mlp=args.w_sp_mlp,
-            cost=args.cost,
-            exclude=tuple(args.exclude),
-            align_attn=args.align_attn,
-            align_mlp=args.align_mlp,
-            allocation=args.allocation,
-            granularity=args.granularity,
-            latency_table=args.latency_table,
-            towers=tuple(t for t in (args.towers or "").split(",") if t),
-            **_ranking(args),
-        )
-        recipe = run.Recipe(
-            epochs_search=args.epochs_search,
-            epochs=args.epochs,
-            lr_search=args.lr_search,
-            lr=args.lr,
-            search_schedule=args.lr_schedule_search,
-            distill=args.distill_weight if args.distill else 0.0,
-            temperature=args.distill_temperature,
-        )
-        report = run.compress(
-            _run_config(args),
-            prune,
-            args.pretrained,
-            recipe,
-            args.output_dir,
-            args.overwrite,
-            _checkpointing(args),
-            args.max_nonfinite,
-            plan,
-        )
-        _print(report_header(report) + "\n\n" + comparison_table(report) + f"\nsaved to {args.output_dir}")
-    elif args.command == "latency-table":
-        table = run.latency_table(_run_config(args), args.granularity, args.output)
-        _print(f"wrote {args.output}: {len(table)} structure shape(s) measured on {run.device_name(args.device)}")
-    elif args.command == "export":
-        from upop.deploy import export_onnx
-
-        result = export_onnx(args.compressed, args.onnx)
-        _print(
-            f"wrote {args.onnx}: onnxruntime matches PyTorch on example inputs (max abs difference "
-            f"{result['max_abs_diff']:.2g} over {result['outputs']} output(s))"
-        )
-    else:
-        saved = run.read_run_config(args.compressed).get("run", {}) if args.compressed else {}
-        result = run.evaluate(_run_config(args, saved), args.compressed, args.pretrained)
-        _print(json.dumps(result, indent=1))
+    COMMANDS[args.command](args)
 
 
 def _print(text: str) -> None:

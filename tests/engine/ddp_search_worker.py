@@ -9,9 +9,11 @@ import torch
 from upop.core.config import PruneConfig
 from upop import Pruner
 from upop.utils import dist as D
-from upop.engine.loop import Phase, make_loaders, run_phase
+from upop.engine.loaders import make_loaders
+from upop.engine.loop import Phase, run_phase
 from upop.models import build_model
-from upop.tasks import DataConfig, get_task
+from upop.data.config import DataConfig
+from upop.tasks import get_task
 
 
 def main(out_dir: str) -> None:
@@ -21,7 +23,7 @@ def main(out_dir: str) -> None:
     splits = task.datasets(DataConfig(image_size=16, train_size=256, val_size=64))
     loaders = make_loaders(splits, 16, info, seed=0)
     torch.manual_seed(0)
-    model = build_model("vit-micro", task.num_outputs(splits.train))
+    model = build_model("vit-micro", task.num_outputs(DataConfig()))
     pruner = Pruner(model, PruneConfig(p=0.5, total_steps=len(loaders.train)))
     updates = []
     update = pruner.update_masks

@@ -17,11 +17,13 @@ from upop.core.config import PruneConfig
 from upop import Pruner
 from upop.engine import checkpoint as C
 from upop.utils import dist as D
-from upop.engine.loop import Phase, make_loaders, run_phase
+from upop.engine.loaders import make_loaders
+from upop.engine.loop import Phase, run_phase
 from upop.errors import UPopError
 from upop.models import build_model
-from upop.tasks import DataConfig, get_task
-from upop.tasks.base import Splits
+from upop.data.config import DataConfig
+from upop.tasks import get_task
+from upop.data.splits import Splits
 
 INFO = D.DistInfo(0, 1, 0, torch.device("cpu"))
 
@@ -139,7 +141,7 @@ def _search_setup(bad: set[int] | None = None, all_bad: bool = False):
     poisoned = Splits(_Poisoned(splits.train, bad), splits.select, splits.report)
     loaders = make_loaders(poisoned, 16, INFO, seed=0)
     torch.manual_seed(0)
-    model = build_model("vit-micro", task.num_outputs(splits.train))
+    model = build_model("vit-micro", task.num_outputs(DataConfig()))
     pruner = Pruner(model, PruneConfig(p=0.5, total_steps=len(loaders.train)))
     return task, loaders, model, pruner
 

@@ -12,7 +12,7 @@ import torch
 from helpers import CLI_DATA
 
 from upop.cli import main
-from upop.engine import loop
+from upop.engine import logs
 from upop.tasks.base import kl_distill
 
 COMPRESS = ["compress", *CLI_DATA, "--epochs-search", "1", "--epochs", "1"]
@@ -100,7 +100,7 @@ def test_a_full_disk_while_appending_to_the_log_is_one_line_and_no_partial_line(
                 return FillingFile(real_open(path, mode, *args, **kwargs))
         return real_open(path, mode, *args, **kwargs)
 
-    monkeypatch.setattr(loop, "open", filling_open, raising=False)
+    monkeypatch.setattr(logs, "open", filling_open, raising=False)
     assert main([*COMPRESS, "--output-dir", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"upop: error: cannot append to {out / 'log.jsonl'}")

@@ -9,10 +9,11 @@ import sys
 
 import torch
 
+from upop.data.config import DataConfig
+from upop.engine.loaders import make_loaders
+from upop.models import build
+from upop.tasks import get_task
 from upop.utils import dist as D
-from upop.engine.loop import make_loaders
-from upop.models import build_model
-from upop.tasks import DataConfig, get_task
 
 
 def main(out: str) -> None:
@@ -20,11 +21,12 @@ def main(out: str) -> None:
     torch.set_num_threads(1)
     metrics = {}
     for name, kind in (("caption", "captioner"), ("vqa", "vqa")):
-        task = get_task(name)
+        torch.manual_seed(0)
+        bundle = build("blip-micro", kind)
+        model = bundle.model
+        task = get_task(name, bundle)
         splits = task.datasets(DataConfig(image_size=16, train_size=16, val_size=10, select_size=0))
         loaders = make_loaders(splits, 4, info, 0)  # 10 samples: ranks get 5 and 5, in batches of 4 and 1
-        torch.manual_seed(0)
-        model = build_model("blip-micro", 0, kind=kind)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
         batch = next(
             iter(torch.utils.data.DataLoader(splits.train, 16, collate_fn=getattr(splits.train, "collate", None)))

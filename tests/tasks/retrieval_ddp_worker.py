@@ -8,9 +8,10 @@ import sys
 
 import torch
 
+from upop.data.config import DataConfig
+from upop.models import build
+from upop.tasks import get_task
 from upop.utils import dist as D
-from upop.models import build_model
-from upop.tasks import DataConfig, get_task
 
 PAIRS = [0, 1, 5, 10, 11, 15, 20, 6]  # 5 captions per scene: pair i belongs to image i // 5
 
@@ -18,14 +19,15 @@ PAIRS = [0, 1, 5, 10, 11, 15, 20, 6]  # 5 captions per scene: pair i belongs to 
 def main(out: str) -> None:
     info = D.setup("cpu")
     torch.set_num_threads(1)
-    task = get_task("retrieval")
+    torch.manual_seed(0)
+    bundle = build("clip-micro", "dual_encoder")
+    task = get_task("retrieval", bundle)
     train = task.datasets(DataConfig(image_size=16, train_size=8, val_size=2, select_size=0)).train
     items = [train[i] for i in PAIRS]
     share = len(PAIRS) // info.world_size
     mine = items[info.rank * share : (info.rank + 1) * share]
     batch = (torch.stack([x for x, _, _ in mine]), [c for _, c, _ in mine], torch.tensor([i for _, _, i in mine]))
-    torch.manual_seed(0)
-    model = build_model("clip-micro", 0, kind="dual_encoder")
+    model = bundle.model
     ddp = D.wrap(model, info)
     loss = task.loss(ddp, batch)
     loss.backward()

@@ -10,11 +10,13 @@ import torch
 from helpers import _blip_configs
 from test_nlvr import _original_layout
 
-from upop.blip import BlipRetrieval
 from upop.cli import main
-from upop.models import build_model, load_weights
-from upop.tasks import DataConfig, get_task
-from upop.tasks.retrieval import blip_rerank, encode_images, encode_texts, tokenize
+from upop.data.config import DataConfig
+from upop.models import build, build_model, load_weights
+from upop.models.blip.checkpoints import converter
+from upop.models.blip.modeling import BlipRetrieval
+from upop.tasks import get_task
+from upop.tasks.retrieval import blip_rerank, encode_images, encode_texts
 
 DATA = "--task retrieval --model blip-micro --train-size 64 --val-size 16 --batch-size 16".split()
 
@@ -45,15 +47,15 @@ def test_itm_hard_negatives_are_other_images_and_labels_mark_the_matches():
 
 
 def test_rerank_rescores_the_top_k_by_itm_and_leaves_the_rest_at_minus_100():
-    task = get_task("retrieval")
+    bundle = build("blip-micro", "dual_encoder")
+    task = get_task("retrieval", bundle)
     data = task.datasets(DataConfig(train_size=8, val_size=6, image_size=16, select_size=0)).report
-    model = build_model("blip-micro", 0, kind="dual_encoder").eval()
+    model = bundle.model.eval()
     with torch.no_grad():
         img = encode_images(model, torch.stack([data[i] for i in range(len(data))]))
-        txt = encode_texts(model, tokenize(model, data.captions, torch.device("cpu")))
-        sims = img @ txt.T
-        i2t, t2i = blip_rerank(model, data, sims, torch.device("cpu"), k=4, batch=4)
-        tokens = tokenize(model, data.captions, torch.device("cpu"))
+        tokens = task.tokenize(data.captions, torch.device("cpu"))
+        sims = img @ encode_texts(model, tokens).T
+        i2t, t2i = blip_rerank(model, data, tokens, sims, k=4, batch=4)
         embeds = model.image_embeds(torch.stack([data[i] for i in range(len(data))]))
         for i in range(len(data)):
             top = sims[i].topk(4).indices
@@ -77,7 +79,7 @@ def test_a_released_blip_retrieval_checkpoint_loads_without_its_momentum_encoder
     original.update({"image_queue": torch.zeros(12, 8), "idx_queue": torch.zeros(1, 8), "ptr_queue": torch.zeros(1)})
     path = tmp_path / "model_base_retrieval_coco.pth"
     torch.save({"model": original}, path)
-    load_weights(target, path)
+    load_weights(target, path, converter("dual_encoder"))
     x, ids = torch.randn(2, 3, 16, 16), torch.randint(3, 47, (2, 7))
     for key, value in source(x, ids).items():
         assert torch.equal(target(x, ids)[key], value), key

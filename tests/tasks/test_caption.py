@@ -11,9 +11,10 @@ import torch
 from helpers import _blip_configs
 
 import upop
-from upop.blip import build_captioner
 from upop.cli import main
-from upop.models import build_model, load_weights
+from upop.models import build, load_weights
+from upop.models.blip.checkpoints import converter
+from upop.models.blip.modeling import build_captioner
 from upop.tasks.caption import PROMPT, Caption, caption_scores, generate_captions, scorer_tokenizer, simple_tokenize
 
 DATA = "--task caption --model blip-micro --train-size 64 --val-size 16 --batch-size 16".split()
@@ -75,20 +76,24 @@ def test_masked_and_compressed_decoders_generate_the_same_tokens_greedy_and_beam
 
 
 def test_the_prompt_is_given_not_scored():
-    model = build_model("blip-micro", 0, kind="captioner")
+    bundle = build("blip-micro", "captioner")
     images = torch.randn(2, 3, 16, 16)
-    out = Caption().outputs(model, (images, ["a red circle", "two objects with a blue square"], torch.arange(2)))
+    out = Caption(bundle).outputs(
+        bundle.model, (images, ["a red circle", "two objects with a blue square"], torch.arange(2))
+    )
     labels = out["labels"]
     assert (labels[:, :4] == -100).all()  # <bos> a picture of
-    tokens = model.upop_tokenizer(["a picture of a red circle"])["input_ids"][0]
+    tokens = bundle.tokenizer(["a picture of a red circle"])["input_ids"][0]
     assert labels[0, 4:8].tolist() == tokens[4:8].tolist()  # a red circle <eos>
     assert (labels[0, 8:] == -100).all()  # padding
     assert out["logits"].shape[:2] == labels.shape
 
 
 def test_generated_captions_drop_the_prompt():
-    model = build_model("blip-micro", 0, kind="captioner").eval()
-    captions = generate_captions(model, torch.randn(2, 3, 16, 16), num_beams=1, max_length=9)
+    bundle = build("blip-micro", "captioner")
+    captions = generate_captions(
+        bundle.model.eval(), bundle.tokenizer, torch.randn(2, 3, 16, 16), num_beams=1, max_length=9
+    )
     assert len(captions) == 2 and all(isinstance(c, str) for c in captions)
     assert not any(c.startswith(PROMPT.strip()) and len(c.split()) > 8 for c in captions)
 
@@ -133,7 +138,7 @@ def test_a_released_blip_caption_checkpoint_loads_through_the_key_map(tmp_path):
     assert "text_decoder.bert.encoder.layer.0.crossattention.self.key.weight" in original
     path = tmp_path / "model_base_caption_capfilt_large.pth"
     torch.save({"model": original}, path)
-    load_weights(target, path)
+    load_weights(target, path, converter("captioner"))
     x = torch.randn(2, 3, 16, 16)
     assert torch.equal(_generate(target, x, num_beams=3), _generate(source, x, num_beams=3))
 
@@ -151,11 +156,12 @@ def _hf_caption_dir(path):
 
 def test_an_hf_blip_captioning_directory_generates_and_decodes(tmp_path):
     source = _hf_caption_dir(tmp_path)
-    model = build_model(f"hf:{tmp_path}", 0, kind="captioner").eval()
+    bundle = build(f"hf:{tmp_path}", "captioner")
+    model = bundle.model.eval()
     x = torch.randn(2, 3, 16, 16)
     assert torch.equal(_generate(model, x), _generate(source, x))
-    assert model.upop_tokenizer.decode(torch.tensor([2, 6, 9, 10, 3])) == "a red circle"
-    captions = generate_captions(model, x, max_length=10)
+    assert bundle.tokenizer.decode(torch.tensor([2, 6, 9, 10, 3])) == "a red circle"
+    captions = generate_captions(model, bundle.tokenizer, x, max_length=10)
     assert len(captions) == 2
 
 

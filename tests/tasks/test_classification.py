@@ -11,7 +11,8 @@ from helpers import CLI_DATA
 from PIL import Image
 
 from upop.cli import main
-from upop.tasks import DataConfig, get_task
+from upop.data.config import DataConfig
+from upop.tasks import get_task
 
 
 def _folder(root, n=4):

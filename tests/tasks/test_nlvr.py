@@ -11,13 +11,14 @@ import torch
 from helpers import _blip_configs
 from PIL import Image
 
-from upop.blip import BlipNlvr
 from upop.cli import main
+from upop.data.nlvr2 import read_nlvr
 from upop.data.shapes import COLOUR_NAMES
 from upop.data.statements import statement_pairs
 from upop.errors import UPopError
-from upop.models import build_model, load_weights
-from upop.tasks.nlvr import read_nlvr
+from upop.models import build, build_model, load_weights
+from upop.models.blip.checkpoints import converter
+from upop.models.blip.modeling import BlipNlvr
 
 DATA = "--task nlvr --model blip-micro --train-size 96 --val-size 32 --batch-size 16".split()
 
@@ -143,7 +144,7 @@ def test_a_released_blip_nlvr_checkpoint_loads_through_the_key_map(tmp_path):
     assert any(".crossattention.self1.query." in k for k in original)
     path = tmp_path / "model_base_nlvr.pth"
     torch.save({"model": original, "epoch": 3}, path)
-    load_weights(target, path)
+    load_weights(target, path, converter("nlvr"))
     x, ids = torch.randn(3, 2, 3, 16, 16), torch.randint(3, 47, (3, 7))
     assert torch.equal(target(x, ids), source(x, ids))
 
@@ -152,7 +153,7 @@ def test_a_blip_checkpoint_of_another_architecture_names_the_mismatching_keys(tm
     path = tmp_path / "model_base_nlvr.pth"
     torch.save({"model": _original_layout(_tiny_nlvr(0, depth=3).state_dict())}, path)
     with pytest.raises(UPopError, match="unexpected .*layer\\.2|layers\\.2"):
-        load_weights(_tiny_nlvr(1, depth=2), path)
+        load_weights(_tiny_nlvr(1, depth=2), path, converter("nlvr"))
 
 
 def _hf_blip_dir(path):
@@ -170,7 +171,8 @@ def _hf_blip_dir(path):
 
 def test_an_hf_blip_directory_starts_nlvr_with_its_cross_attention_in_both_branches(tmp_path):
     blip = _hf_blip_dir(tmp_path)
-    model = build_model(f"hf:{tmp_path}", 2, kind="nlvr")
+    bundle = build(f"hf:{tmp_path}", "nlvr", 2)
+    model = bundle.model
     hf = blip.state_dict()
     own = model.state_dict()
     assert torch.equal(
@@ -183,7 +185,7 @@ def test_an_hf_blip_directory_starts_nlvr_with_its_cross_attention_in_both_branc
             hf["text_encoder.encoder.layer.0.crossattention.self.key.weight"],
         )
     assert model.enc_token_id == 5
-    tokens = model.upop_tokenizer(["both images contain a red object"])
+    tokens = bundle.tokenizer(["both images contain a red object"])
     assert model(torch.randn(1, 2, 3, 16, 16), **tokens).shape == (1, 2)
 
 

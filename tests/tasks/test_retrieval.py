@@ -12,10 +12,12 @@ from safetensors.torch import save_file
 
 from upop.cli import main
 from upop.data.captions import CAPTIONS_PER_SCENE, VOCAB, WordTokenizer, relation, scene_captions
+from upop.data.config import DataConfig
+from upop.data.karpathy import read_karpathy
 from upop.data.shapes import SceneObject, ShapesWorld
 from upop.errors import UPopError
-from upop.tasks import DataConfig, get_task
-from upop.tasks.retrieval import read_karpathy, recall_at_k
+from upop.tasks import get_task
+from upop.tasks.retrieval import recall_at_k
 
 DATA = "--train-size 128 --val-size 32 --batch-size 32".split()
 

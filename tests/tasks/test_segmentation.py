@@ -15,7 +15,8 @@ import upop.tasks.segmentation as seg
 from upop.cli import main
 from upop.data.shapes import SHAPES, ShapesWorld, semantic_map
 from upop.errors import UPopError
-from upop.segmenter import build_segmenter, load_segmenter
+from upop.models.segmenter.modeling import build_segmenter
+from upop.models.segmenter.variant import load_segmenter
 
 DATA = "--task segmentation --model segmenter-micro --train-size 64 --val-size 8 --batch-size 16".split()
 
@@ -210,9 +211,10 @@ def test_a_released_checkpoint_loads_from_its_variant_yml_without_its_imagenet_h
     state["encoder.head.weight"], state["encoder.head.bias"] = torch.zeros(1000, 32), torch.zeros(1000)
     state["encoder.head_dist.weight"] = torch.zeros(1000, 32)
     torch.save({"model": state, "epoch": 63}, tmp_path / "checkpoint.pth")
-    model = load_segmenter(tmp_path / "checkpoint.pth", n_cls=150).eval()
+    bundle = load_segmenter(tmp_path / "checkpoint.pth", n_cls=150)
+    model = bundle.model.eval()
     assert model.decoder.blocks[0].attn.heads == 1  # width 32 / 64, at least 1: the original's rule
-    assert model.upop_normalization[0] == (0.485, 0.456, 0.406) and model.upop_image_size == 32
+    assert bundle.normalization[0] == (0.485, 0.456, 0.406) and bundle.image_size == 32
     x = torch.randn(2, 3, 40, 48)  # another size: positions interpolated, output at the input size
     with torch.no_grad():
         assert torch.equal(model(x), source(x)) and model(x).shape == (2, 150, 40, 48)

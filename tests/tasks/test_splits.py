@@ -11,8 +11,9 @@ import torch
 from helpers import CLI_DATA, compress_argv
 
 from upop.cli import main
-from upop.tasks import DataConfig, get_task
-from upop.tasks.base import carve
+from upop.data.config import DataConfig
+from upop.data.splits import carve
+from upop.tasks import get_task
 from upop.tasks.classification import Classification
 
 

@@ -13,12 +13,13 @@ from helpers import _blip_configs
 from PIL import Image
 
 import upop
-from upop.blip import BlipVqa
 from upop.cli import main
 from upop.data.questions import ANSWER_TYPES, PLURAL, answer_list, scene_questions
 from upop.data.shapes import COLOUR_NAMES, SHAPES, ShapesWorld
 from upop.data.statements import render_visible
-from upop.models import load_weights
+from upop.models import build, load_weights
+from upop.models.blip.checkpoints import converter
+from upop.models.blip.modeling import BlipVqa
 from upop.tasks.vqa import answer_weights, normalise_answer, vqa_accuracy
 
 DATA = "--task vqa --model blip-micro --train-size 64 --val-size 16 --batch-size 16".split()
@@ -248,15 +249,13 @@ def test_a_released_blip_vqa_checkpoint_loads_through_the_key_map(tmp_path):
     original["text_encoder_m.embeddings.word_embeddings.weight"] = torch.zeros(2)
     path = tmp_path / "model_base_vqa_capfilt_large.pth"
     torch.save({"model": original}, path)
-    load_weights(target, path)
+    load_weights(target, path, converter("vqa"))
     x, ids, mask = _batch()
     assert torch.equal(target.generate(x, ids, mask, max_length=6), source.generate(x, ids, mask, max_length=6))
 
 
 def test_an_hf_blip_vqa_directory_answers_as_hf_s_model(tmp_path):
     from transformers import BertTokenizer, BlipConfig, BlipForQuestionAnswering
-
-    from upop.models import build_model
 
     vision, text = _blip_configs(3, 2, 2, 24, 16, vocab=50)  # one width (6) for both towers, as HF's VQA model needs
     vision.initializer_range = text.initializer_range = 0.25
@@ -266,8 +265,9 @@ def test_an_hf_blip_vqa_directory_answers_as_hf_s_model(tmp_path):
     words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[ENC]", *WORDS]
     (tmp_path / "vocab.txt").write_text("\n".join(words + [f"w{i}" for i in range(50 - len(words))]) + "\n")
     BertTokenizer(str(tmp_path / "vocab.txt")).save_pretrained(tmp_path)
-    model = build_model(f"hf:{tmp_path}", 0, kind="vqa").eval()
-    q = model.upop_tokenizer(["what colour is the large circle?"] * 2)
+    bundle = build(f"hf:{tmp_path}", "vqa")
+    model = bundle.model.eval()
+    q = bundle.tokenizer(["what colour is the large circle?"] * 2)
     ids = q["input_ids"].clone()
     ids[:, 0] = 5  # BLIP puts the encoder token first; HF's model reads the ids as given
     x = torch.randn(2, 3, 16, 16)

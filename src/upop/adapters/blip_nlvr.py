@@ -1,4 +1,4 @@
-"""The project's BLIP NLVR model (``upop.blip.BlipNlvr``): its vision encoder and its text encoder's self-attention
+"""The project's BLIP NLVR model (``upop.models.blip.modeling.BlipNlvr``): its vision encoder and its text encoder's self-attention
 and MLP are HF BLIP's (the ``hf-blip`` and ``hf-bert`` adapters); this adapter adds the twin cross-attention. Every
 text layer attends to each image with its own branch (``crossattention.branches.0`` to the left image, ``.1`` to the
 right): query/key/value of BLIP's text attention and the branch's own output projection ``dense``. Each branch is
@@ -22,7 +22,7 @@ register_adapter(
         blocks=(
             BlockSpec(
                 kind="attn",
-                types=("upop.blip:TwinBranch",),
+                types=("upop.models.blip.modeling:TwinBranch",),
                 rows=(("self.query", _heads), ("self.key", _heads), ("self.value", _heads)),
                 cols=(("dense", _heads),),
                 size=lambda m: m.self.attention_head_size,

@@ -1,4 +1,4 @@
-"""UPop's Segmenter (``upop.segmenter``): the ViT encoder's and the mask-transformer decoder's blocks share one
+"""UPop's Segmenter (``upop.models.segmenter``): the ViT encoder's and the mask-transformer decoder's blocks share one
 layout, a fused ``attn.qkv`` (rows q, k, v x heads x head_dim, as timm's) with ``attn.proj``, and an MLP
 ``fc1``/``fc2``. Towers: ``encoder`` and ``decoder``. The decoder's attention sees the patch tokens and the class
 embeddings. Its ``Attention`` keeps ``heads``, ``head_dim`` and ``scale`` as attributes: slicing only updates
@@ -27,7 +27,7 @@ register_adapter(
         blocks=(
             BlockSpec(
                 kind="attn",
-                types=("upop.segmenter:Attention",),
+                types=("upop.models.segmenter.modeling:Attention",),
                 rows=(("qkv", lambda m: 3 * m.heads),),
                 cols=(("proj", lambda m: m.heads),),
                 size=lambda m: m.head_dim,
@@ -37,7 +37,7 @@ register_adapter(
             ),
             BlockSpec(
                 kind="mlp",
-                types=("upop.segmenter:FeedForward",),
+                types=("upop.models.segmenter.modeling:FeedForward",),
                 rows=(("fc1", 1),),
                 cols=(("fc2", 1),),
                 size=lambda m: m.fc1.out_features,

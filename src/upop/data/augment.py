@@ -19,6 +19,7 @@ from typing import Any
 
 from upop.errors import UPopError
 
+PRESETS = ("auto", "none", "light", "deit")
 LIGHT = {"scale": (0.5, 1.0), "ratio": (3 / 4, 4 / 3), "hflip": 0.5, "color_jitter": None}
 DEIT = {
     "scale": (0.08, 1.0),

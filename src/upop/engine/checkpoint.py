@@ -33,9 +33,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
-from upop.utils.files import fsync_dir, write_file
-from upop.utils.dist import DistInfo, all_ok, barrier, broadcast_int
 from upop.errors import UPopError
+from upop.utils.dist import DistInfo, all_ok, barrier, broadcast_int
+from upop.utils.files import fsync_dir, write_file
 
 MANIFEST = "manifest.json"
 FORMAT = "upop-checkpoint"

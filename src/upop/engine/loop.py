@@ -1,184 +1,29 @@
 """One training loop for base training, search and retraining: DDP-aware data loading, cosine LR, optional
-bf16/fp16 autocast, progress bars, JSON-lines logs. It knows tasks only through the Task interface and pruning only
-through ``Pruner.sparsity_loss`` / ``Pruner.step``."""
+bf16/fp16 autocast, progress bars, JSON-lines logs. It knows tasks only through the ``Task`` protocol below and
+pruning only through ``Pruner.sparsity_loss`` / ``Pruner.step``."""
 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-import os
-import sys
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
-from tqdm import tqdm
 
 from upop import Pruner
 from upop.engine import signals
 from upop.engine.checkpoint import Checkpointer, Snapshot, set_rng_state
-from upop.utils.dist import DistInfo, unwrap
+from upop.engine.loaders import EpochSampler, Loaders
+from upop.engine.logs import JsonlLog, Progress
 from upop.errors import UPopError
-from upop.tasks.base import Splits, Task
-
-
-class ShardSampler(Sampler[int]):
-    """Evaluation sampler: rank r takes indices r, r + W, ... with no padding, so metrics summed over ranks count
-    every sample exactly once."""
-
-    def __init__(self, n: int, info: DistInfo) -> None:
-        self.indices = list(range(info.rank, n, info.world_size))
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-
-class EpochSampler(DistributedSampler):
-    """The training sampler on any number of ranks: the order is a function of (seed, epoch) alone, and an epoch can
-    start at any position (``start``, in samples), which is how a resumed run continues mid-epoch without reading the
-    batches it already trained on."""
-
-    def __init__(self, dataset: Dataset, info: DistInfo, seed: int) -> None:
-        super().__init__(dataset, info.world_size, info.rank, shuffle=True, seed=seed, drop_last=True)
-        self.start = 0
-
-    def set_position(self, epoch: int, start: int) -> None:
-        self.set_epoch(epoch)
-        self.start = start
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(list(super().__iter__())[self.start :])
-
-    def __len__(self) -> int:
-        return self.num_samples - self.start
-
-
-@dataclass
-class Loaders:
-    """The loaders of one job: ``train`` (shuffled by seed and epoch, sharded over ranks), ``select`` (picks the best
-    epoch; None: the last epoch is kept) and ``report`` (every reported number)."""
-
-    train: DataLoader
-    select: DataLoader | None
-    report: DataLoader
-
-
-def make_loaders(splits: Splits, batch_size: int, info: DistInfo, seed: int) -> Loaders:
-    """``batch_size`` is per rank. The training order depends only on ``seed`` and the epoch."""
-    sampler = EpochSampler(splits.train, info, seed)
-    # the loader's own generator: starting an epoch draws from it, not from the global RNG a resume restores
-    train_loader = DataLoader(
-        splits.train,
-        batch_size=batch_size,
-        sampler=sampler,
-        drop_last=True,
-        generator=torch.Generator().manual_seed(seed),
-        collate_fn=getattr(splits.train, "collate", None),  # a task's own batching (e.g. a variable answer count)
-    )
-    if len(train_loader) == 0:
-        raise UPopError(
-            f"the training set has {len(splits.train)} samples, fewer than one batch of {batch_size} per rank"
-        )
-
-    def evaluation(data: Dataset) -> DataLoader:
-        collate = getattr(data, "collate", None)
-        return DataLoader(data, batch_size=batch_size, sampler=ShardSampler(len(data), info), collate_fn=collate)
-
-    select = evaluation(splits.select) if splits.select is not None else None
-    return Loaders(train_loader, select, evaluation(splits.report))
-
-
-class JsonlLog:
-    """Appends one JSON object per line (main rank only). A line is written whole or not at all: when the disk is
-    full the file is cut back to where it was and the error kept in ``error`` for the loop to stop on (every rank
-    together)."""
-
-    def __init__(self, path: Path | None, info: DistInfo) -> None:
-        self.path = path if info.is_main else None
-        self.error: str | None = None
-
-    def size(self) -> int:
-        return self.path.stat().st_size if self.path is not None and self.path.exists() else 0
-
-    def truncate(self, size: int) -> None:
-        """Drop what was logged after a checkpoint, so a resumed run's log reads like an uninterrupted one."""
-        if self.path is not None and self.path.exists():
-            os.truncate(self.path, min(size, self.path.stat().st_size))
-
-    def write(self, record: dict[str, Any]) -> None:
-        if self.path is None or self.error is not None:
-            return
-        size = self.size()
-        try:
-            with open(self.path, "ab") as f:
-                f.write((json.dumps(record) + "\n").encode())
-                f.flush()
-        except OSError as e:
-            self.error = f"cannot append to {self.path}: {e.strerror or e}"
-            try:
-                os.truncate(self.path, size)
-            except OSError:
-                pass
-
-
-class Progress:
-    """A tqdm bar on a terminal; otherwise (a job log) one line every ``UPOP_PROGRESS_SECONDS`` seconds (default 30)
-    and at every epoch end, so a redirected run is never silent for long."""
-
-    def __init__(self, loader: DataLoader, desc: str, info: DistInfo, total: int, done: int) -> None:
-        self.desc, self.total, self.done = desc, total, done
-        self.tty = sys.stderr.isatty()
-        self.active = info.is_main
-        self.every = float(os.environ.get("UPOP_PROGRESS_SECONDS", "30"))
-        self.start = self.last = time.perf_counter()
-        self.bar = tqdm(loader, desc=desc, disable=not (self.active and self.tty), leave=False, dynamic_ncols=True)
-        self.postfix: dict[str, str] = {}
-        self.postfix_of: dict[str, Callable[[], str]] = {}
-
-    def __iter__(self) -> Iterator[Any]:
-        return iter(self.bar)
-
-    def update(self, step_in_epoch: int, postfix: dict[str, Callable[[], str]]) -> None:
-        """After a step; ``postfix`` values are computed only when shown (a bar refresh or a line)."""
-        self.postfix_of = postfix
-        now = time.perf_counter()
-        if now - self.last < (0.5 if self.tty else self.every):
-            return
-        self.last = now
-        self.postfix = {k: f() for k, f in postfix.items()}
-        if self.tty:
-            self.bar.set_postfix(**self.postfix)
-        elif self.active:
-            self.line(step_in_epoch)
-
-    def finish(self) -> None:
-        """The epoch-end line (in a job log), with the last step's values."""
-        self.postfix = {k: f() for k, f in self.postfix_of.items()}
-        self.line(self.total, end=" done")
-
-    def line(self, step_in_epoch: int, end: str = "") -> None:
-        if not self.active or self.tty:
-            return
-        elapsed = time.perf_counter() - self.start
-        steps = step_in_epoch - self.done
-        left = elapsed / steps * (self.total - step_in_epoch) if steps > 0 else 0.0
-        extra = "".join(f" {k} {v}" for k, v in self.postfix.items())
-        print(
-            f"upop: {self.desc} step {step_in_epoch}/{self.total}{extra} ({elapsed:.0f} s"
-            + (f", about {left:.0f} s left in the epoch)" if step_in_epoch < self.total else ")")
-            + end,
-            flush=True,
-        )
+from upop.tasks.base import Task
+from upop.utils.dist import DistInfo, unwrap
 
 
 def amp_context(device: torch.device, enabled: bool) -> tuple[Any, torch.amp.GradScaler | None]:

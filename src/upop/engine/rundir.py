@@ -10,12 +10,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from upop.utils.files import atomic_write
-from upop.utils import dist as D
 from upop.engine.checkpoint import Checkpointer, Snapshot
 from upop.engine.lock import LOCK_FILE, DirLock
-from upop.engine.loop import JsonlLog
+from upop.engine.logs import JsonlLog
 from upop.errors import UPopError
+from upop.utils import dist as D
+from upop.utils.files import atomic_write
 
 RUN_CONFIG_FILE = "config.json"
 

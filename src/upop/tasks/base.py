@@ -1,177 +1,74 @@
-"""Task plug-ins: data, loss, metric and example inputs. The engine knows tasks only through this interface.
+"""Task plug-ins: data, loss, metric and example inputs. The engine knows tasks only through this interface; a task
+knows its model through the ``ModelBundle`` it is built for (its tokenizer, normalisation), never by reading a
+family's files.
 
-Every task gives three splits: ``train`` (the weights learn from it), ``select`` (picks the best epoch and is never
-reported) and ``report`` (every number in a report). A model is never selected and scored on the same split.
+Every task gives three splits (``upop.data.splits``): ``train``, ``select`` (picks the best epoch, never reported)
+and ``report`` (every number in a report).
 """
 
 from __future__ import annotations
 
 import abc
 import contextlib
-import hashlib
-import json
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import Dataset, Subset
 
-AUGMENTS = ("auto", "none", "light", "deit")
-SELECT_FRACTION, SELECT_MAX = 0.05, 10000  # the default selection split carved from train
+from upop.data.config import DataConfig
+from upop.data.splits import Splits
+from upop.errors import UPopError
+from upop.models.bundle import ModelBundle, Normalization
+
+VQA_INFERENCE = ("rank", "generate")
 
 
 @dataclass(frozen=True)
-class DataConfig:
-    """Where the data comes from and how it is prepared. ``root`` None means the built-in shapes world.
+class TaskOptions:
+    """Settings of a task beyond its data (saved in the run's config).
 
     Attributes:
-        root: a dataset folder in the task's real format, or None for the built-in generator.
-        image_root: where the images named by annotation files are (default: ``root``), for tasks that have them.
-        image_size: side of the square input images (None: the model's own input size, resolved by the job).
-        train_size / val_size: number of built-in scenes in the training and report splits (ignored for a folder).
-        seed: the built-in world's seed (train uses seed, report seed + 1, a generated selection split seed + 2), and
-            the seed of the selection split carved from train.
-        noise: pixel noise of the built-in world.
-        select_size: samples in the selection split (None: the task's default, e.g. 5% of train, at most 10000; 0:
-            no selection, the last epoch is kept).
-        augment: training augmentation preset: "auto" (none on the built-in world, "light" on image folders),
-            "none", "light" or "deit" (see ``upop.data.augment``).
+        vqa_inference: how the VQA task answers: "rank" (BLIP's: candidates of the answer list) or "generate".
     """
 
-    root: str | None = None
-    image_root: str | None = None
-    image_size: int | None = None
-    train_size: int = 20000
-    val_size: int = 2000
-    seed: int = 0
-    noise: float = 0.1
-    select_size: int | None = None
-    augment: str = "auto"
+    vqa_inference: str = "rank"
 
     def __post_init__(self) -> None:
-        from upop.errors import UPopError
-
-        if self.image_size is not None and self.image_size < 8:
-            raise UPopError(f"image size must be at least 8, got {self.image_size}")
-        if self.train_size < 1 or self.val_size < 1:
-            raise UPopError(f"built-in split sizes must be positive, got {self.train_size} and {self.val_size}")
-        if self.select_size is not None and self.select_size < 0:
-            raise UPopError(f"--select-size must be >= 0 (0: no selection split), got {self.select_size}")
-        if self.augment not in AUGMENTS:
-            raise UPopError(f"augment must be one of {', '.join(AUGMENTS)}, got {self.augment!r}")
-
-    @property
-    def builtin(self) -> bool:
-        return self.root is None
-
-    def to_dict(self) -> dict[str, Any]:
-        """The settings that matter for this data: a folder drops the built-in world's sizes and noise."""
-        d = {k: getattr(self, k) for k in self.__dataclass_fields__}
-        if not self.builtin:
-            for key in ("train_size", "val_size", "noise"):
-                d.pop(key)
-        else:
-            d.pop("image_root")
-        return d
-
-
-@dataclass
-class Splits:
-    """The three splits of a task, and how each was made (recorded in every report).
-
-    ``select`` is None when there is no selection split (``select_size`` 0): the last epoch is then kept.
-    ``about`` maps each split name to a description: its source, size and, for a carved split, the seed and a
-    digest of its indices."""
-
-    train: Dataset
-    select: Dataset | None
-    report: Dataset
-    about: dict[str, dict[str, Any]] = field(default_factory=dict)
-
-
-class Carved(Subset):
-    """A subset that keeps the attributes tasks read from their datasets (``classes``, ``captions``...)."""
-
-    def __getattr__(self, name: str) -> Any:
-        if name in ("dataset", "indices") or name.startswith("__"):
-            raise AttributeError(name)
-        return getattr(self.dataset, name)
-
-
-def carve(labels: torch.Tensor, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Split indices 0..len(labels)-1 into (kept, carved) with ``size`` carved, stratified by label: every class gives
-    its share (largest remainders first), drawn by a generator seeded with ``seed``. Deterministic on any machine."""
-    labels = torch.as_tensor(labels).reshape(-1)
-    n = labels.numel()
-    size = min(size, n - 1)
-    g = torch.Generator().manual_seed(seed)
-    classes, counts = labels.unique(return_counts=True)
-    exact = counts.double() * size / n
-    share = exact.floor().long()
-    short = size - int(share.sum())
-    if short > 0:  # largest remainders, ties broken by class order
-        order = torch.sort(exact - share, descending=True, stable=True).indices
-        share[order[:short]] += 1
-    carved = []
-    for c, k in zip(classes.tolist(), share.tolist()):
-        members = (labels == c).nonzero().squeeze(1)
-        carved.append(members[torch.randperm(members.numel(), generator=g)[:k]])
-    picked = torch.sort(torch.cat(carved)).values if carved else torch.empty(0, dtype=torch.long)
-    mask = torch.ones(n, dtype=torch.bool)
-    mask[picked] = False
-    return mask.nonzero().squeeze(1), picked
-
-
-def default_select_size(n_train: int) -> int:
-    return max(1, min(SELECT_MAX, round(SELECT_FRACTION * n_train)))
-
-
-def carved_about(picked: torch.Tensor, source: str, seed: int) -> dict[str, Any]:
-    digest = hashlib.sha256(picked.numpy().astype("int64").tobytes()).hexdigest()[:16]
-    return {
-        "source": f"carved from {source}, stratified by class",
-        "size": int(picked.numel()),
-        "seed": seed,
-        "indices_sha256": digest,
-    }
-
-
-def read_annotation(path: Path, fields: str) -> list[Any]:
-    """The non-empty JSON list of an annotation file; one clear line when it cannot be read, is not JSON or is not a
-    non-empty list (``fields`` names what its entries hold, for that line)."""
-    from upop.errors import UPopError
-
-    try:
-        entries = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError) as e:
-        raise UPopError(f"cannot read the annotation file {path}: {e}") from None
-    except json.JSONDecodeError as e:
-        raise UPopError(f"annotation file {path} is not valid JSON ({e.msg} at line {e.lineno})") from None
-    if not isinstance(entries, list) or not entries:
-        raise UPopError(f"annotation file {path} must be a non-empty JSON list of {{{fields}}} entries")
-    return entries
+        if self.vqa_inference not in VQA_INFERENCE:
+            raise UPopError(
+                f"--vqa-inference must be one of {', '.join(VQA_INFERENCE)}, got {self.vqa_inference!r}"
+            )
 
 
 class Task(abc.ABC):
-    """A task provides exactly: ``name``, ``main_metric`` (the metric "best" refers to, higher is better), and the
-    abstract methods below. ``loss`` and ``distill_loss`` have defaults built on ``outputs``/``loss_from``."""
+    """A task provides exactly: ``name``, ``main_metric`` (the metric "best" refers to, higher is better),
+    ``model_kind`` (the kind of model ``upop.models.build`` builds for it), and the abstract methods below. ``loss``
+    and ``distill_loss`` have defaults built on ``outputs``/``loss_from``.
+
+    A task is built for one model: ``bundle`` gives its tokenizer and normalisation (None for tasks of image-only
+    models built in tests; a method that needs the tokenizer then says so)."""
 
     name: str = ""
     main_metric: str = ""
-    model_kind: str = "classifier"  # what ``upop.models.build_model`` builds for it: "classifier" | "dual_encoder"
+    model_kind: str = "classifier"
+
+    def __init__(self, bundle: ModelBundle | None = None, options: TaskOptions | None = None) -> None:
+        self.bundle = bundle
+        self.options = options or TaskOptions()
+
+    @classmethod
+    def num_outputs(cls, data: DataConfig) -> int:
+        """Size of the model's output head for this data (e.g. the number of classes; 0 without a head), known
+        before the model and the data sets are built."""
+        return 0
 
     @abc.abstractmethod
     def datasets(self, data: DataConfig) -> Splits:
         """The train, select and report splits, yielding batches the task's ``loss`` understands after default
-        collation."""
-
-    @abc.abstractmethod
-    def num_outputs(self, train: Dataset) -> int:
-        """Size of the model's output head for this data (e.g. the number of classes)."""
+        collation. ``data.image_size`` is resolved (the model's unless given)."""
 
     @abc.abstractmethod
     def outputs(self, model: nn.Module, batch: Any) -> Any:
@@ -190,9 +87,22 @@ class Task(abc.ABC):
     def example_inputs(self, batch: Any, model: nn.Module | None = None) -> Any:
         """The inputs of ``model`` for a batch of an evaluation loader (for profiling and FLOPs cost)."""
 
-    def configure(self, options: dict[str, Any]) -> None:
-        """Task settings from the run's config (e.g. VQA's inference mode); none by default."""
-        return None
+    def normalization(self, default: Normalization) -> Normalization:
+        """The (mean, std) images are normalised with: the model's where its family fixes one, else ``default``."""
+        if self.bundle is not None and self.bundle.normalization is not None:
+            return self.bundle.normalization
+        return default
+
+    @property
+    def tokenizer(self) -> Any:
+        """The model's tokenizer (``ModelBundle.tokenizer``)."""
+        if self.bundle is None or self.bundle.tokenizer is None:
+            raise UPopError(f"the {self.name} task needs the model's tokenizer: build the task for a model bundle")
+        return self.bundle.tokenizer
+
+    def tokenize(self, texts: list[str], device: torch.device) -> dict[str, torch.Tensor]:
+        """``texts`` by the model's tokenizer: {"input_ids", "attention_mask"} (long tensors on ``device``)."""
+        return tokenize(self.tokenizer, texts, device)
 
     pictures_need_dense: bool = False  # extra_files compares the dense model with the compressed one
 
@@ -215,6 +125,15 @@ class Task(abc.ABC):
         """Knowledge distillation from the dense model: KL(softmax(teacher / T) || softmax(student / T)) * T^2 over
         the last dimension of the logits (batch mean). Tasks whose outputs hold several logit tensors override."""
         return kl_distill(student, teacher, temperature)
+
+
+def tokenize(tokenizer: Any, texts: list[str], device: torch.device) -> dict[str, torch.Tensor]:
+    """``texts`` by ``tokenizer`` (a bundle's: it returns a dict or a tensor of ids): {"input_ids",
+    "attention_mask"} on ``device``."""
+    tokens = tokenizer(list(texts))
+    if isinstance(tokens, torch.Tensor):
+        tokens = {"input_ids": tokens}
+    return {k: v.to(device) for k, v in tokens.items() if k in ("input_ids", "attention_mask")}
 
 
 @contextlib.contextmanager
@@ -248,12 +167,16 @@ def register_task(cls: type[Task]) -> type[Task]:
     return cls
 
 
-def get_task(name: str) -> Task:
-    from upop.errors import UPopError
-
+def task_class(name: str) -> type[Task]:
+    """The registered task called ``name``; UPopError listing the supported ones otherwise."""
     if name not in _TASKS:
         raise UPopError(f"unknown task {name!r}; supported: {', '.join(sorted(_TASKS))}")
-    return _TASKS[name]()
+    return _TASKS[name]
+
+
+def get_task(name: str, bundle: ModelBundle | None = None, options: TaskOptions | None = None) -> Task:
+    """The task ``name`` built for ``bundle``'s model."""
+    return task_class(name)(bundle, options)
 
 
 def registered_tasks() -> dict[str, type[Task]]:

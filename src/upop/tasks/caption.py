@@ -24,26 +24,27 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
+from upop.data.captioned import CaptionedImages, captioned_splits
+from upop.data.config import DataConfig
+from upop.data.splits import Splits
+from upop.errors import UPopError
+from upop.tasks.base import Task, evaluating, register_task, tokenize
+from upop.tasks.losses import lm_loss, token_distill
 from upop.utils import dist as D
 from upop.utils.dist import unwrap
-from upop.errors import UPopError
-from upop.tasks.base import DataConfig, Splits, Task, evaluating, kl_distill, register_task
-from upop.tasks.retrieval import Retrieval, RetrievalImages, tokenize
 
 PROMPT = "a picture of "
 NUM_BEAMS, MAX_LENGTH, MIN_LENGTH = 3, 20, 5
-LABEL_SMOOTHING = 0.1
 _PUNCTUATION = re.compile(r"[^\w\s]")
 
 
 class CaptionImages(Dataset):
     """An evaluation split of images: (image, index); ``references[i]`` are image i's captions."""
 
-    def __init__(self, split: RetrievalImages) -> None:
+    def __init__(self, split: CaptionedImages) -> None:
         self.split = split
         self.references: list[list[str]] = [[] for _ in range(split.n_images)]
         for caption, owner in zip(split.captions, split.txt2img.tolist()):
@@ -104,22 +105,23 @@ def decoder_start(model: nn.Module) -> int:
     return int(unwrap(model).config.text_config.bos_token_id)
 
 
-def prompt_ids(model: nn.Module, device: torch.device) -> torch.Tensor:
-    """The prompt's token ids as the tokenizer writes a text (start ... end token), the start token the decoder's."""
-    tokens = tokenize(model, [PROMPT.strip()], device)
+def prompt_ids(model: nn.Module, tokenizer: Any, device: torch.device) -> torch.Tensor:
+    """The prompt's token ids as ``tokenizer`` writes a text (start ... end token), the start token the decoder's."""
+    tokens = tokenize(tokenizer, [PROMPT.strip()], device)
     ids = tokens["input_ids"][0, : int(tokens["attention_mask"][0].sum())].clone()
     ids[0] = decoder_start(model)
     return ids
 
 
 @torch.no_grad()
-def generate_captions(model: nn.Module, images: torch.Tensor, **kwargs: Any) -> list[str]:
-    """Captions of ``images`` decoded after the prompt (BLIP's beam search unless ``kwargs`` say otherwise)."""
+def generate_captions(model: nn.Module, tokenizer: Any, images: torch.Tensor, **kwargs: Any) -> list[str]:
+    """Captions of ``images`` decoded after the prompt (BLIP's beam search unless ``kwargs`` say otherwise), by the
+    model's ``tokenizer``."""
     m = unwrap(model)
-    prompt = prompt_ids(m, images.device)
+    prompt = prompt_ids(m, tokenizer, images.device)
     settings = {"num_beams": NUM_BEAMS, "max_length": MAX_LENGTH, "min_length": MIN_LENGTH, **kwargs}
     out = m.generate(pixel_values=images, input_ids=prompt.expand(len(images), -1).clone(), **settings)
-    return [m.upop_tokenizer.decode(row[len(prompt) - 1 :]) for row in out]
+    return [tokenizer.decode(row[len(prompt) - 1 :]) for row in out]
 
 
 @register_task
@@ -129,24 +131,22 @@ class Caption(Task):
     model_kind = "captioner"
 
     def datasets(self, data: DataConfig) -> Splits:
-        splits = Retrieval().datasets(data)
+        splits = captioned_splits(data)
         scorer = f"pycocoevalcap BLEU@4 and CIDEr, {scorer_tokenizer()} tokenizer"
         for about in splits.about.values():
             about["scorer"] = scorer
         select = CaptionImages(splits.select) if splits.select is not None else None
         return Splits(splits.train, select, CaptionImages(splits.report), splits.about)
 
-    def num_outputs(self, train: Dataset) -> int:
-        return 0
-
     def outputs(self, model: nn.Module, batch: Any) -> dict[str, torch.Tensor]:
         """Decoder logits (B, L, V) of prompt + caption, and the labels: the caption's tokens, -100 elsewhere."""
         images, captions, _ = batch
-        tokens = tokenize(model, [PROMPT + c for c in captions], images.device)
+        tokens = self.tokenize([PROMPT + c for c in captions], images.device)
         ids, mask = tokens["input_ids"].clone(), tokens["attention_mask"]
         ids[:, 0] = decoder_start(model)
         labels = ids.masked_fill(mask == 0, -100)
-        labels[:, : len(prompt_ids(model, images.device)) - 1] = -100  # the prompt is given, not predicted
+        prompt = prompt_ids(model, self.tokenizer, images.device)
+        labels[:, : len(prompt) - 1] = -100  # the prompt is given, not predicted
         logits = model(pixel_values=images, input_ids=ids, attention_mask=mask).logits
         return {"logits": logits, "labels": labels}
 
@@ -161,7 +161,7 @@ class Caption(Task):
         with evaluating(model):
             made = []
             for images, index in loader:
-                made += zip(index.tolist(), generate_captions(model, images.to(device)))
+                made += zip(index.tolist(), generate_captions(model, self.tokenizer, images.to(device)))
         captions = dict(D.gather_objects(made))
         references = loader.dataset.references
         return caption_scores({i: references[i] for i in captions}, captions)
@@ -169,28 +169,9 @@ class Caption(Task):
     def example_inputs(self, batch: Any, model: nn.Module | None = None) -> Any:
         """Images with the prompt and a caption filling the decoder's generation length (teacher-forced)."""
         if model is None:
-            raise UPopError("captioning example inputs need the model (its tokenizer)")
+            raise UPopError("captioning example inputs need the model (its decoder's start token)")
         images = batch if isinstance(batch, torch.Tensor) else batch[0]
         device = next(model.parameters()).device
-        prompt = prompt_ids(model, device)
+        prompt = prompt_ids(model, self.tokenizer, device)
         ids = torch.cat([prompt, prompt[-1:].expand(MAX_LENGTH - len(prompt))]).expand(len(images), -1)
         return {"pixel_values": images.to(device), "input_ids": ids, "attention_mask": torch.ones_like(ids)}
-
-
-def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Per-sequence summed next-token cross-entropy (label smoothing 0.1, as BLIP's decoder) over labels != -100."""
-    shifted, targets = logits[:, :-1].float(), labels[:, 1:]
-    loss = F.cross_entropy(
-        shifted.reshape(-1, shifted.shape[-1]),
-        targets.reshape(-1),
-        ignore_index=-100,
-        reduction="none",
-        label_smoothing=LABEL_SMOOTHING,
-    )
-    return loss.view(targets.shape).sum(1)
-
-
-def token_distill(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, temperature: float):
-    """KD on the next-token distributions of the scored positions only."""
-    scored = labels[:, 1:] != -100
-    return kl_distill(student[:, :-1][scored], teacher[:, :-1][scored], temperature)

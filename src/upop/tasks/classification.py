@@ -5,7 +5,6 @@ root/val/<class>/*). The selection split is carved from train (stratified, seede
 from __future__ import annotations
 
 import copy
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -16,22 +15,14 @@ from torch.utils.data import Dataset
 from torchmetrics.classification import MulticlassAccuracy
 
 from upop.data import augment
+from upop.data.config import DataConfig
+from upop.data.images import IMAGENET_MEAN, IMAGENET_STD, class_folders, image_folder, same_classes
 from upop.data.shapes import ShapesWorld, class_names, subject_label
+from upop.data.splits import Carved, Splits, carve, carved_about, default_select_size
 from upop.errors import UPopError
-from upop.tasks.base import (
-    Carved,
-    DataConfig,
-    Splits,
-    Task,
-    carve,
-    carved_about,
-    default_select_size,
-    evaluating,
-    register_task,
-)
+from upop.tasks.base import Task, evaluating, register_task
 
 SHAPES_MEAN, SHAPES_STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def logits_of(output: Any) -> torch.Tensor:
@@ -73,76 +64,19 @@ class ShapesClassification(Dataset):
         return view
 
 
-def _read_image(path: str) -> Any:
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except OSError as e:
-        raise UPopError(f"cannot read the image {path}: {str(e).splitlines()[0]}") from None
-
-
-def _unreadable(path: str) -> str | None:
-    """Why ``path`` is not an image PIL can open (header check only), or None."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            im.size  # noqa: B018  (parsing the header is the check)
-    except Exception as e:  # UnidentifiedImageError, truncated headers, permissions...
-        return str(e).splitlines()[0] if str(e) else type(e).__name__
-    return None
-
-
-def check_images(paths: list[str], where: Path) -> None:
-    """Open every image's header before training starts; one line naming the first unreadable file."""
-    with ThreadPoolExecutor(8) as pool:
-        problems = [(p, why) for p, why in zip(paths, pool.map(_unreadable, paths)) if why]
-    if problems:
-        path, why = problems[0]
-        more = f" ({len(problems)} unreadable files in all)" if len(problems) > 1 else ""
-        raise UPopError(f"{path} in {where} is not a readable image: {why}{more}")
-
-
-def image_folder(root: Path, split: str, transform: Any) -> Any:
-    """torchvision ImageFolder over root/split; one clear error if unusable; every image's header checked."""
-    from torchvision import datasets
-
-    path = root / split
-    if not path.is_dir():
-        raise UPopError(
-            f"dataset folder {path} does not exist (expected {root}/train/<class>/* and {root}/val/<class>/*)"
-        )
-    try:
-        folder = datasets.ImageFolder(str(path), transform=transform, loader=_read_image)
-    except (FileNotFoundError, RuntimeError) as e:
-        raise UPopError(f"dataset folder {path} has no usable images: {str(e).splitlines()[0]}") from None
-    check_images([p for p, _ in folder.samples], path)
-    return folder
-
-
-def _same_classes(root: Path, train: list[str], val: list[str]) -> None:
-    missing = [c for c in train if c not in val]
-    extra = [c for c in val if c not in train]
-    if missing:
-        raise UPopError(
-            f"class folder {missing[0]!r} of {root}/train is missing from {root}/val "
-            f"({len(missing)} missing in all); both splits need the same classes"
-        )
-    if extra:
-        raise UPopError(
-            f"{root}/val has the class folder {extra[0]!r}, which {root}/train lacks; both splits need the same classes"
-        )
-
-
 @register_task
 class Classification(Task):
     name = "classification"
     main_metric = "top1"
 
-    def __init__(self) -> None:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self.mixer = None
+
+    @classmethod
+    def num_outputs(cls, data: DataConfig) -> int:
+        """The classes: the built-in world's, or the class folders of ``root/train``."""
+        return len(class_names()) if data.builtin else len(class_folders(Path(data.root), "train"))
 
     def datasets(self, data: DataConfig) -> Splits:
         preset = augment.resolve(data.augment, data.builtin)
@@ -154,8 +88,6 @@ class Classification(Task):
             sources = (f"built-in train scenes (seed {data.seed})", f"built-in val scenes (seed {data.seed + 1})")
         else:
             root = Path(data.root)
-            if not root.is_dir():
-                raise UPopError(f"dataset folder {root} does not exist")
             eval_tf = augment.eval_transform(data.image_size, IMAGENET_MEAN, IMAGENET_STD)
             tf = (
                 eval_tf
@@ -164,7 +96,7 @@ class Classification(Task):
             )
             full = image_folder(root, "train", tf)
             report = image_folder(root, "val", eval_tf)
-            _same_classes(root, full.classes, report.classes)
+            same_classes(root, full.classes, report.classes)
             plain, labels = copy.copy(full), torch.tensor(full.targets)
             plain.transform = eval_tf
             sources = (f"{root}/train", f"{root}/val")
@@ -182,9 +114,6 @@ class Classification(Task):
         about["train"]["augment"] = preset
         self.mixer = augment.batch_mixer(preset, len(full.classes))
         return Splits(train, select, report, about)
-
-    def num_outputs(self, train: Dataset) -> int:
-        return len(train.classes)
 
     def outputs(self, model: nn.Module, batch: Any) -> torch.Tensor:
         return logits_of(model(batch[0]))

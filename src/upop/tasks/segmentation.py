@@ -33,24 +33,16 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
+from upop.data.ade20k import ADE20K_CLASSES, IGNORE, ade_split
+from upop.data.config import DataConfig
 from upop.data.shapes import SEGMENTATION_CLASSES, ShapesWorld, semantic_map
-from upop.utils.dist import unwrap
+from upop.data.splits import Carved, Splits, carve, carved_about, default_select_size
 from upop.errors import UPopError
-from upop.tasks.base import (
-    Carved,
-    DataConfig,
-    Splits,
-    Task,
-    carve,
-    carved_about,
-    default_select_size,
-    evaluating,
-    kl_distill,
-    register_task,
-)
+from upop.tasks.base import Task, evaluating, kl_distill, register_task
+from upop.utils.dist import unwrap
 
-IGNORE = 255
-ADE_CLASSES = 150
+VIT_NORMALIZATION = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))  # Segmenter's default ("vit" in a variant.yml)
+
 SCALE_RANGE = (0.5, 2.0)
 RATIOS = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
 STRIDE = 2 / 3  # window stride as a share of the window: overlapping windows on large images
@@ -195,53 +187,6 @@ def builtin_split(n: int, seed: int, size: int, noise: float) -> Callable[[int],
     return lambda i: (pixels[i].float() / 255, classes[i].long())
 
 
-def ade_split(root: Path, split: str) -> tuple[Callable[[int], tuple], int, str]:
-    """An ADE20K split: (load, count, source). Every image must have an annotation; every annotation is checked
-    (single channel, the image's size, labels <= 150) before anything trains."""
-    import numpy as np
-    from PIL import Image
-
-    image_dir, label_dir = root / "images" / split, root / "annotations" / split
-    if not image_dir.is_dir() or not label_dir.is_dir():
-        raise UPopError(f"{root} is not an ADE20K folder: it needs images/{split}/*.jpg and annotations/{split}/*.png")
-    images = sorted(p for p in image_dir.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
-    if not images:
-        raise UPopError(f"{image_dir} holds no images (*.jpg)")
-    pairs = []
-    for image in images:
-        label = label_dir / f"{image.stem}.png"
-        if not label.is_file():
-            raise UPopError(f"the image {image} has no annotation (expected {label})")
-        try:
-            with Image.open(image) as im, Image.open(label) as lab:
-                if lab.mode not in ("L", "P", "I;16", "I"):
-                    raise UPopError(
-                        f"the annotation {label} is {lab.mode}, not a single-channel PNG of class ids "
-                        "(ADE20K's annotations hold one class id per pixel)"
-                    )
-                if lab.size != im.size:
-                    raise UPopError(
-                        f"the annotation {label} is {lab.size[0]}x{lab.size[1]}, its image {image.name} "
-                        f"{im.size[0]}x{im.size[1]}; they must be the same size"
-                    )
-                top = int(np.asarray(lab).max())
-        except OSError as e:
-            raise UPopError(f"cannot read {image} or its annotation: {e}") from None
-        if top > ADE_CLASSES:
-            raise UPopError(f"the annotation {label} has label {top}; ADE20K's are 0 (ignored) to {ADE_CLASSES}")
-        pairs.append((image, label))
-
-    def load(i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        image, label = pairs[i]
-        with Image.open(image) as im, Image.open(label) as lab:
-            x = torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.uint8).copy()).permute(2, 0, 1)
-            y = torch.from_numpy(np.asarray(lab).astype(np.int64))
-        y = torch.where(y == 0, IGNORE, y - 1)  # 0 is "other": ignored; 1..150 -> classes 0..149
-        return x.float() / 255, y
-
-    return load, len(pairs), str(image_dir)
-
-
 # ------------------------------------------------------------------------------------------------------------ task
 @register_task
 class Segmentation(Task):
@@ -250,27 +195,19 @@ class Segmentation(Task):
     model_kind = "segmenter"
     pictures_need_dense = True
 
-    def __init__(self) -> None:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self.classes: tuple[str, ...] = SEGMENTATION_CLASSES
-        self.normalization: tuple = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
         self.report: Dataset | None = None
         self.crop = 0
 
-    def configure(self, options: dict[str, Any]) -> None:
-        """A released Segmenter's normalisation, read from the variant.yml beside it."""
-        spec = str(options.get("model") or "")
-        if spec.startswith("segmenter:"):
-            from upop.segmenter import NORMALIZATION, read_variant
-
-            path = Path(spec.partition(":")[2])
-            variant = (path if path.is_dir() else path.parent) / "variant.yml"
-            if variant.is_file():
-                name = read_variant(variant)["net_kwargs"].get("normalization", "vit")
-                self.normalization = NORMALIZATION.get(name, NORMALIZATION["vit"])
+    @classmethod
+    def num_outputs(cls, data: DataConfig) -> int:
+        return len(SEGMENTATION_CLASSES) if data.builtin else len(ADE20K_CLASSES)
 
     def datasets(self, data: DataConfig) -> Splits:
         crop = self.crop = int(data.image_size)
-        norm = self.normalization
+        norm = self.normalization(VIT_NORMALIZATION)
         if data.builtin:
             made, about = {}, {}
             for name, size, seed in (
@@ -286,8 +223,6 @@ class Segmentation(Task):
                     }
             self.classes = SEGMENTATION_CLASSES
         else:
-            from upop.segmenter import ADE20K_CLASSES
-
             root = Path(data.root)
             if not root.is_dir():
                 raise UPopError(f"dataset folder {root} does not exist")
@@ -310,9 +245,6 @@ class Segmentation(Task):
         about["report"]["evaluation"] = f"single-scale and multi-scale ({', '.join(map(str, RATIOS))}, flips)"
         self.report = made["report"]
         return Splits(made["train"], made.get("select"), made["report"], about)
-
-    def num_outputs(self, train: Dataset) -> int:
-        return len(self.classes)
 
     def outputs(self, model: nn.Module, batch: Any) -> torch.Tensor:
         return model(batch[0])

@@ -1,4 +1,5 @@
-"""Visual question answering with BLIP (``upop.blip.BlipVqa``: image encoder, question encoder, answer decoder).
+"""Visual question answering with BLIP (``upop.models.blip.modeling.BlipVqa``: image and question encoders, an
+answer decoder).
 
 Training: the answer decoder's LM loss (label smoothing 0.1, as BLIP) of every distinct answer a question's humans
 gave, each weighted by its share of the human answers (after the metric's normalisation, so "two" and "2" are one
@@ -31,28 +32,19 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from upop.data.config import DataConfig
+from upop.data.images import normalise_clip
 from upop.data.questions import answer_list, question_split
+from upop.data.splits import Carved, Splits, carve, carved_about, default_select_size
+from upop.data.vqa import Questions, folder_split, read_answer_list, split_file
+from upop.errors import UPopError
+from upop.tasks.base import Task, evaluating, register_task
+from upop.tasks.losses import lm_loss, token_distill
 from upop.utils import dist as D
 from upop.utils.dist import unwrap
-from upop.errors import UPopError
-from upop.tasks.base import (
-    Carved,
-    DataConfig,
-    Splits,
-    Task,
-    carve,
-    carved_about,
-    default_select_size,
-    evaluating,
-    read_annotation,
-    register_task,
-)
-from upop.tasks.caption import lm_loss, token_distill
-from upop.tasks.retrieval import _normalise, image_reader, tokenize
 
 RANK_K = 128
 NUM_BEAMS, MAX_LENGTH = 3, 10
-INFERENCE = ("rank", "generate")
 SUBMISSION = "vqa_test_submission.json"
 
 # --------------------------------------------------------------------------------------- the standard normalisation
@@ -101,102 +93,6 @@ def answer_weights(answers: list[str]) -> tuple[list[str], list[float]]:
     return list(counts), [c / len(answers) for c in counts.values()]
 
 
-# ------------------------------------------------------------------------------------------------------------ data
-class Questions(Dataset):
-    """(image, question, human answers, index) samples; ``answers`` None for a test split (hidden answers)."""
-
-    def __init__(
-        self,
-        images: Any,
-        questions: list[str],
-        answers: list[list[str]] | None,
-        types: list[str] | None = None,
-        ids: list[Any] | None = None,
-    ) -> None:
-        self.images, self.questions, self.answers, self.types = images, questions, answers, types
-        self.ids = ids if ids is not None else list(range(len(questions)))
-
-    def __len__(self) -> int:
-        return len(self.questions)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, str, list[str], int]:
-        return self.images(i), self.questions[i], self.answers[i] if self.answers else [], i
-
-    @staticmethod
-    def collate(batch: list[tuple]) -> tuple[torch.Tensor, list[str], list[list[str]], torch.Tensor]:
-        images, questions, answers, index = zip(*batch)
-        return torch.stack(images), list(questions), list(answers), torch.tensor(index)
-
-
-def read_vqa(path: Path, answers_needed: bool) -> tuple[list[Any], list[str], list[list[str]] | None, list[str]]:
-    """(question ids, questions, human answers (None when not ``answers_needed`` and absent), image paths) of a
-    BLIP-format VQA file; one line naming the entry when an entry is malformed, has no answers or repeats an id."""
-    entries = read_annotation(path, "'question_id', 'question', 'answer', 'image'")
-    ids, questions, answers, images, seen = [], [], [], [], {}
-    for n, e in enumerate(entries):
-        where = f"annotation file {path}, entry {n}"
-        if not isinstance(e, dict):
-            raise UPopError(f"{where}: expected an object, got {json.dumps(e)[:80]}")
-        qid, question, image, answer = e.get("question_id"), e.get("question"), e.get("image"), e.get("answer")
-        if not isinstance(qid, (int, str)) or isinstance(qid, bool):
-            raise UPopError(f"{where}: 'question_id' must be an integer or a string, got {json.dumps(qid)}")
-        if qid in seen:
-            raise UPopError(f"{where}: question_id {json.dumps(qid)} repeats entry {seen[qid]}; ids must be unique")
-        seen[qid] = n
-        if not isinstance(question, str) or not question.strip():
-            raise UPopError(f"{where}: 'question' must be a non-empty string")
-        if not isinstance(image, str):
-            raise UPopError(f"{where}: 'image' must be an image path relative to the image root")
-        if answers_needed or answer is not None:
-            if isinstance(answer, str):
-                answer = [answer]
-            if not isinstance(answer, list) or not answer or not all(isinstance(a, str) and a.strip() for a in answer):
-                raise UPopError(
-                    f"{where} (question_id {json.dumps(qid)}) has no answers: 'answer' must be a non-empty "
-                    "list of the human answers"
-                )
-            answers.append(answer)
-        ids.append(qid)
-        questions.append(question)
-        images.append(image)
-    return ids, questions, (answers if answers else None), images
-
-
-def read_answer_list(root: Path) -> list[str]:
-    path = root / "answer_list.json"
-    if not path.is_file():
-        raise UPopError(
-            f"{root} has no answer_list.json (the candidate answers of rank inference: a JSON list of strings)"
-        )
-    try:
-        answers = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UPopError(f"cannot read the answer list {path}: {e}") from None
-    if not isinstance(answers, list) or not answers or not all(isinstance(a, str) and a.strip() for a in answers):
-        raise UPopError(f"the answer list {path} must be a non-empty JSON list of non-empty strings")
-    return answers
-
-
-def _files(root: Path, split: str, required: bool) -> Path | None:
-    found = sorted(root.glob(f"*{split}.json"))
-    if len(found) > 1:
-        raise UPopError(f"{root} holds several *{split}.json files ({', '.join(p.name for p in found)}); keep one")
-    if not found and required:
-        raise UPopError(
-            f"{root} has no *{split}.json (BLIP's VQA format needs *train.json and *val.json, answer_list.json, and "
-            "optionally *test.json)"
-        )
-    return found[0] if found else None
-
-
-def _folder_split(path: Path, image_root: Path, image_size: int, answers_needed: bool) -> Questions:
-    ids, questions, answers, paths = read_vqa(path, answers_needed)
-    missing = next((p for p in paths if not (image_root / p).is_file()), None)
-    if missing is not None:
-        raise UPopError(f"an image named in {path} does not exist under {image_root}: {missing}")
-    return Questions(image_reader(image_root, paths, image_size, crop=False), questions, answers, ids=ids)
-
-
 # ------------------------------------------------------------------------------------------------------------ task
 @register_task
 class Vqa(Task):
@@ -204,16 +100,11 @@ class Vqa(Task):
     main_metric = "accuracy"
     model_kind = "vqa"
 
-    def __init__(self) -> None:
-        self.inference = "rank"
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.inference = self.options.vqa_inference
         self.candidates: list[str] = []
         self.test: Questions | None = None
-
-    def configure(self, options: dict[str, Any]) -> None:
-        inference = options.get("vqa_inference", "rank")
-        if inference not in INFERENCE:
-            raise UPopError(f"--vqa-inference must be one of {', '.join(INFERENCE)}, got {inference!r}")
-        self.inference = inference
 
     def datasets(self, data: DataConfig) -> Splits:
         if data.builtin:
@@ -225,7 +116,7 @@ class Vqa(Task):
             ):
                 if size:
                     load, questions, answers, types = question_split(
-                        size, seed, data.image_size, data.noise, _normalise
+                        size, seed, data.image_size, data.noise, normalise_clip
                     )
                     made[name] = Questions(load, questions, answers, types)
                     about[name] = {"source": f"built-in questions, one per scene (seed {seed})", "size": size}
@@ -236,11 +127,11 @@ class Vqa(Task):
             raise UPopError(f"dataset folder {root} does not exist")
         image_root = Path(data.image_root) if data.image_root else root
         self.candidates = read_answer_list(root)
-        train_file, report_file = _files(root, "train", True), _files(root, "val", True)
-        train = _folder_split(train_file, image_root, data.image_size, True)
-        report = _folder_split(report_file, image_root, data.image_size, True)
-        test_file = _files(root, "test", False)
-        self.test = _folder_split(test_file, image_root, data.image_size, False) if test_file else None
+        train_file, report_file = split_file(root, "train", True), split_file(root, "val", True)
+        train = folder_split(train_file, image_root, data.image_size, True)
+        report = folder_split(report_file, image_root, data.image_size, True)
+        test_file = split_file(root, "test", False)
+        self.test = folder_split(test_file, image_root, data.image_size, False) if test_file else None
         about = {
             "train": {"source": str(train_file), "size": len(train)},
             "report": {"source": str(report_file), "size": len(report)},
@@ -262,9 +153,6 @@ class Vqa(Task):
         about["report"]["inference"] = self.inference
         return Splits(train, select, report, about)
 
-    def num_outputs(self, train: Dataset) -> int:
-        return 0
-
     def outputs(self, model: nn.Module, batch: Any) -> dict[str, torch.Tensor]:
         """Decoder logits (A, L, V) of every distinct answer of every question, with labels, weights, owners."""
         images, questions, humans, _ = batch
@@ -275,8 +163,8 @@ class Vqa(Task):
             owner += [q] * len(distinct)
             answers += distinct
             weights += share
-        q = tokenize(model, questions, device)
-        a = tokenize(model, answers, device)
+        q = self.tokenize(questions, device)
+        a = self.tokenize(answers, device)
         owner_t = torch.tensor(owner, device=device)
         logits = model(images, q["input_ids"], q["attention_mask"], a["input_ids"], a["attention_mask"], owner_t)
         labels = a["input_ids"].masked_fill(a["attention_mask"] == 0, -100)
@@ -301,11 +189,11 @@ class Vqa(Task):
         """The model's answers to ``questions`` about ``images`` by the task's inference mode (``candidates``: the
         answer list's tokens, when the caller has them)."""
         m = unwrap(model)
-        q = tokenize(m, questions, images.device)
+        q = self.tokenize(questions, images.device)
         if self.inference == "generate":
             out = m.generate(images, q["input_ids"], q["attention_mask"], num_beams=NUM_BEAMS, max_length=MAX_LENGTH)
-            return [m.upop_tokenizer.decode(row[1:]) for row in out]
-        a = candidates if candidates is not None else tokenize(m, self.candidates, images.device)
+            return [self.tokenizer.decode(row[1:]) for row in out]
+        a = candidates if candidates is not None else self.tokenize(self.candidates, images.device)
         picked = m.rank(images, q["input_ids"], q["attention_mask"], a["input_ids"], a["attention_mask"], RANK_K)
         return [self.candidates[i] for i in picked.tolist()]
 
@@ -313,7 +201,7 @@ class Vqa(Task):
     def evaluate(self, model: nn.Module, loader: Any, device: torch.device) -> dict[str, float]:
         data = loader.dataset
         with evaluating(model):
-            scored, candidates = [], tokenize(model, self.candidates, device)
+            scored, candidates = [], self.tokenize(self.candidates, device)
             for images, questions, humans, index in loader:
                 answers = self.answer(model, images.to(device), questions, candidates)
                 scored += [(int(i), vqa_accuracy(p, h)) for i, p, h in zip(index, answers, humans)]
@@ -334,7 +222,7 @@ class Vqa(Task):
             return {}
         from torch.utils.data import DataLoader
 
-        rows, candidates = [], tokenize(model, self.candidates, device)
+        rows, candidates = [], self.tokenize(self.candidates, device)
         with evaluating(model):
             for images, questions, _, index in DataLoader(
                 self.test, batch_size=batch_size, collate_fn=Questions.collate
@@ -346,14 +234,14 @@ class Vqa(Task):
     def example_inputs(self, batch: Any, model: nn.Module | None = None) -> Any:
         """Images, their questions and one answer each (the first human's; "yes" without a batch of questions)."""
         if model is None:
-            raise UPopError("VQA example inputs need the model (its tokenizer)")
+            raise UPopError("VQA example inputs need the model (its device)")
         device = next(model.parameters()).device
         if isinstance(batch, torch.Tensor):
             images, questions, answers = batch, ["is there a red circle?"] * len(batch), ["yes"] * len(batch)
         else:
             images, questions = batch[0], batch[1]
             answers = [h[0] if h else "yes" for h in batch[2]]
-        q, a = tokenize(model, questions, device), tokenize(model, answers, device)
+        q, a = self.tokenize(questions, device), self.tokenize(answers, device)
         return {
             "pixel_values": images.to(device),
             "input_ids": q["input_ids"],

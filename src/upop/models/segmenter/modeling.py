@@ -9,7 +9,7 @@ tokens, ``blocks.N`` as the encoder's, ``decoder_norm``, the patch and class pro
 ``proj_classes``; the masks are the scalar products of the L2-normalised projected patches and classes, normalised
 by ``mask_norm`` (a LayerNorm over the classes). The linear decoder (``head``) is the variant. The output is upsampled
 to the input size. The encoder's ImageNet head (``encoder.head``), unused for segmentation, is not part of the model
-and is dropped when a released checkpoint is read.
+and is dropped when a released checkpoint is read (``upop.models.segmenter.variant``).
 
 Attention reads its head count and head_dim from attributes (not from the input width), with PyTorch's fused
 attention and the scale of the original head_dim, so a pruned block needs no other class.
@@ -17,7 +17,6 @@ attention and the scale of the original head_dim, so a pruned block needs no oth
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,23 +24,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from upop.errors import UPopError
-
-ADE20K_CLASSES: tuple[str, ...] = tuple(
-    (
-        "wall|building|sky|floor|tree|ceiling|road|bed|windowpane|grass|cabinet|sidewalk|person|earth|door|table|"
-        "mountain|plant|curtain|chair|car|water|painting|sofa|shelf|house|sea|mirror|rug|field|armchair|seat|fence|"
-        "desk|rock|wardrobe|lamp|bathtub|railing|cushion|base|box|column|signboard|chest of drawers|counter|sand|"
-        "sink|skyscraper|fireplace|refrigerator|grandstand|path|stairs|runway|case|pool table|pillow|screen door|"
-        "stairway|river|bridge|bookcase|blind|coffee table|toilet|flower|book|hill|bench|countertop|stove|palm|"
-        "kitchen island|computer|swivel chair|boat|bar|arcade machine|hovel|bus|towel|light|truck|tower|chandelier|"
-        "awning|streetlight|booth|television|airplane|dirt track|apparel|pole|land|bannister|escalator|ottoman|"
-        "bottle|buffet|poster|stage|van|ship|fountain|conveyer belt|canopy|washer|plaything|swimming pool|stool|"
-        "barrel|basket|waterfall|tent|bag|minibike|cradle|oven|ball|food|step|tank|trade name|microwave|pot|animal|"
-        "bicycle|lake|dishwasher|screen|blanket|sculpture|hood|sconce|vase|traffic light|tray|ashcan|fan|pier|"
-        "crt screen|plate|monitor|bulletin board|shower|radiator|glass|clock|flag"
-    ).split("|")
-)
-NORMALIZATION = {"vit": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)), "deit": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))}
 
 
 def _init(module: nn.Module) -> None:
@@ -246,10 +228,6 @@ class Segmenter(nn.Module):
         masks = F.interpolate(masks, size=padded.shape[2:], mode="bilinear", align_corners=False)
         return masks[:, :, :h, :w]
 
-    def upop_convert_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """A released checkpoint's state without the encoder's ImageNet head (not part of this model)."""
-        return {k: v for k, v in state.items() if not k.startswith(("encoder.head.", "encoder.head_dist."))}
-
 
 def build_segmenter(net: dict[str, Any]) -> Segmenter:
     """A Segmenter from a ``variant.yml``'s ``net_kwargs`` (image_size, patch_size, d_model, n_heads, n_layers,
@@ -291,62 +269,3 @@ def build_segmenter(net: dict[str, Any]) -> Segmenter:
     except (KeyError, TypeError, ValueError) as e:
         raise UPopError(f"not a Segmenter configuration (net_kwargs): {type(e).__name__} {e}") from None
     return Segmenter(encoder, decoder, n_cls)
-
-
-class _VariantLoader:
-    """A YAML loader that reads plain data and the ``!!python/tuple`` tag the original training script writes (as
-    a list); every other Python tag is refused, nothing is executed."""
-
-    @staticmethod
-    def make() -> Any:
-        import yaml
-
-        class Loader(yaml.SafeLoader):
-            pass
-
-        Loader.add_constructor("tag:yaml.org,2002:python/tuple", lambda loader, node: loader.construct_sequence(node))
-        return Loader
-
-
-def read_variant(path: Path) -> dict[str, Any]:
-    import yaml
-
-    try:
-        variant = yaml.load(path.read_text(), Loader=_VariantLoader.make())  # a SafeLoader subclass
-    except (OSError, yaml.YAMLError) as e:
-        raise UPopError(f"cannot read the Segmenter variant {path}: {str(e).splitlines()[0]}") from None
-    if not isinstance(variant, dict) or not isinstance(variant.get("net_kwargs"), dict):
-        raise UPopError(f"{path} is not a Segmenter variant.yml (no net_kwargs)")
-    return variant
-
-
-def variant_image_size(path: Path) -> int | None:
-    """The crop size of the Segmenter at ``path`` (a checkpoint.pth or its folder), from its variant.yml (None when
-    there is none: loading the model then says why)."""
-    variant = (path if path.is_dir() else path.parent) / "variant.yml"
-    if not variant.is_file():
-        return None
-    size = read_variant(variant)["net_kwargs"].get("image_size")
-    return int(size[0] if isinstance(size, (list, tuple)) else size) if size else None
-
-
-def load_segmenter(path: Path, n_cls: int | None = None, weights: bool = True) -> Segmenter:
-    """A Segmenter from a released ``checkpoint.pth`` (or its folder) and the ``variant.yml`` beside it; with
-    ``weights``, its weights (read with ``weights_only=True``). ``n_cls`` must match the checkpoint's classes."""
-    from upop.models import load_weights
-
-    checkpoint = path / "checkpoint.pth" if path.is_dir() else path
-    variant_file = checkpoint.parent / "variant.yml"
-    if not variant_file.is_file():
-        raise UPopError(f"no variant.yml beside {checkpoint} (a Segmenter checkpoint comes with its variant.yml)")
-    variant = read_variant(variant_file)
-    net = variant["net_kwargs"]
-    if n_cls is not None and int(net.get("n_cls", n_cls)) != n_cls:
-        raise UPopError(f"{variant_file} has {net.get('n_cls')} classes; the data has {n_cls}")
-    model = build_segmenter(net)
-    model.upop_normalization = NORMALIZATION.get(net.get("normalization", "vit"), NORMALIZATION["vit"])
-    size = net["image_size"]
-    model.upop_image_size = int(size[0] if isinstance(size, (list, tuple)) else size)
-    if weights:
-        load_weights(model, checkpoint)
-    return model

@@ -8,17 +8,13 @@ a Linear(2h -> h) (the released checkpoints apply no activation there), then add
 first text token is replaced by the encoder token; a Linear-ReLU-Linear head on its final state gives 2 logits
 (False, True).
 
-``convert_original`` maps the keys of the released BLIP checkpoints (``model_base_nlvr.pth``,
-``model_base_retrieval_{coco,flickr}.pth``: a timm-style ViT ``visual_encoder``, BERT ``text_encoder``) to these
-models' keys, through one table.
+The released BLIP checkpoints' keys map to these models' in ``upop.models.blip.checkpoints``; HF BLIP directories
+load through ``upop.models.blip.hf``.
 """
 
 from __future__ import annotations
 
 import copy
-import re
-from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,8 +22,6 @@ from torch import nn
 from transformers.models.blip.configuration_blip import BlipTextConfig, BlipVisionConfig
 from transformers.models.blip.modeling_blip import BlipVisionModel
 from transformers.models.blip.modeling_blip_text import BlipTextEmbeddings, BlipTextLayer, BlipTextSelfAttention
-
-from upop.errors import UPopError
 
 
 class TwinBranch(nn.Module):
@@ -131,9 +125,6 @@ class BlipNlvr(nn.Module):
         hidden = self.text_encoder(ids, attention_mask, (image[:, 0], image[:, 1]))
         return self.cls_head(hidden[:, 0])
 
-    def upop_convert_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return convert_original(state, ORIGINAL_KEYS + TWIN_KEYS)
-
 
 class BlipRetrieval(nn.Module):
     """BLIP for image-text retrieval, with the submodule names of HF's ``BlipForImageTextRetrieval`` and of the
@@ -212,9 +203,6 @@ class BlipRetrieval(nn.Module):
         labels[:b] = 1
         out["itm_labels"] = labels
         return out
-
-    def upop_convert_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return convert_original(state)
 
 
 class BlipVqa(nn.Module):
@@ -328,212 +316,15 @@ class BlipVqa(nn.Module):
             **kwargs,
         )
 
-    def upop_convert_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return tie_lm_head(convert_original(state), "text_decoder.")
-
 
 def build_captioner(vision: BlipVisionConfig, text: BlipTextConfig) -> nn.Module:
-    """HF ``BlipForConditionalGeneration`` of these configs, reading the released BLIP captioning checkpoints too."""
+    """HF ``BlipForConditionalGeneration`` of these configs."""
     from transformers import BlipConfig, BlipForConditionalGeneration
 
     config = BlipConfig(vision_config=vision.to_dict(), text_config=text.to_dict())
-    return with_original_keys(BlipForConditionalGeneration(config))
+    return BlipForConditionalGeneration(config)
 
 
-def with_original_keys(model: nn.Module) -> nn.Module:
-    """``model`` (an HF BLIP captioner) that also loads the released checkpoints' keys (``upop.models.load_weights``
-    looks for ``upop_convert_state``)."""
-    model.upop_convert_state = lambda state: tie_lm_head(convert_original(state), "text_decoder.")
-    return model
-
-
-def tie_lm_head(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    """The LM head's output layer shares the word embeddings (and its bias the head's ``bias``): a checkpoint that
-    stores only one of each gets the other."""
-    head = f"{prefix}cls.predictions."
-    tied = {f"{head}decoder.weight": f"{prefix}bert.embeddings.word_embeddings.weight"}
-    tied[f"{head}decoder.bias"] = f"{head}bias"
-    for key, source in tied.items():
-        if key not in state and source in state and any(k.startswith(head) for k in state):
-            state = {**state, key: state[source]}
-    return state
-
-
-# ------------------------------------------------------------------------------------- original checkpoint keys
-ORIGINAL_KEYS: tuple[tuple[str, str], ...] = (  # (pattern in the released BLIP checkpoints, key here)
-    (r"^visual_encoder\.cls_token$", "vision_model.embeddings.class_embedding"),
-    (r"^visual_encoder\.pos_embed$", "vision_model.embeddings.position_embedding"),
-    (r"^visual_encoder\.patch_embed\.proj\.", "vision_model.embeddings.patch_embedding."),
-    (r"^visual_encoder\.blocks\.(\d+)\.norm1\.", r"vision_model.encoder.layers.\1.layer_norm1."),
-    (r"^visual_encoder\.blocks\.(\d+)\.norm2\.", r"vision_model.encoder.layers.\1.layer_norm2."),
-    (r"^visual_encoder\.blocks\.(\d+)\.attn\.qkv\.", r"vision_model.encoder.layers.\1.self_attn.qkv."),
-    (r"^visual_encoder\.blocks\.(\d+)\.attn\.proj\.", r"vision_model.encoder.layers.\1.self_attn.projection."),
-    (r"^visual_encoder\.blocks\.(\d+)\.mlp\.", r"vision_model.encoder.layers.\1.mlp."),
-    (r"^visual_encoder\.norm\.", "vision_model.post_layernorm."),
-)
-TWIN_KEYS: tuple[tuple[str, str], ...] = (  # and for the NLVR model's twin cross-attention
-    (r"\.crossattention\.self([01])\.", r".crossattention.branches.\1.self."),
-    (r"\.crossattention\.output\.dense([01])\.", r".crossattention.branches.\1.dense."),
-    (r"\.crossattention\.output\.(merge_layer|LayerNorm)\.", r".crossattention.\1."),
-)
-DROPPED = re.compile(r"(_m\.|^(image|text|idx|ptr)_queue$|position_ids$)")  # momentum encoders, queues, buffers
-
-
-def convert_original(state: dict[str, Any], table: tuple[tuple[str, str], ...] = ORIGINAL_KEYS) -> dict[str, Any]:
-    """A released BLIP checkpoint's state dict in these models' keys (unchanged when it is not in that layout):
-    renamed by ``table`` (``ORIGINAL_KEYS``, plus ``TWIN_KEYS`` for NLVR), without the momentum encoders and queues
-    that only pre-training and the retrieval queues use."""
-    if not any(k.startswith("visual_encoder.") for k in state):
-        return state
-    out = {}
-    for key, value in state.items():
-        if DROPPED.search(key):
-            continue
-        for pattern, replacement in table:
-            key = re.sub(pattern, replacement, key)
-        out[key] = value
-    return out
-
-
-# ------------------------------------------------------------------------------------------------ HF BLIP directories
-HF_TO_TWIN: tuple[tuple[str, str], ...] = (  # an HF BLIP text encoder's single cross-attention, into each branch
-    (r"\.crossattention\.self\.", r".crossattention.branches.{i}.self."),
-    (r"\.crossattention\.output\.dense\.", r".crossattention.branches.{i}.dense."),
-    (r"\.crossattention\.output\.LayerNorm\.", r".crossattention.LayerNorm."),
-)
-
-
-def hf_tokenizer(path: Path) -> Any:
-    from transformers import AutoTokenizer
-
-    vocabularies = ("tokenizer.json", "vocab.txt", "vocab.json", "*.model")
-    if not any(any(path.glob(pattern)) for pattern in vocabularies):  # transformers would build an empty one
-        raise UPopError(f"{path} has no usable tokenizer files (none of {', '.join(vocabularies)})")
-    try:
-        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    except (OSError, ValueError, TypeError) as e:
-        raise UPopError(f"{path} has no usable tokenizer files ({str(e).splitlines()[0][:120]})") from None
-
-
-def _hf_blip(path: Path, weights: bool) -> tuple[Any, Any, int, dict[str, torch.Tensor]]:
-    """(config, tokenizer function, encoder token id, state dict or {} without ``weights``) of a local HF BLIP
-    directory; one clear line when it is not one or has no tokenizer."""
-    from transformers import AutoConfig
-
-    if not (path / "config.json").is_file():
-        raise UPopError(f"{path} is not an HF model directory (no config.json)")
-    config = AutoConfig.from_pretrained(str(path), local_files_only=True)
-    if config.model_type != "blip":
-        raise UPopError(f"{path} holds a {config.model_type!r} model, not an HF BLIP model")
-    tokenizer = hf_tokenizer(path)
-    enc = tokenizer.convert_tokens_to_ids("[ENC]") if "[ENC]" in tokenizer.get_vocab() else tokenizer.cls_token_id
-    state: dict[str, torch.Tensor] = {}
-    if weights:
-        from upop.models import read_state_dict
-
-        for f in sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin")):
-            state.update(read_state_dict(f))
-    return config, _tokenize_with(tokenizer, config.text_config.max_position_embeddings), enc, state
-
-
-def _load_into(model: nn.Module, state: dict[str, torch.Tensor], fresh: Callable[[str], bool], what: str) -> None:
-    """Fill ``model`` from ``state``; every key but the ``fresh`` ones must be there."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in state and not fresh(k)]
-    if missing:
-        raise UPopError(f"{what}: missing {', '.join(missing[:3])}")
-    wrong = [
-        f"{k} ({tuple(state[k].shape)} vs {tuple(v.shape)})"
-        for k, v in own.items()
-        if k in state and state[k].shape != v.shape
-    ]
-    if wrong:
-        raise UPopError(f"{what}: wrong shape {', '.join(wrong[:3])}")
-    model.load_state_dict({**own, **{k: v for k, v in state.items() if k in own}})
-
-
-def load_hf_nlvr(path: Path, weights: bool = True) -> BlipNlvr:
-    """``BlipNlvr`` from a local HF BLIP directory (e.g. an image-text-matching model): its vision and text configs,
-    its tokenizer, and (``weights``) its vision encoder and text encoder, the one cross-attention copied into both
-    branches, as BLIP initialises NLVR from a pre-trained model. The merge layers and the head start fresh."""
-    config, tokenize, enc, state = _hf_blip(path, weights)
-    model = BlipNlvr(config.vision_config, config.text_config, enc)
-    model.upop_tokenizer = tokenize
-    if state:
-        mapped = {}
-        for key, value in state.items():
-            if key.startswith(("vision_model.", "text_encoder.")):
-                for i in (0, 1):
-                    new = key
-                    for pattern, replacement in HF_TO_TWIN:
-                        new = re.sub(pattern, replacement.format(i=i), new)
-                    mapped[new] = value
-        fresh = lambda k: "merge_layer" in k or k.startswith("cls_head.")  # noqa: E731
-        _load_into(model, mapped, fresh, f"{path} does not hold BLIP's vision and text encoders")
-    return model
-
-
-def load_hf_retrieval(path: Path, weights: bool = True) -> BlipRetrieval:
-    """``BlipRetrieval`` from a local HF BLIP directory (``BlipForImageTextRetrieval``: the same key names), with its
-    tokenizer; ``temp`` (not in HF's class) starts at 0.07."""
-    config, tokenize, enc, state = _hf_blip(path, weights)
-    model = BlipRetrieval(config.vision_config, config.text_config, config.image_text_hidden_size, enc)
-    model.upop_tokenizer = tokenize
-    if state:
-        _load_into(model, state, lambda k: k == "temp", f"{path} is not a BLIP image-text retrieval model")
-    return model
-
-
-class HFTokens:
-    """An HF tokenizer as the tasks call it: ``tokens(texts)`` -> {"input_ids", "attention_mask"} padded to the
-    longest text and cut at ``length`` tokens; ``decode(ids)`` -> text without special tokens."""
-
-    def __init__(self, tokenizer: Any, positions: int) -> None:
-        self.tokenizer = tokenizer
-        self.length = min(int(getattr(tokenizer, "model_max_length", 35) or 35), positions)
-
-    def __call__(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        out = self.tokenizer(texts, padding="longest", truncation=True, max_length=self.length, return_tensors="pt")
-        return {"input_ids": out["input_ids"], "attention_mask": out["attention_mask"]}
-
-    def decode(self, ids: torch.Tensor | list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
-
-
-def load_hf_captioner(path: Path, weights: bool = True) -> nn.Module:
-    """HF ``BlipForConditionalGeneration`` from a local directory (e.g. blip-image-captioning-base), its tokenizer
-    as ``upop_tokenizer``."""
-    from transformers import BlipForConditionalGeneration
-    from transformers.utils.logging import disable_progress_bar
-
-    config, tokenize, _, _ = _hf_blip(path, False)
-    has_weights = any(path.glob("*.safetensors")) or any(path.glob("*.bin"))
-    disable_progress_bar()
-    if weights and has_weights:
-        model = BlipForConditionalGeneration.from_pretrained(str(path), local_files_only=True)
-    else:
-        model = BlipForConditionalGeneration(config)
-    model.upop_tokenizer = tokenize
-    return with_original_keys(model)
-
-
-def load_hf_vqa(path: Path, weights: bool = True) -> BlipVqa:
-    """``BlipVqa`` from a local HF BLIP directory (``BlipForQuestionAnswering``: the same key names), with its
-    tokenizer."""
-    config, tokenize, enc, state = _hf_blip(path, weights)
-    model = BlipVqa(config.vision_config, config.text_config, enc)
-    model.upop_tokenizer = tokenize
-    if state:
-        state = tie_lm_head(state, "text_decoder.")
-        _load_into(model, state, lambda k: False, f"{path} is not a BLIP visual question answering model")
-    return model
-
-
-def _tokenize_with(tokenizer: Any, positions: int) -> HFTokens:
-    return HFTokens(tokenizer, positions)
-
-
-# ------------------------------------------------------------------------------------------------ built-in BLIP
 def tiny_configs(
     image_size: int, patch_size: int, width: int, heads: int, depth: int, text_width: int, vocab: int, context: int
 ) -> tuple[BlipVisionConfig, BlipTextConfig]:

@@ -1,11 +1,14 @@
-"""The end-of-run report: dense vs compressed metric, params, FLOPs, latency, kept fractions per tower and kind, and a
-heatmap of the kept fraction per layer (layers x {tower attn, tower mlp})."""
+"""The end-of-run report as text and pictures: dense vs compressed metric, params, FLOPs, latency, kept fractions
+per tower and kind, and a heatmap of the kept fraction per layer (layers x {tower attn, tower mlp})."""
 
 from __future__ import annotations
 
 import io
 import re
 from typing import Any
+
+from upop.jobs.report import CompressReport
+from upop.utils.extras import require
 
 
 def _human(n: float) -> str:
@@ -34,136 +37,126 @@ def _split_text(about: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
-def _alignment_text(report: dict[str, Any]) -> str:
+def _alignment_text(report: CompressReport) -> str:
     """ "widths multiples of 8 (head dims) / 1 (MLP), measured on cpu" or "... as given"."""
-    a = report.get("alignment") or {}
-    prune = report.get("prune", {})
-    attn, mlp = a.get("attn", prune.get("align_attn")), a.get("mlp", prune.get("align_mlp"))
+    a = report.alignment or {}
+    attn, mlp = a.get("attn", report.prune.get("align_attn")), a.get("mlp", report.prune.get("align_mlp"))
     how = "as given" if a.get("device") in (None, "given") else f"auto, measured on {a['device']}"
     return f"kept widths multiples of {attn} (head dims) / {mlp} (MLP) ({how})"
 
 
-def report_header(report: dict[str, Any]) -> str:
+def _kept_weights_text(report: CompressReport) -> str:
+    """Which weights a compress run kept: the selected retraining epoch, the last one, or the searched subnet."""
+    epochs, chosen = report.recipe.get("epochs"), report.compressed.epoch
+    if not epochs:
+        return "no retraining: the searched subnet"
+    if report.selection.get("split"):
+        return f"retraining epoch {chosen} of {epochs}, chosen by {report.selection.get('metric')} on the select split"
+    return f"the last retraining epoch ({epochs}; no selection split)"
+
+
+def report_header(report: CompressReport) -> str:
     """What produced a compress report: model, data and splits, selection, pruning settings, recipe, machine."""
-    splits, recipe, prune = report.get("splits", {}), report.get("recipe", {}), report.get("prune", {})
-    data = report.get("data", {})
+    splits, recipe, prune, data = report.splits, report.recipe, report.prune, report.data
     source = data.get("root") or (
         f"built-in shapes world ({data.get('train_size')} train / {data.get('val_size')} val scenes, "
         f"seed {data.get('seed')}, noise {data.get('noise')})"
     )
-    select = report.get("selection", {})
-    chosen = report.get("compressed", {}).get("epoch")
-    if recipe.get("epochs"):
-        how = (
-            f"retraining epoch {chosen} of {recipe['epochs']}, chosen by {select.get('metric')} on the select split"
-            if select.get("split")
-            else f"the last retraining epoch ({recipe['epochs']}; no selection split)"
-        )
-    else:
-        how = "no retraining: the searched subnet"
     distill = (
         f"distillation from the dense model (weight {recipe['distill']}, temperature {recipe['temperature']})"
         if recipe.get("distill")
         else "no distillation"
     )
     lines = [
-        f"# UPop: {report.get('model')} on {report.get('task')}, p = {report.get('p')}",
+        f"# UPop: {report.model} on {report.task}, p = {report.p}",
         "",
         f"- data: {source}; training augmentation {splits.get('train', {}).get('augment', 'none')}",
         f"- train split: {_split_text(splits.get('train', {}))}",
         f"- select split: {_split_text(splits['select']) if 'select' in splits else 'none'}",
         f"- report split: {_split_text(splits.get('report', {}))} (every metric below is on this split)",
-        f"- kept weights: {how}",
-        f"- pruning: p = {report.get('p')} of the prunable {report.get('cost')}, {report.get('allocation')} "
+        f"- kept weights: {_kept_weights_text(report)}",
+        f"- pruning: p = {report.p} of the prunable {report.cost}, {report.allocation} "
         f"allocation, {_alignment_text(report)}, T = {prune.get('total_steps')} "
-        f"search steps, {report.get('rerankings')} re-rankings; {_ranking_text(report)}",
+        f"search steps, {report.rerankings} re-rankings; {_ranking_text(report)}",
         f"- recipe: search {recipe.get('epochs_search')} epoch(s) at lr {recipe.get('lr_search')} "
         f"({recipe.get('search_schedule')}), retraining {recipe.get('epochs')} epoch(s) at lr {recipe.get('lr')} "
-        f"(cosine), {distill}; seed {report.get('seed')}, batch {report.get('batch_size')} per rank, "
-        f"amp {'on' if report.get('amp') else 'off'}",
-        f"- machine: {report.get('device')} x {report.get('world_size')} process(es); upop "
-        f"{report.get('upop_version')}, torch {report.get('torch_version')}; {report.get('date')}",
+        f"(cosine), {distill}; seed {report.seed}, batch {report.batch_size} per rank, "
+        f"amp {'on' if report.amp else 'off'}",
+        f"- machine: {report.device} x {report.world_size} process(es); upop "
+        f"{report.upop_version}, torch {report.torch_version}; {report.date}",
     ]
     return "\n".join(lines)
 
 
-def _ranking_text(report: dict[str, Any]) -> str:
+def _ranking_text(report: CompressReport) -> str:
     """The ranking a compress run used, and how settled it ended (or that a given plan replaced the search)."""
-    if report.get("given_plan"):
+    if report.given_plan:
         return "no search: a given plan"
-    prune = report.get("prune", {})
+    prune = report.prune
     text = (
         f"ranking: {prune.get('score', 'gradient')} score standardised per {prune.get('standardise', 'kind')}, "
         f"floor {prune.get('floor', 0.0)} of the uniform share"
     )
-    stability = report.get("stability") or {}
+    stability = report.stability or {}
     if stability.get("rank_correlation") is not None:
         text += f" (last two re-rankings: rank correlation {stability['rank_correlation']:.2f})"
     return text
 
 
-def comparison_table(report: dict[str, Any]) -> str:
-    """A markdown table from a compress report (see ``upop.run.compress``): report-split metrics of the dense model,
-    the kept (selected) epoch, the last epoch and the subnet right after the search; size, FLOPs, latency, kept
-    shares."""
-    dense, comp = report["dense"], report["compressed"]
-    split = "report split"
-    rows = [("metric", "dense", "compressed", "ratio")]
-    for name in dense["metrics"]:
-        d, c = dense["metrics"][name], comp["metrics"][name]
-        epoch = comp.get("epoch")
-        label = f"{name} ({split}{f', epoch {epoch}' if epoch else ''})"
+Row = tuple[str, str, str, str]
+
+
+def _metric_rows(report: CompressReport) -> list[Row]:
+    """Report-split metrics: the kept epoch's against dense, the last epoch's, the subnet's right after the search."""
+    dense, comp, split = report.dense, report.compressed, "report split"
+    rows = []
+    for name in dense.metrics:
+        d, c = dense.metrics[name], comp.metrics[name]
+        label = f"{name} ({split}{f', epoch {comp.epoch}' if comp.epoch else ''})"
         rows.append((label, f"{d:.2f}", f"{c:.2f}", f"{c / d:.3f}" if d else "-"))
-    last = report.get("compressed_last") or {}
-    if last.get("metrics") and last.get("epoch") and last["epoch"] != comp.get("epoch"):
-        for name, v in last["metrics"].items():
-            d = dense["metrics"][name]
-            rows.append((f"{name} ({split}, last epoch {last['epoch']})", "", f"{v:.2f}", f"{v / d:.3f}" if d else "-"))
-    if report.get("searched_metrics") and comp.get("epoch"):
-        for name, v in report["searched_metrics"].items():
+    last = report.compressed_last
+    if last.metrics and last.epoch and last.epoch != comp.epoch:
+        for name, v in last.metrics.items():
+            d = dense.metrics[name]
+            rows.append((f"{name} ({split}, last epoch {last.epoch})", "", f"{v:.2f}", f"{v / d:.3f}" if d else "-"))
+    if report.searched_metrics and comp.epoch:
+        for name, v in report.searched_metrics.items():
             rows.append((f"{name} after search, before retraining", "", f"{v:.2f}", ""))
-    rows.append(
-        ("params", _human(dense["params"]), _human(comp["params"]), f"{dense['params'] / comp['params']:.2f}x smaller")
-    )
-    rows.append(
+    return rows
+
+
+def _cost_rows(report: CompressReport) -> list[Row]:
+    """Size, FLOPs and latency of dense and compressed."""
+    dense, comp, speed = report.dense, report.compressed, report.speed
+    return [
+        ("params", _human(dense.params), _human(comp.params), f"{dense.params / comp.params:.2f}x smaller"),
+        ("FLOPs / sample", _human(dense.flops), _human(comp.flops), f"{dense.flops / comp.flops:.2f}x fewer"),
         (
-            "FLOPs / sample",
-            _human(dense["flops"]),
-            _human(comp["flops"]),
-            f"{dense['flops'] / comp['flops']:.2f}x fewer",
-        )
-    )
-    speed = report.get("speed") or {
-        "dense_ms": dense["latency_ms"],
-        "compressed_ms": comp["latency_ms"],
-        "speedup": dense["latency_ms"] / comp["latency_ms"],
-        "batch": report["latency_batch"],
-        "device": report["device"],
-    }
-    rows.append(
-        (
-            f"latency, batch {speed['batch']} ({speed['device']}, back to back)",
-            f"{speed['dense_ms']:.2f} ms",
-            f"{speed['compressed_ms']:.2f} ms",
-            speed_text(speed["speedup"]) + (" (SLOWER than dense)" if speed["speedup"] < 1 else ""),
-        )
-    )
-    attn_unit = unit_of("attn", report.get("granularity", "dim"))
-    rows.append((f"kept attention {attn_unit}", "1.000", f"{report['kept']['attn']:.3f}", ""))
-    rows.append(("kept MLP neurons", "1.000", f"{report['kept']['mlp']:.3f}", ""))
-    by_tower = report.get("kept_by_tower") or {}
-    if len(by_tower) > 1:
-        for tower, kinds in by_tower.items():
+            f"latency, batch {speed.batch} ({speed.device}, back to back)",
+            f"{speed.dense_ms:.2f} ms",
+            f"{speed.compressed_ms:.2f} ms",
+            speed_text(speed.speedup) + (" (SLOWER than dense)" if speed.speedup < 1 else ""),
+        ),
+    ]
+
+
+def _kept_rows(report: CompressReport) -> list[Row]:
+    """What was kept: per kind, per tower and kind, each mixed-granularity block's shape, the pruned share."""
+    attn_unit = unit_of("attn", report.granularity)
+    rows = [
+        (f"kept attention {attn_unit}", "1.000", f"{report.kept['attn']:.3f}", ""),
+        ("kept MLP neurons", "1.000", f"{report.kept['mlp']:.3f}", ""),
+    ]
+    if len(report.kept_by_tower) > 1:
+        for tower, kinds in report.kept_by_tower.items():
             for kind, label in (("attn", f"attention {attn_unit}"), ("mlp", "MLP neurons")):
                 if kind in kinds:
                     rows.append((f"kept {tower} {label}", "1.000", f"{kinds[kind]:.3f}", ""))
-    shapes = [f"{s['heads']}x{s['head_dim']}" for s in report.get("per_structure", []) if "heads" in s]
+    shapes = [f"{s['heads']}x{s['head_dim']}" for s in report.per_structure if "heads" in s]
     if shapes:  # mixed granularity: each attention block's kept heads x head_dim, in model order
         rows.append(("kept attention heads x head_dim", "", ", ".join(shapes), ""))
-    rows.append(
-        ("pruned share of prunable cost", "", f"{report['pruned_cost_fraction']:.4f}", f"target p={report['p']}")
-    )
-    table = report.get("latency_cost")
+    rows.append(("pruned share of prunable cost", "", f"{report.pruned_cost_fraction:.4f}", f"target p={report.p}"))
+    table = report.latency_cost
     if table:
         rows.append(
             (
@@ -173,6 +166,14 @@ def comparison_table(report: dict[str, Any]) -> str:
                 f"target {table['target_ms']:.3f} ms",
             )
         )
+    return rows
+
+
+def comparison_table(report: CompressReport) -> str:
+    """A markdown table from a compress report: report-split metrics of the dense model, the kept (selected) epoch,
+    the last epoch and the subnet right after the search; size, FLOPs, latency, kept shares."""
+    rows = [("metric", "dense", "compressed", "ratio"), *_metric_rows(report), *_cost_rows(report)]
+    rows += _kept_rows(report)
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     lines = ["| " + " | ".join(cell.ljust(w) for cell, w in zip(r, widths)) + " |" for r in rows]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
@@ -236,8 +237,7 @@ def kept_grid(
 
 def heatmap_png(per_structure: list[dict[str, Any]], title: str) -> bytes:
     """A PNG heatmap of the kept fraction per layer and (tower, kind): where the search spent the budget."""
-    import matplotlib
-
+    matplotlib = require("matplotlib", "the kept-structure picture")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np

@@ -9,11 +9,18 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from upop.adapters import find_adapter
 from upop.core import plan as P
+from upop.core.profile import call_model
 from upop.errors import UPopError
+from upop.jobs.common import RunConfig, compressed_bundle
+from upop.models import ModelBundle
+from upop.tasks import get_task
+from upop.utils.extras import require
+from upop.utils.files import atomic_write
 
 
 def load_compressed(
@@ -26,39 +33,33 @@ def load_compressed(
       ``config.json`` (model spec, outputs, input size) with parameters on the meta device, sliced by ``plan.json``,
       and filled from ``model.safetensors``. No dense weights are read or allocated (a CLIP-L user does not read 856M
       dense parameters to load a 474M model), and an ``hf:``/``open_clip:`` spec's weight files need not exist.
+      ``compressed_directory`` gives its bundle (with the tokenizer).
     - ``load_compressed(build, directory)``: ``build()`` makes the dense architecture (called with parameters on the
       meta device), for models of the user's own.
     - ``load_compressed(dense_model, directory)``: a fresh dense model, sliced in place.
     """
     if directory is None:
-        directory = model_or_directory
-        return P.load_compressed(_builder(Path(directory)), directory, find_adapter)
+        return compressed_directory(model_or_directory).model
     return P.load_compressed(model_or_directory, directory, find_adapter)
 
 
-def _builder(directory: Path) -> Callable[[], nn.Module]:
-    """Builds the dense architecture of a ``upop compress`` directory from its config.json (read once the plan was
-    found), without weights."""
-
-    def build() -> nn.Module:
-        from upop.models import build_model
-        from upop.tasks import get_task
-
-        path = directory / "config.json"
-        if not path.is_file():
-            raise UPopError(
-                f"{directory} has no config.json, so it was not written by `upop compress`; from Python, pass the "
-                "dense model or a function that builds it: upop.load_compressed(model, directory)"
-            )
-        try:
-            config = json.loads(path.read_text())
-            run = config["run"]
-            spec, task, outputs, size = run["model"], run["task"], config["num_outputs"], config.get("image_size")
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise UPopError(f"{path} is not a upop compress configuration ({e})") from None
-        return build_model(spec, outputs, size, kind=get_task(task).model_kind, weights=False)
-
-    return build
+def compressed_directory(directory: str | os.PathLike) -> ModelBundle:
+    """The bundle of a directory written by ``upop compress``: its compressed model (see ``load_compressed``) with
+    the tokenizer, input size and normalisation of the model spec its config.json names."""
+    directory = Path(directory)
+    P.read_plan(directory)  # a directory without a plan is not a compressed model, whatever else it holds
+    path = directory / "config.json"
+    if not path.is_file():
+        raise UPopError(
+            f"{directory} has no config.json, so it was not written by `upop compress`; from Python, pass the "
+            "dense model or a function that builds it: upop.load_compressed(model, directory)"
+        )
+    try:
+        config = json.loads(path.read_text())
+        cfg, outputs = RunConfig(**config["run"]), config["num_outputs"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise UPopError(f"{path} is not a upop compress configuration ({e})") from None
+    return compressed_bundle(cfg, outputs, torch.device("cpu"), str(directory))
 
 
 def export_onnx(directory: str | os.PathLike, output: str | os.PathLike, batch: int = 2) -> dict[str, float]:
@@ -67,21 +68,14 @@ def export_onnx(directory: str | os.PathLike, output: str | os.PathLike, batch: 
     PyTorch. Returns {"max_abs_diff", "outputs"}; refuses, writing nothing, if they disagree beyond 1e-4 of the
     output scale."""
     import numpy as np
-    import torch
 
-    from upop.utils.files import atomic_write
-    from upop.core.profile import call_model
-    from upop.tasks import get_task
-
-    try:
-        import onnxruntime  # noqa: F401  (before the export's work)
-    except ImportError as e:
-        raise UPopError(f"ONNX export needs onnx, onnxscript and onnxruntime ({e}); reinstall upop") from None
+    for module in ("onnx", "onnxscript", "onnxruntime"):  # before the export's work
+        require(module, "ONNX export")
     directory, output = Path(directory), Path(output)
-    model = load_compressed(directory).eval()
-    config = json.loads((directory / "config.json").read_text())
-    size = config.get("image_size") or 224
-    inputs = get_task(config["run"]["task"]).example_inputs(torch.randn(batch, 3, size, size), model)
+    bundle = compressed_directory(directory)
+    model, size = bundle.model.eval(), bundle.image_size or 224
+    task = get_task(json.loads((directory / "config.json").read_text())["run"]["task"], bundle)
+    inputs = task.example_inputs(torch.randn(batch, 3, size, size), model)
     if not isinstance(inputs, dict):  # positional inputs: name them as the forward does
         inputs = _as_keywords(model, inputs)
     tmp = output.with_name(f".{output.name}.tmp")
@@ -112,16 +106,13 @@ def export_onnx(directory: str | os.PathLike, output: str | os.PathLike, batch: 
 def _as_keywords(model: nn.Module, inputs) -> dict:
     import inspect
 
-    import torch
-
     values = (inputs,) if torch.is_tensor(inputs) else tuple(inputs)
     names = [n for n in inspect.signature(model.forward).parameters if n not in ("self", "args", "kwargs")]
     return dict(zip(names, values))
 
 
 def _run_onnx(path: Path, feed: dict) -> list:
-    import onnxruntime
-
+    onnxruntime = require("onnxruntime", "ONNX export")
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     wanted = {i.name for i in session.get_inputs()}
     return session.run(None, {k: v.numpy() for k, v in feed.items() if k in wanted})
@@ -129,8 +120,6 @@ def _run_onnx(path: Path, feed: dict) -> list:
 
 def _tensors(output) -> list:
     """The tensors of a model output (a tensor, a tuple or an HF ModelOutput), in order, as ONNX lists them."""
-    import torch
-
     if torch.is_tensor(output):
         return [output]
     values = output.to_tuple() if hasattr(output, "to_tuple") else output
