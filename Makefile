@@ -2,20 +2,26 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 UPOP := $(VENV)/bin/upop
+PIP := $(VENV)/bin/pip install --quiet -c constraints.txt
 DEMO_BASE ?= runs/demo-base
 DEMO_OUT ?= runs/demo-2x
 
-.PHONY: venv test demo bench lint clean
+.PHONY: venv test test-fast demo bench lint docs docs-check clean
 
-$(VENV)/.installed: pyproject.toml
+# The exact set the tests ran with (constraints.txt) within the ranges pyproject.toml allows.
+$(VENV)/.installed: pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
-	$(VENV)/bin/pip install --quiet -e '.[dev]'
+	$(PIP) -e '.[dev]'
 	touch $@
 
 venv: $(VENV)/.installed
 
+# The whole suite (CI runs it). `make test-fast` skips the tests marked slow, ddp or e2e (about a minute).
 test: venv
 	OMP_NUM_THREADS=2 $(PY) -m pytest -q --durations=8 tests
+
+test-fast: venv
+	OMP_NUM_THREADS=2 $(PY) -m pytest -q -m "not slow and not ddp and not e2e" tests
 
 # Trains a tiny ViT on the built-in shapes world once (cached in $(DEMO_BASE)), then compresses it 2x.
 demo: venv
@@ -25,19 +31,33 @@ demo: venv
 	$(UPOP) compress --task classification --model vit-tiny --pretrained $(DEMO_BASE)/model.safetensors \
 		--p 0.5 --epochs-search 2 --epochs 2 --output-dir $(DEMO_OUT) --overwrite
 
+# ruff, and the layer contract (pyproject.toml [tool.importlinter]).
+lint: venv
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
+	$(VENV)/bin/lint-imports
+
+# The docs site (mkdocs, the .[docs] extra) into site/, strictly: a broken link, snippet or reference fails.
+docs: venv
+	$(PIP) -e '.[docs]'
+	$(PY) benchmarks/tables.py
+	$(VENV)/bin/mkdocs build --strict --quiet --site-dir site
+
+# Every command the docs show, run (tests/test_docs.py); `make docs` first builds the tables they include.
+docs-check: venv
+	OMP_NUM_THREADS=2 $(PY) -m pytest -q tests/test_docs.py
+
 # Torch-Pruning is a benchmark-only extra (the peer comparison), never a runtime dependency.
 bench: venv
-	$(VENV)/bin/pip install --quiet -e '.[bench]'
+	$(PIP) -e '.[bench]'
 	$(PY) benchmarks/bench_vit.py
 	$(PY) benchmarks/bench_clip.py
 	$(PY) benchmarks/bench_blip.py
 	$(PY) benchmarks/bench_seg.py
-	$(PY) benchmarks/search_cost.py --out benchmarks/results_search_cost.json
+	$(PY) benchmarks/search_cost.py --out benchmarks/results/search_cost.json
 	$(PY) benchmarks/bench_peers.py
 	$(PY) benchmarks/bench_peers.py --study
-
-lint: venv
-	$(VENV)/bin/ruff check src tests benchmarks
+	$(PY) benchmarks/tables.py
 
 clean:
-	rm -rf runs
+	rm -rf runs site

@@ -4,7 +4,7 @@ beside uniform allocation (p in every structure), with the same search and retra
 
 Reports mean recall and R@1 both ways (after retraining, and right after the search), params and FLOPs, the kept
 fraction per tower, and the latency speedup per tower (median ratio of back-to-back encoder calls of the dense and
-the compressed model, in one fresh process). Writes benchmarks/results_clip.md and benchmarks/results_clip.json.
+the compressed model, in one fresh process). Writes benchmarks/results/clip.md and .json.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from common import paired_latency, variant_row  # noqa: E402
 
 HERE = Path(__file__).parent
 ROOT = HERE.parent
+RESULTS = HERE / "results"  # the tables and raw values the docs include
 DATA = DataConfig(train_size=4000, val_size=500)
 CFG = RunConfig(task="retrieval", model="clip-tiny", data=DATA, batch_size=128)
 VARIANTS = {  # run directory -> (row label, search configuration)
@@ -82,7 +83,7 @@ def measure(args: argparse.Namespace, runs: Path) -> None:
     start = time.perf_counter()
     recall_at_k(sims, owner)
     recall_seconds = time.perf_counter() - start
-    (HERE / "results_clip.json").write_text(
+    (RESULTS / "clip.json").write_text(
         json.dumps({"rows": rows, "recall_5k_x_25k_seconds": recall_seconds}, indent=1) + "\n"
     )
     lines = [
@@ -112,7 +113,7 @@ def measure(args: argparse.Namespace, runs: Path) -> None:
     lines.append("")
     lines.append(f"Recall@1/5/10 both ways on a 5000 x 25000 similarity matrix: {recall_seconds:.2f} s.")
     text_md = "\n".join(lines)
-    (HERE / "results_clip.md").write_text(text_md + "\n")
+    (RESULTS / "clip.md").write_text(text_md + "\n")
     print(text_md)
 
 

@@ -14,7 +14,8 @@ shared by all heads and by q, k, v, and MLP neurons; the embedding width is kept
   the very code UPop's own rows run.
 
 Every score is on the report split, the retraining epoch chosen on the selection split. Seeds change the search and
-retraining data order (and Torch-Pruning's Taylor batches); the base is shared. Writes results_peers.md/.json.
+retraining data order (and Torch-Pruning's Taylor batches); the base is shared. Writes benchmarks/results/peers.md and
+.json.
 Runs already present under runs/bench-peers are reused.
 """
 
@@ -44,6 +45,7 @@ from upop.jobs.train import train
 
 HERE = Path(__file__).parent
 ROOT = HERE.parent
+RESULTS = HERE / "results"  # the tables and raw values the docs include
 TAYLOR_BATCHES = 10
 
 TASKS = {  # name -> (run config, base training epochs and LR, search epochs, retraining epochs, metric)
@@ -286,7 +288,9 @@ def main() -> None:
     parser.add_argument("--ps", default="0.5,0.75")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument(
-        "--study", action="store_true", help="the ranking study instead (STUDY), written to results_peers_study.md"
+        "--study",
+        action="store_true",
+        help="the ranking study instead (STUDY), written to benchmarks/results/peers_study.md",
     )
     args = parser.parse_args()
     plan = (
@@ -312,9 +316,9 @@ def main() -> None:
         "30 back-to-back pairs at the evaluation batch, median over seeds."
     )
     text = "\n".join(lines) + "\n"
-    name = "results_peers_study" if args.study else "results_peers"
-    (HERE / f"{name}.md").write_text(text)
-    (HERE / f"{name}.json").write_text(json.dumps(everything, indent=1) + "\n")
+    name = "peers_study" if args.study else "peers"
+    (RESULTS / f"{name}.md").write_text(text)
+    (RESULTS / f"{name}.json").write_text(json.dumps(everything, indent=1) + "\n")
     print(text)
 
 

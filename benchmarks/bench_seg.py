@@ -7,7 +7,7 @@ Reports single-scale and multi-scale mIoU on the report split (after retraining,
 accuracy, params and FLOPs, the kept fraction per tower, the latency speedup of the whole model (median ratio of
 back-to-back calls at batch 64, fresh process), the all-background baseline, and the cost of a search step against a
 plain training step. A second dense model trained from scratch for as many epochs as a compressed model had in all
-(base + search + retraining) shows what the extra epochs alone give. Writes benchmarks/results_segmentation.md and
+(base + search + retraining) shows what the extra epochs alone give. Writes benchmarks/results/segmentation.md and
 .json.
 """
 
@@ -40,6 +40,7 @@ from common import step_ratio as common_step_ratio  # noqa: E402
 
 HERE = Path(__file__).parent
 ROOT = HERE.parent
+RESULTS = HERE / "results"  # the tables and raw values the docs include
 LR = 1e-3
 CFG = RunConfig(
     task="segmentation", model="segmenter-tiny", data=DataConfig(train_size=20000, val_size=500), batch_size=64
@@ -95,7 +96,7 @@ def measure(cfg: RunConfig, args: argparse.Namespace, runs: Path) -> None:
             rows.append({**rows[0], "variant": "dense-long", "label": label, "metrics": long.metrics})
     baseline, steps = background_baseline(cfg), step_ratio(cfg)
     result = {"rows": rows, "baseline": baseline, "search_step": steps}
-    (args.results / "results_segmentation.json").write_text(json.dumps(result, indent=1) + "\n")
+    (args.results / "segmentation.json").write_text(json.dumps(result, indent=1) + "\n")
     lines = [
         "| variant | mIoU single-scale | mIoU multi-scale | pixel acc. | mIoU before retraining | params | FLOPs "
         "reduction | kept encoder attn / mlp | kept decoder attn / mlp | latency speedup |",
@@ -133,7 +134,7 @@ def measure(cfg: RunConfig, args: argparse.Namespace, runs: Path) -> None:
         f"({1e3 * steps['search']:.0f} ms vs {1e3 * steps['plain']:.0f} ms).",
     ]
     text = "\n".join(lines)
-    (args.results / "results_segmentation.md").write_text(text + "\n")
+    (args.results / "segmentation.md").write_text(text + "\n")
     print(text)
 
 
@@ -147,7 +148,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--train-size", type=int, default=None)
     parser.add_argument("--val-size", type=int, default=None)
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "bench-seg")
-    parser.add_argument("--results", type=Path, default=HERE)
+    parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--measure-only", action="store_true")
     args = parser.parse_args(argv)
     sizes = {k: v for k, v in (("train_size", args.train_size), ("val_size", args.val_size)) if v is not None}

@@ -4,10 +4,11 @@ Reports top-1 on the report split (the built-in val scenes; the retraining epoch
 from train), after retraining and right after the search, params, FLOPs, measured latency speedup next to the FLOPs
 reduction, and the time of a search step vs a plain training step. Latencies and step times are measured in the same
 fresh process: speedups as medians of ratios of back-to-back runs (shared machines are noisy).
-Writes benchmarks/results.md and benchmarks/results.json.
+Writes benchmarks/results/vit.md and .json.
 
 The recipe study (``--study``, part of `make bench`): at 4x, over 3 seeds, the search LR constant (the reference's,
-the default) vs cosine, and retraining with distillation from the dense model. Writes results_recipe.md/.json.
+the default) vs cosine, and retraining with distillation from the dense model. Writes benchmarks/results/recipe.md
+and .json.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from common import paired_latency  # noqa: E402
 
 HERE = Path(__file__).parent
 ROOT = HERE.parent
+RESULTS = HERE / "results"  # the tables and raw values the docs include
 
 
 # run directory suffix -> (row label, search configuration)
@@ -109,8 +111,8 @@ def recipe_study(args: argparse.Namespace, runs: Path, pretrained: Path) -> None
         cells.append(" / ".join(f"{r['top1']:.2f}" for r in rows))
         lines.append("| " + " | ".join(cells) + " |")
     text = "\n".join(lines) + "\n"
-    (HERE / "results_recipe.md").write_text(text)
-    (HERE / "results_recipe.json").write_text(json.dumps(results, indent=1) + "\n")
+    (RESULTS / "recipe.md").write_text(text)
+    (RESULTS / "recipe.json").write_text(json.dumps(results, indent=1) + "\n")
     print(text)
 
 
@@ -272,8 +274,8 @@ def measure(args: argparse.Namespace, runs: Path) -> None:
         f"retraining {args.epochs} epochs on 19k built-in train scenes, the retraining epoch (and the base model's "
         f"epoch, of {args.base_epochs}) chosen on 1000 scenes carved from train; seed 0.\n"
     )
-    (HERE / "results.md").write_text(text)
-    (HERE / "results.json").write_text(json.dumps(result, indent=1) + "\n")
+    (RESULTS / "vit.md").write_text(text)
+    (RESULTS / "vit.json").write_text(json.dumps(result, indent=1) + "\n")
     print(text)
 
 

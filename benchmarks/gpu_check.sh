@@ -2,7 +2,7 @@
 # One prepared GPU check (about 5 minutes on one H100/H200): DeiT-Small, DeiT-Base and CLIP ViT-B/16, random weights.
 # Needs a CUDA device and the project's dependencies (the venv, or a python with torch, timm and transformers:
 # PY=python3).
-# Extra arguments go to gpu_check.py, e.g. --out results_gpu.json.
+# Extra arguments go to gpu_check.py, e.g. --out benchmarks/results/gpu.json.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}

@@ -164,6 +164,7 @@ def test_unknown_model_name(tmp_path, capsys):
     assert "unknown model 'vit-huge-nope'; accepted: vit-tiny" in err
 
 
+@pytest.mark.e2e
 def test_imagenet_style_folder_trains_and_compresses(tmp_path, capsys):
     from PIL import Image
 
@@ -200,6 +201,7 @@ def test_imagenet_style_folder_trains_and_compresses(tmp_path, capsys):
     assert (tmp_path / "out" / "plan.json").is_file()
 
 
+@pytest.mark.e2e
 def test_hf_directory_through_compress_and_evaluate(tmp_path, capsys):
     from helpers import hf_vit
 
@@ -218,6 +220,7 @@ def test_hf_directory_through_compress_and_evaluate(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["metrics"] == pytest.approx(report["compressed"]["metrics"])
 
 
+@pytest.mark.e2e
 def test_whole_head_granularity_end_to_end(base, tmp_path, capsys):
     out = tmp_path / "heads"
     assert main(compress_argv(base / "model.safetensors", out, "--granularity", "head", "--p", "0.5")) == 0
@@ -230,6 +233,7 @@ def test_whole_head_granularity_end_to_end(base, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["metrics"] == pytest.approx(report["compressed"]["metrics"])
 
 
+@pytest.mark.e2e
 def test_mixed_granularity_end_to_end_and_a_plan_that_is_not_heads_times_dims_is_refused(base, tmp_path, capsys):
     out = tmp_path / "mixed"
     argv = compress_argv(base / "model.safetensors", out, "--granularity", "mixed", "--p", "0.5", "--align-attn", "1")
@@ -257,6 +261,7 @@ def test_mixed_granularity_end_to_end_and_a_plan_that_is_not_heads_times_dims_is
     assert "whole heads x head dims shared by all kept heads" in _fail(capsys, argv, tmp_path / "x")
 
 
+@pytest.mark.e2e
 def test_latency_cost_with_a_table_measured_by_upop_latency_table(base, tmp_path, capsys):
     table = tmp_path / "table.json"
     assert main(["latency-table", *CLI_DATA, "--output", str(table)]) == 0
@@ -285,6 +290,7 @@ def test_report_carries_the_ranking_stability(compressed):
     assert f"rank correlation {stability['rank_correlation']:.2f}" in header
 
 
+@pytest.mark.e2e
 def test_a_given_plan_is_retrained_without_a_search_to_the_same_architecture(base, compressed, tmp_path, capsys):
     out = tmp_path / "replayed"
     argv = compress_argv(base / "model.safetensors", out, "--plan", str(compressed / "plan.json"), "--epochs", "1")

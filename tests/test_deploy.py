@@ -72,6 +72,8 @@ def test_a_build_function_for_a_model_of_ones_own(tmp_path):
         upop.load_compressed(tmp_path)
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_onnx_export_agrees_with_pytorch_at_any_batch(compressed, tmp_path, capsys):
     import onnxruntime
 
@@ -87,6 +89,8 @@ def test_onnx_export_agrees_with_pytorch_at_any_batch(compressed, tmp_path, caps
         assert got.shape == expected.shape and np.abs(got - expected).max() < 1e-5
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_a_two_tower_model_exports(tmp_path, capsys):
     out = tmp_path / "clip"
     argv = ["compress", "--task", "retrieval", "--model", "clip-micro", "--train-size", "64", "--val-size", "16"]
@@ -95,6 +99,7 @@ def test_a_two_tower_model_exports(tmp_path, capsys):
     assert "over 8 output(s)" in capsys.readouterr().out  # logits both ways, embeddings, tower outputs
 
 
+@pytest.mark.slow
 def test_the_compressed_model_runs_under_torch_compile(compressed):
     model = upop.load_compressed(compressed).eval()
     x = images(3)
@@ -102,6 +107,8 @@ def test_the_compressed_model_runs_under_torch_compile(compressed):
         torch.testing.assert_close(torch.compile(model)(x), model(x), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_a_segmenter_loads_alone_and_exports(tmp_path, capsys):
     """Segmenter: the compressed directory loads without the dense weights and its ONNX export (any input batch)
     agrees with PyTorch."""

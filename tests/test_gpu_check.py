@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 from helpers import load_benchmark
 
 
+@pytest.mark.slow
 def test_gpu_check_runs_at_tiny_size_on_cpu(tmp_path):
     gpu_check = load_benchmark("gpu_check")
     argv = "--models vit-micro,hf-clip:tiny,blip-nlvr:tiny,blip-caption:tiny,segmenter:tiny --device cpu --batch 4 "
@@ -34,10 +36,19 @@ def test_gpu_check_runs_at_tiny_size_on_cpu(tmp_path):
         for tower in row["speedup"].values():
             assert set(tower) == {"fp32", "autocast", "autocast_batch1"} and set(tower["fp32"]) == rows
     assert (tmp_path / "r.json").is_file()
-    table = (tmp_path / "r.md").read_text().splitlines()
-    rows = 1 + len(gpu_check.VARIANTS) + 1  # the searched rows and the two hand-sliced shapes
-    assert len(table) == 2 + rows * sum(len(row["speedup"]) for row in result["models"])
-    assert all(line.count("|") == 7 for line in table)
+    header, rule, *rows = [_cells(line) for line in (tmp_path / "r.md").read_text().splitlines()]
+    assert header[:2] == ["model, tower", "setting"] and "fp32, batch B" in header and len(rule) == len(header)
+    assert all(len(row) == len(header) for row in rows)  # a table a markdown reader renders, every row whole
+    labels = [row[1] for row in rows]
+    towers = sum(len(row["speedup"]) for row in result["models"])
+    for label in gpu_check.ROW_LABELS.values():  # every setting once per model and tower, with its three speeds
+        assert labels.count(label) == towers, label
+    assert all(cell.endswith(("x", "x slower**")) for row in rows for cell in row[2:5])
+
+
+def _cells(line: str) -> list[str]:
+    assert line.startswith("|") and line.endswith("|"), line
+    return [cell.strip() for cell in line[1:-1].split("|")]
 
 
 def test_gpu_widths_runs_at_tiny_size_on_cpu(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from test_bad_input import _folder
 
 from upop.cli import main
@@ -44,6 +45,7 @@ def test_config_of_a_folder_run_does_not_record_the_builtin_worlds_settings(tmp_
     assert report["splits"]["report"]["source"] == f"{tmp_path / 'data'}/val"
 
 
+@pytest.mark.e2e
 def test_a_compressed_model_slower_than_dense_is_said_plainly(tmp_path, capsys, monkeypatch):
     from helpers import compress_argv
 

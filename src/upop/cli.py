@@ -50,8 +50,6 @@ def _common(p: argparse.ArgumentParser, fallback_to_saved: bool = False) -> None
     arg(
         "--task",
         default="classification",
-        choices=tuple(registered_tasks()),
-        metavar="TASK",
         help=f"the task, with its main metric: {tasks_help()} (default: classification)",
     )
     arg("--model", default="vit-tiny", help=f"the model, per task: {models_help()} (default: vit-tiny)")
@@ -191,6 +189,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("compress", help="search, compress, retrain, evaluate, save")
     _common(c)
+    _recipe_flags(c)
+    _search_flags(c)
+    _run_flags(c, "plan.json, model.safetensors")
+
+    e = sub.add_parser("evaluate", help="evaluate a compressed directory or a dense checkpoint")
+    _common(e, fallback_to_saved=True)
+    e.add_argument("--compressed", default=None, help="a directory written by `upop compress`")
+    e.add_argument("--pretrained", default=None, help="a dense checkpoint instead")
+
+    lt = sub.add_parser(
+        "latency-table", help="measure a model's latency per structure shape and kept width on this machine"
+    )
+    _common(lt)
+    lt.add_argument("--granularity", choices=("dim", "head"), default="dim", help="dims (default) or whole heads")
+    lt.add_argument("--output", required=True, help="the JSON table to write (pass it to compress --latency-table)")
+
+    x = sub.add_parser("export", help="export a compressed directory to ONNX (checked against PyTorch)")
+    x.add_argument("compressed", help="a directory written by `upop compress`")
+    x.add_argument("--onnx", required=True, help="the .onnx file to write (dynamic batch dimension)")
+    return parser
+
+
+def _recipe_flags(c: argparse.ArgumentParser) -> None:
+    """How compress trains: the dense weights, the budget, search and retraining epochs and rates, distillation."""
     c.add_argument("--pretrained", default=None, help="dense weights: .safetensors, or a torch state dict file")
     c.add_argument("--p", type=float, default=0.5, help="fraction of the prunable cost to remove, in (0, 1)")
     c.add_argument(
@@ -208,6 +230,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="LR schedule of the search: constant (default, the reference's) or cosine decay",
     )
     c.add_argument("--lr", type=float, default=5e-4, help="peak learning rate of retraining (cosine)")
+
+
+def _search_flags(c: argparse.ArgumentParser) -> None:
+    """How compress searches: re-ranking, cost, widths, granularity, allocation, ranking, a given plan, scope."""
     c.add_argument(
         "--interval",
         type=_auto_or_int,
@@ -310,24 +336,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--towers", default=None, help="prune only these towers, comma-separated (e.g. vision or text; default: all)"
     )
     c.add_argument("--exclude", action="append", default=[], help="module name or re:PATTERN not to prune (repeatable)")
-    _run_flags(c, "plan.json, model.safetensors")
-
-    e = sub.add_parser("evaluate", help="evaluate a compressed directory or a dense checkpoint")
-    _common(e, fallback_to_saved=True)
-    e.add_argument("--compressed", default=None, help="a directory written by `upop compress`")
-    e.add_argument("--pretrained", default=None, help="a dense checkpoint instead")
-
-    lt = sub.add_parser(
-        "latency-table", help="measure a model's latency per structure shape and kept width on this machine"
-    )
-    _common(lt)
-    lt.add_argument("--granularity", choices=("dim", "head"), default="dim", help="dims (default) or whole heads")
-    lt.add_argument("--output", required=True, help="the JSON table to write (pass it to compress --latency-table)")
-
-    x = sub.add_parser("export", help="export a compressed directory to ONNX (checked against PyTorch)")
-    x.add_argument("compressed", help="a directory written by `upop compress`")
-    x.add_argument("--onnx", required=True, help="the .onnx file to write (dynamic batch dimension)")
-    return parser
 
 
 # CLI flag (argparse dest) -> DataConfig field

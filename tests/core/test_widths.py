@@ -36,16 +36,16 @@ def _search(model, pruner, steps: int) -> None:
 
 @pytest.mark.parametrize("penalty_below, expected", [(1, 1), (4, 4), (8, 8), (16, 16)])
 def test_the_smallest_alignment_at_full_speed_is_chosen(monkeypatch, penalty_below, expected):
-    monkeypatch.setattr(widths, "_seconds", _scripted(penalty_below))
+    monkeypatch.setattr(widths, "time_module", _scripted(penalty_below))
     build_mlp = lambda w: widths.MlpProbe(16, w)  # noqa: E731
-    align, relative = widths._choose(768, build_mlp, torch.zeros(1, 1, 16), None)
+    align, relative = widths.choose_alignment(768, build_mlp, torch.zeros(1, 1, 16), None)
     assert align == expected
     assert relative[384] == 1.0 and set(relative) == {384, 383, 382, 380, 376, 368}
 
 
 def test_auto_is_measured_cached_and_recorded(tmp_path, monkeypatch):
     monkeypatch.setenv("UPOP_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(widths, "_seconds", _scripted(8))
+    monkeypatch.setattr(widths, "time_module", _scripted(8))
     model = build(timm_vit, (2, 16, 2, 64))
     pruner = upop.Pruner(model, upop.PruneConfig(p=0.5, total_steps=10), example_inputs=images(4))
     assert (pruner.alignment.attn, pruner.alignment.mlp) == (8, 8) and pruner.alignment.device == "cpu"
@@ -53,7 +53,7 @@ def test_auto_is_measured_cached_and_recorded(tmp_path, monkeypatch):
     assert len(cache) == 2 and all("|fp32|" in key and "tokens 17|batch 4" in key for key in cache)
     pruner.detach()
     calls = []
-    monkeypatch.setattr(widths, "_choose", lambda *a: calls.append(a) or (1, {}))
+    monkeypatch.setattr(widths, "choose_alignment", lambda *a: calls.append(a) or (1, {}))
     again = upop.Pruner(model, upop.PruneConfig(p=0.5, total_steps=10), example_inputs=images(4))
     assert not calls and (again.alignment.attn, again.alignment.mlp) == (8, 8)  # from the cache
     again.detach()
@@ -63,14 +63,14 @@ def test_auto_is_measured_cached_and_recorded(tmp_path, monkeypatch):
 
 def test_a_search_with_auto_keeps_multiples_and_a_resumed_search_keeps_its_alignment(tmp_path, monkeypatch):
     monkeypatch.setenv("UPOP_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(widths, "_seconds", _scripted(8))
+    monkeypatch.setattr(widths, "time_module", _scripted(8))
     model = build(timm_vit, (2, 16, 2, 64))
     pruner = upop.Pruner(model, upop.PruneConfig(p=0.5, total_steps=4), example_inputs=images(2))
     _search(model, pruner, 4)
     assert all(int((~c).sum()) % 8 == 0 for c in pruner.chosen)
     state = pruner.state_dict()
     pruner.detach()
-    monkeypatch.setattr(widths, "_seconds", _scripted(1))  # the machine now measures otherwise...
+    monkeypatch.setattr(widths, "time_module", _scripted(1))  # the machine now measures otherwise...
     (tmp_path / "widths.json").unlink()
     resumed = upop.Pruner(build(timm_vit, (2, 16, 2, 64)), upop.PruneConfig(p=0.5, total_steps=4), images(2))
     assert resumed.alignment.attn == 1
@@ -91,8 +91,8 @@ def test_a_one_off_spike_from_another_tenant_does_not_coarsen_the_widths(monkeyp
         calls["n"] += 1
         return width * (4.0 if width == 376 and calls["n"] < 12 else 1.0)  # 376: slow only the first time
 
-    monkeypatch.setattr(widths, "_seconds", spiky)
-    align, relative = widths._choose(768, lambda w: widths.MlpProbe(16, w), torch.zeros(1, 1, 16), None)
+    monkeypatch.setattr(widths, "time_module", spiky)
+    align, relative = widths.choose_alignment(768, lambda w: widths.MlpProbe(16, w), torch.zeros(1, 1, 16), None)
     assert align == 1 and relative[376] < 1.5
 
 
@@ -127,7 +127,7 @@ def test_a_latency_cost_search_measures_once_per_shape_and_meets_its_budget(tmp_
         w = module.head_dim if hasattr(module, "head_dim") else module.fc1.out_features
         return (w * w * 1e-3) if hasattr(module, "head_dim") else w * 1e-3
 
-    monkeypatch.setattr(widths, "_seconds", seconds)
+    monkeypatch.setattr(widths, "time_module", seconds)
     model = build(timm_vit, (2, 16, 3, 64))
     config = upop.PruneConfig(p=0.5, total_steps=6, cost="latency", align_attn=1, align_mlp=1)
     pruner = upop.Pruner(model, config, example_inputs=images(4))
@@ -144,7 +144,7 @@ def test_a_latency_cost_search_measures_once_per_shape_and_meets_its_budget(tmp_
     table = tmp_path / "table.json"
     table.write_text(json.dumps(pruner.latency_tables))
     pruner.detach()
-    monkeypatch.setattr(widths, "_seconds", lambda *a: pytest.fail("a given table must not be measured"))
+    monkeypatch.setattr(widths, "time_module", lambda *a: pytest.fail("a given table must not be measured"))
     given = upop.Pruner(model, upop.PruneConfig(**{**config.to_dict(), "latency_table": str(table)}), images(4))
     assert all(torch.equal(a, b) for a, b in zip(given.costs, pruner.costs))
     given.detach()
@@ -155,7 +155,7 @@ def test_a_latency_cost_search_measures_once_per_shape_and_meets_its_budget(tmp_
 
 def test_mixed_granularity_probes_head_dims_of_the_block_and_keeps_them_aligned(tmp_path, monkeypatch):
     monkeypatch.setenv("UPOP_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(widths, "_seconds", _scripted(8))
+    monkeypatch.setattr(widths, "time_module", _scripted(8))
     model = build(timm_vit, (4, 16, 2, 64))
     config = upop.PruneConfig(p=0.5, total_steps=4, granularity="mixed")
     pruner = upop.Pruner(model, config, example_inputs=images(2))

@@ -6,14 +6,14 @@ import sys
 
 import torch
 
-from upop.core.config import PruneConfig
 from upop import Pruner
-from upop.utils import dist as D
+from upop.core.config import PruneConfig
+from upop.data.config import DataConfig
 from upop.engine.loaders import make_loaders
 from upop.engine.loop import Phase, run_phase
 from upop.models import build_model
-from upop.data.config import DataConfig
 from upop.tasks import get_task
+from upop.utils import dist as D
 
 
 def main(out_dir: str) -> None:

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from helpers import CLI_DATA, compress_argv
 
@@ -19,6 +20,8 @@ def _torchrun(args, tmp_path, timeout=300):
     return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.ddp
+@pytest.mark.e2e
 def test_two_rank_search_takes_identical_decisions(tmp_path):
     result = _torchrun([str(WORKER), str(tmp_path)], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -32,6 +35,8 @@ def test_two_rank_search_takes_identical_decisions(tmp_path):
     assert set(r0["masks"][-1].unique().tolist()) == {0.0, 1.0}
 
 
+@pytest.mark.ddp
+@pytest.mark.e2e
 def test_cli_compress_runs_under_torchrun(tmp_path):
     base = tmp_path / "base"
     argv = ["train", *CLI_DATA, "--batch-size", "16", "--epochs", "1", "--output-dir", str(base)]
@@ -45,6 +50,8 @@ def test_cli_compress_runs_under_torchrun(tmp_path):
     assert "pruned share of prunable cost" in result.stdout
 
 
+@pytest.mark.ddp
+@pytest.mark.e2e
 def test_importance_does_not_depend_on_the_number_of_ranks(tmp_path):
     result = _torchrun([str(WORKER), str(tmp_path), "importance"], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -62,6 +69,8 @@ def test_importance_does_not_depend_on_the_number_of_ranks(tmp_path):
     torch.testing.assert_close(two, one, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.ddp
+@pytest.mark.e2e
 def test_cli_retrieval_compress_runs_under_torchrun(tmp_path):
     out = tmp_path / "clip"
     argv = [

@@ -12,18 +12,18 @@ import torch
 from helpers import CLI_DATA
 from torch.utils.data import Dataset
 
+from upop import Pruner
 from upop.cli import main
 from upop.core.config import PruneConfig
-from upop import Pruner
+from upop.data.config import DataConfig
+from upop.data.splits import Splits
 from upop.engine import checkpoint as C
-from upop.utils import dist as D
 from upop.engine.loaders import make_loaders
 from upop.engine.loop import Phase, run_phase
 from upop.errors import UPopError
 from upop.models import build_model
-from upop.data.config import DataConfig
 from upop.tasks import get_task
-from upop.data.splits import Splits
+from upop.utils import dist as D
 
 INFO = D.DistInfo(0, 1, 0, torch.device("cpu"))
 
@@ -180,6 +180,7 @@ def test_too_many_nonfinite_steps_stop_the_run_with_a_clear_message():
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+@pytest.mark.e2e
 def test_disk_full_during_a_run_is_one_line_and_resume_then_finishes(tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
     argv = [

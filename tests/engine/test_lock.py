@@ -46,6 +46,8 @@ def test_a_held_lock_is_refused_and_a_dead_holders_lock_is_taken_over(tmp_path):
     assert not (tmp_path / LOCK_FILE).exists()
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_a_second_run_into_a_running_runs_directory_is_refused(tmp_path, capsys):
     out = tmp_path / "run"
     argv = ["train", *CLI_DATA, "--epochs", "2", "--output-dir", str(out)]

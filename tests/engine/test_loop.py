@@ -45,6 +45,7 @@ def test_kl_distillation_is_zero_for_the_teacher_itself_and_scaled_by_t_squared(
     torch.testing.assert_close(kl_distill(student, teacher, 2.0), by_hand)
 
 
+@pytest.mark.e2e
 def test_distillation_enters_the_retraining_loss_only(tmp_path):
     out = tmp_path / "kd"
     argv = [*COMPRESS, "--distill", "--distill-weight", "0.7", "--distill-temperature", "3", "--output-dir", str(out)]

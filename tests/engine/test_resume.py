@@ -86,6 +86,8 @@ def uninterrupted(tmp_path_factory):
     return out
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_sigkill_at_a_random_step_then_resume_gives_the_uninterrupted_result(uninterrupted, tmp_path):
     kill_at = random.randint(2, STEPS - 1)
     out = tmp_path / "run"
@@ -101,6 +103,8 @@ def test_sigkill_at_a_random_step_then_resume_gives_the_uninterrupted_result(uni
     assert_same_result(uninterrupted, out)
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 @pytest.mark.parametrize("kill_at", [5, 40])  # during the search and during retraining
 def test_kill_in_each_phase_then_resume(uninterrupted, tmp_path, kill_at):
     out = tmp_path / "run"
@@ -109,6 +113,8 @@ def test_kill_in_each_phase_then_resume(uninterrupted, tmp_path, kill_at):
     assert_same_result(uninterrupted, out)
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_resume_needs_the_same_settings_and_a_finished_run_is_left_alone(uninterrupted, tmp_path):
     out = tmp_path / "run"
     assert _single(out, 7).returncode == -9
@@ -125,6 +131,8 @@ def test_resume_needs_the_same_settings_and_a_finished_run_is_left_alone(uninter
     assert (uninterrupted / "model.safetensors").read_bytes() == before
 
 
+@pytest.mark.ddp
+@pytest.mark.e2e
 def test_two_ranks_elastic_restart_after_a_rank_is_killed(tmp_path):
     ref = tmp_path / "ref"
     result = _torchrun(ref, 0, 0, 0)
@@ -139,6 +147,8 @@ def test_two_ranks_elastic_restart_after_a_rank_is_killed(tmp_path):
     assert_same_result(ref, out)
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_base_training_killed_and_resumed_gives_the_same_weights(tmp_path):
     train = ["train", *CLI_DATA, "--epochs", "2", "--checkpoint-every", "3"]
 

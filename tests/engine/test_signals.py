@@ -18,6 +18,8 @@ def _signalled(out, at: int, name: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "name, code, at",
     [("TERM", 143, None), ("TERM", 143, STEPS // 2), ("INT", 130, None)],  # None: a random step

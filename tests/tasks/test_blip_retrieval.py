@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from helpers import _blip_configs
 from test_nlvr import _original_layout
@@ -101,6 +102,8 @@ def test_an_hf_blip_retrieval_directory_gives_hf_s_itc_and_itm(tmp_path):
     assert torch.allclose(ours["itm"], itm, atol=1e-5)
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_cli_compresses_blip_retrieval_over_vision_text_and_cross_attention(tmp_path):
     out = tmp_path / "c"
     argv = [*DATA, "--epochs-search", "1", "--epochs", "1", "--align-attn", "1", "--align-mlp", "1"]

@@ -165,6 +165,8 @@ def test_an_hf_blip_captioning_directory_generates_and_decodes(tmp_path):
     assert len(captions) == 2
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_cli_compresses_a_captioner_with_its_decoder_in_the_budget(tmp_path):
     base, out = tmp_path / "base", tmp_path / "c"
     assert main(["train", *DATA, "--epochs", "1", "--output-dir", str(base)]) == 0

@@ -198,6 +198,7 @@ def test_an_hf_blip_directory_without_tokenizer_files_is_refused(tmp_path):
         build_model(f"hf:{tmp_path}", 2, kind="nlvr")
 
 
+@pytest.mark.e2e
 def test_cli_compresses_vision_text_and_cross_attention_in_one_budget(tmp_path):
     base, out = tmp_path / "base", tmp_path / "c"
     assert main(["train", *DATA, "--epochs", "1", "--output-dir", str(base)]) == 0

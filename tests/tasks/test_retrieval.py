@@ -139,6 +139,7 @@ def test_classifier_for_retrieval_is_refused(tmp_path, capsys):
     )
 
 
+@pytest.mark.e2e
 def test_cli_retrieval_train_compress_evaluate_with_the_builtin_clip(tmp_path, capsys):
     base, out = tmp_path / "base", tmp_path / "2x"
     common = ["--task", "retrieval", "--model", "clip-micro", *DATA]
@@ -158,6 +159,7 @@ def test_cli_retrieval_train_compress_evaluate_with_the_builtin_clip(tmp_path, c
     assert evaluated["metrics"] == pytest.approx(report["compressed"]["metrics"])
 
 
+@pytest.mark.e2e
 def test_cli_open_clip_from_a_config_and_weights_and_a_checkpoint_of_another_architecture(tmp_path, capsys):
     from open_clip.model import CLIP
 
@@ -215,6 +217,7 @@ def _hf_clip_directory(path):
     fast.save_pretrained(path)
 
 
+@pytest.mark.e2e
 def test_cli_hf_clip_directory_through_compress_and_evaluate(tmp_path, capsys):
     _hf_clip_directory(tmp_path / "clip")
     out = tmp_path / "out"
@@ -250,6 +253,8 @@ def test_captions_of_the_same_image_are_positives_not_negatives():
     assert torch.autograd.grad(one_hot, logits)[0][0, 1] > 0
 
 
+@pytest.mark.ddp
+@pytest.mark.e2e
 def test_the_contrastive_loss_is_the_same_on_one_and_two_ranks(tmp_path):
     import os
     import subprocess

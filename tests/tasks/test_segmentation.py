@@ -156,6 +156,7 @@ def test_bad_ade20k_annotations_are_one_line_and_nothing_is_written(tmp_path, ca
     assert not out.exists()
 
 
+@pytest.mark.e2e
 def test_an_ade20k_folder_trains_with_150_classes(tmp_path):
     root, out = _ade(tmp_path / "ade"), tmp_path / "out"
     args = ["--task", "segmentation", "--model", "segmenter-micro", "--data", str(root), "--batch-size", "2"]
@@ -229,6 +230,7 @@ def test_a_variant_yml_with_python_objects_is_refused(tmp_path):
         load_segmenter(tmp_path)
 
 
+@pytest.mark.e2e
 def test_cli_compresses_encoder_and_decoder_in_one_budget_and_draws_both_predictions(tmp_path):
     base, out = tmp_path / "base", tmp_path / "c"
     assert main(["train", *DATA, "--epochs", "1", "--output-dir", str(base)]) == 0
@@ -242,6 +244,7 @@ def test_cli_compresses_encoder_and_decoder_in_one_budget_and_draws_both_predict
     assert picture.size[0] > 4 * 150  # image | ground truth | dense | compressed
 
 
+@pytest.mark.e2e
 def test_cli_compresses_a_released_segmenter_on_an_ade20k_folder(tmp_path):
     """``--model segmenter:PATH``: the architecture, crop size and normalisation from variant.yml, the weights from
     checkpoint.pth; 150 classes as ADE20K's."""

@@ -43,6 +43,7 @@ def test_builtin_classification_splits_and_their_record():
     assert none.select is None and len(none.train) == 400
 
 
+@pytest.mark.e2e
 def test_keep_best_chooses_on_the_select_split_and_reports_the_report_split(tmp_path, capsys, monkeypatch):
     """Scripted metrics: the select split peaks at epoch 2, the report split would have preferred epoch 3."""
     select_script, report_script = [10.0, 30.0, 20.0], [50.0, 40.0]

@@ -275,6 +275,7 @@ def test_an_hf_blip_vqa_directory_answers_as_hf_s_model(tmp_path):
     assert torch.equal(ours, hf.generate(input_ids=ids, pixel_values=x, max_length=6, min_length=6))
 
 
+@pytest.mark.e2e
 def test_cli_compresses_vqa_over_all_four_towers_in_one_budget(tmp_path):
     base, out = tmp_path / "base", tmp_path / "c"
     assert main(["train", *DATA, "--epochs", "1", "--output-dir", str(base)]) == 0
@@ -287,6 +288,8 @@ def test_cli_compresses_vqa_over_all_four_towers_in_one_budget(tmp_path):
     assert abs(report["pruned_cost_fraction"] - 0.5) < 0.01
 
 
+@pytest.mark.ddp
+@pytest.mark.e2e
 def test_generative_metrics_are_the_same_on_one_and_two_ranks(tmp_path):
     """Captions and answers are made on each rank's shard and gathered: the metrics are those of the whole split."""
     import os

@@ -1,14 +1,14 @@
-"""The project's BLIP NLVR model (``upop.models.blip.modeling.BlipNlvr``): its vision encoder and its text encoder's self-attention
-and MLP are HF BLIP's (the ``hf-blip`` and ``hf-bert`` adapters); this adapter adds the twin cross-attention. Every
-text layer attends to each image with its own branch (``crossattention.branches.0`` to the left image, ``.1`` to the
-right): query/key/value of BLIP's text attention and the branch's own output projection ``dense``. Each branch is
-its own structure, in the ``cross`` tower."""
+"""The project's BLIP NLVR model (``upop.models.blip.modeling.BlipNlvr``): its vision encoder and its text encoder's
+self-attention and MLP are HF BLIP's (the ``hf-blip`` and ``hf-bert`` adapters); this adapter adds the twin cross-
+attention. Every text layer attends to each image with its own branch (``crossattention.branches.0`` to the left
+image, ``.1`` to the right): query/key/value of BLIP's text attention and the branch's own output projection
+``dense``. Each branch is its own structure, in the ``cross`` tower."""
 
 from __future__ import annotations
 
+from upop.adapters.hf_bert import heads_resized, keep_scale
 from upop.adapters.registry import register_adapter
 from upop.core.adapter import Adapter, BlockSpec
-from upop.adapters.hf_bert import heads_resized, keep_scale
 
 
 def _heads(branch) -> int:

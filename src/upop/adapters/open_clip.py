@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from torch import nn
 
+from upop.adapters.compact_mha import compact_mha, compact_mha_heads
 from upop.adapters.registry import register_adapter
 from upop.core.adapter import Adapter, BlockSpec
-from upop.adapters.compact_mha import compact_mha, compact_mha_heads
 
 
 def _attn_check(attn: nn.MultiheadAttention) -> str | None:

@@ -1,7 +1,8 @@
 """The adapter interface: where a model family keeps its attention and MLP blocks, and in which layout. The core
 knows "an adapter", never a family: the families' tables and their registry live in ``upop.adapters``.
 
-An adapter is a table of ``BlockSpec`` rows plus one registration line (``upop.register_adapter``). A subclass (or instance) provides exactly:
+An adapter is a table of ``BlockSpec`` rows plus one registration line (``upop.register_adapter``). A subclass (or
+instance) provides exactly:
 
 - ``name``: a unique short name (stored in every plan).
 - ``description``: one line for error messages listing what is supported.

@@ -1,8 +1,8 @@
 """Importance: what the search learns about every mask element, and the scores the one ranking sorts.
 
 ``Importance`` accumulates the mask gradients of every search step (one flat fp32 vector over every structure) and
-turns them into a raw score per element by one of three formulas (``PruneConfig.score``); ``standardised`` then makes the
-scores of one scope (per kind, per kind and tower, or per structure) comparable. Larger = less important throughout.
+turns them into a raw score per element by one of three formulas (``PruneConfig.score``); ``standardised`` then makes
+the scores of one scope (per kind, per kind and tower, or per structure) comparable. Larger = less important throughout.
 
 - ``gradient`` (the paper's): the accumulated mask gradient, penalty included.
 - ``fisher``: minus the root mean square over the steps of the task-loss part of the mask gradient (its empirical

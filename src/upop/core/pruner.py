@@ -60,32 +60,17 @@ def _attach_mask(slot: Slot, mask: torch.Tensor) -> None:
 
 
 class Pruner:
-    """UPop on ``model``, changed in place: one mask per attention module (length head_dim, shared by all heads and
-    by q, k, v) and per MLP (length hidden), applied to the rows of the q/k/v (or fused qkv) and first MLP linears
-    (the model's source is not edited; ``detach`` restores it exactly).
-
-    Use::
-
-        pruner = upop.Pruner(model, upop.PruneConfig(p=0.5, total_steps=T))
-        loss = task_loss + pruner.sparsity_loss(); loss.backward(); optimizer.step(); optimizer.zero_grad()
-        pruner.step()                # after every optimizer step
-        model = pruner.compress()    # after T steps
-
-    The masks are not parameters of the model, so no optimizer sees them, whenever it is built. Their gradients are
-    read, averaged over DDP ranks and accumulated by ``step`` (``upop.core.importance``); ``scores`` turns them into
-    the ranking's scores (``config.score``: by default an element whose mask gradient has the smaller root mean
-    square is less important; the paper's "gradient": a larger accumulated gradient is), ``stability_summary`` says
-    how settled it was.
+    """UPop's search on a model whose structures ``adapter`` locates: the state of one search (masks, accumulated
+    gradients, the current choice, the step) and what it does at each step. ``upop.Pruner`` is this class with the
+    adapter found in the registry of families; its docstring says how to use it.
 
     Args:
-        model: the dense model (a DDP wrapper is unwrapped).
+        model: the dense model (a DDP wrapper is unwrapped), changed in place.
         config: the search configuration.
-        example_inputs: a batch as the model takes it (tensor, tuple or dict); needed for ``cost="flops"``, and the
-            shape the widths of ``align="auto"`` are measured at (a default shape without it).
-        adapter: the adapter that locates the model's structures (``upop.Pruner`` takes a registered adapter's name,
-            or finds the one matching the model).
-        precisions: what ``align="auto"`` measures in ("fp32", "bf16", "fp16"); default fp32 and the device's half
-            precision on a GPU (where models are usually deployed in it), fp32 on a CPU.
+        example_inputs: a batch as the model takes it; needed for ``cost="flops"``/``"latency"``, and the shape the
+            widths of ``align="auto"`` are measured at.
+        adapter: the adapter that locates the model's structures.
+        precisions: what ``align="auto"`` measures in ("fp32", "bf16", "fp16").
     """
 
     def __init__(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -156,8 +157,38 @@ def select(
     keep = keep or [1] * len(scores)
     grids = grids or [None] * len(scores)
     flat_scores = [s.reshape(-1).double() for s in scores]
+    units = _unit_table(flat_scores, costs, align, keep, grids)
+    target = ratio * sum(total_cost(c, s.numel()) for s, c in zip(flat_scores, costs))
+    taken = _cut(units.score, units.cost, target)
+    chosen = []
+    for (i, order_i), unit in zip(units.members, units.unit_of):
+        c = torch.zeros(flat_scores[i].numel(), dtype=torch.bool)
+        c[order_i] = taken[unit]
+        chosen.append(c)
+    return chosen
+
+
+@dataclass
+class _Units:
+    """The prunable units of every structure in one table: per structure its elements in removal order and their
+    unit numbers (global), and per unit its score (the mean of its elements', kept in its structure's order) and
+    cost."""
+
+    members: list[tuple[int, torch.Tensor]]
+    unit_of: list[torch.Tensor]
+    score: torch.Tensor
+    cost: torch.Tensor
+
+
+def _unit_table(
+    scores: list[torch.Tensor],
+    costs: list[Cost],
+    align: list[int],
+    keep: list[int],
+    grids: list[tuple[int, int] | None],
+) -> _Units:
     members, unit_of, unit_cost_each, offset, starts, counts = [], [], [], 0, [], []
-    for i, (s, c, a, k, g) in enumerate(zip(flat_scores, costs, align, keep, grids)):
+    for i, (s, c, a, k, g) in enumerate(zip(scores, costs, align, keep, grids)):
         if g is not None and isinstance(c, torch.Tensor):
             raise ValueError("a grid structure's units are priced per element, not by a latency curve")
         order, unit, count = _units(s, a, k) if g is None else _grid_units(s, g, a, k)
@@ -173,28 +204,27 @@ def select(
             unit_cost_each.append(float(c) * sizes)
         offset += count
     element_unit = torch.cat(unit_of)
-    element_score = torch.cat([flat_scores[i][order] for i, order in members])
+    element_score = torch.cat([scores[i][order] for i, order in members])
     size = torch.zeros(offset, dtype=torch.float64).index_add_(0, element_unit, torch.ones_like(element_score))
     unit_score = torch.zeros(offset, dtype=torch.float64).index_add_(0, element_unit, element_score) / size
     for start, count in zip(starts, counts):
         if count:
             unit_score[start : start + count] = torch.cummin(unit_score[start : start + count], 0).values
-    unit_cost = torch.cat(unit_cost_each)
-    target = ratio * sum(total_cost(c, s.numel()) for s, c in zip(flat_scores, costs))
+    return _Units(members, unit_of, unit_score, torch.cat(unit_cost_each))
+
+
+def _cut(unit_score: torch.Tensor, unit_cost: torch.Tensor, target: float) -> torch.Tensor:
+    """Which units to take (bool per unit): ranked by score, descending, the prefix whose cumulative cost is
+    closest to ``target``."""
     # Stable sort: ties keep structure order, then within-structure order, on every rank and run.
     order = torch.sort(unit_score, descending=True, stable=True).indices
     cumulative = torch.cumsum(unit_cost[order], 0)
     k = int((cumulative <= target).sum())  # the longest prefix not above the target...
     if k < len(order) and abs(float(cumulative[k]) - target) < abs((float(cumulative[k - 1]) if k else 0.0) - target):
         k += 1  # ...or one more unit when that lands closer to it
-    taken = torch.zeros(offset, dtype=torch.bool)
+    taken = torch.zeros(len(unit_score), dtype=torch.bool)
     taken[order[:k]] = True
-    chosen = []
-    for (i, order_i), unit in zip(members, unit_of):
-        c = torch.zeros(flat_scores[i].numel(), dtype=torch.bool)
-        c[order_i] = taken[unit]
-        chosen.append(c)
-    return chosen
+    return taken
 
 
 def schedule_summary(p: float, total_steps: int, rank_steps: list[int], interval: int) -> str:

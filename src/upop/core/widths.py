@@ -81,8 +81,10 @@ class Alignment:
         return {"attn": self.attn, "mlp": self.mlp, "device": self.device, "probes": self.probes}
 
 
-def _seconds(module: nn.Module, x: torch.Tensor, dtype: torch.dtype | None) -> float:
-    """The fastest of 5 repeats of the mean time of enough calls to last about 2 ms (a floor against timer noise)."""
+def time_module(module: nn.Module, x: torch.Tensor, dtype: torch.dtype | None) -> float:
+    """Seconds per call of ``module(x)`` in ``dtype`` (None: fp32): the clock every measurement here reads, so a
+    simulator of another device (or a test) can stand in for it. The fastest of 5 repeats of the mean time of enough
+    calls to last about 2 ms (a floor against timer noise)."""
     sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
     autocast = torch.autocast(x.device.type, dtype=dtype) if dtype else torch.autocast(x.device.type, enabled=False)
     with torch.inference_mode(), autocast:
@@ -104,8 +106,9 @@ def _seconds(module: nn.Module, x: torch.Tensor, dtype: torch.dtype | None) -> f
     return best
 
 
-def _choose(size: int, build, x: torch.Tensor, dtype: torch.dtype | None) -> tuple[int, dict[int, float]]:
-    """(the smallest candidate alignment at full speed, {width: time relative to the reference width})."""
+def choose_alignment(size: int, build, x: torch.Tensor, dtype: torch.dtype | None) -> tuple[int, dict[int, float]]:
+    """(the smallest candidate alignment at full speed, {width: time relative to the reference width}) for a
+    structure of ``size`` elements, ``build(width)`` making a probe module of that width, timed at input ``x``."""
     usable = [a for a in CANDIDATES if 2 * a <= size]
     if len(usable) < 2:
         return 1, {}
@@ -115,7 +118,7 @@ def _choose(size: int, build, x: torch.Tensor, dtype: torch.dtype | None) -> tup
     modules = {w: build(w).to(x.device) for w in [reference, *widths.values()]}
 
     def relative(w: int) -> float:
-        return _seconds(modules[w], x, dtype) / _seconds(modules[reference], x, dtype)
+        return time_module(modules[w], x, dtype) / time_module(modules[reference], x, dtype)
 
     measured = {w: relative(w) for w in widths.values()}
     for w in measured:  # a real penalty repeats; a spike from another tenant does not: keep the best of 3
@@ -172,7 +175,7 @@ def measure_alignment(
             key = f"{name}|{precision}|{kind}|width {width}|heads {heads}|tokens {tokens}|batch {rows}|size {s.size}"
 
             def measure(precision=precision, build=build, size=s.size, shape=(rows, tokens, width)):
-                align, relative = _choose(size, build, torch.randn(*shape, device=device), dtypes[precision])
+                align, relative = choose_alignment(size, build, torch.randn(*shape, device=device), dtypes[precision])
                 return {"align": align, "relative": {str(w): round(t, 3) for w, t in relative.items()}}
 
             found = _cached(key, measure)
@@ -209,7 +212,7 @@ def _probe(s, w: int) -> nn.Module:
 def _measure_curve(s, device: torch.device, batch: int, dtype: torch.dtype | None) -> dict[str, float]:
     x = torch.randn(batch, s.tokens or DEFAULT_SHAPE[1], s.rows[0].in_features, device=device)
     widths = sorted({max(1, round(s.size * k / LATENCY_POINTS)) for k in range(1, LATENCY_POINTS + 1)})
-    return {str(w): _seconds(_probe(s, w).to(device), x, dtype) for w in widths}
+    return {str(w): time_module(_probe(s, w).to(device), x, dtype) for w in widths}
 
 
 def curve_from_table(table: dict[str, float], n: int) -> torch.Tensor:

@@ -11,19 +11,35 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
-from upop import Pruner
+from upop.core.pruner import Pruner
 from upop.engine import signals
 from upop.engine.checkpoint import Checkpointer, Snapshot, set_rng_state
 from upop.engine.loaders import EpochSampler, Loaders
 from upop.engine.logs import JsonlLog, Progress
 from upop.errors import UPopError
-from upop.tasks.base import Task
 from upop.utils.dist import DistInfo, unwrap
+
+
+class Task(Protocol):
+    """What the loop needs of a task (``upop.tasks.Task`` provides it): the outputs and loss of a batch, batch-level
+    augmentation, distillation, its metrics on a loader and the main one of them."""
+
+    main_metric: str
+
+    def outputs(self, model: nn.Module, batch: Any) -> Any: ...
+
+    def loss_from(self, outputs: Any, batch: Any) -> torch.Tensor: ...
+
+    def train_batch(self, batch: Any) -> Any: ...
+
+    def distill_loss(self, student: Any, teacher: Any, temperature: float) -> torch.Tensor: ...
+
+    def evaluate(self, model: nn.Module, loader: Any, device: torch.device) -> dict[str, float]: ...
 
 
 def amp_context(device: torch.device, enabled: bool) -> tuple[Any, torch.amp.GradScaler | None]:

@@ -10,12 +10,12 @@ import dataclasses
 import sys
 import time
 from dataclasses import dataclass, field
+from importlib.metadata import version
 from typing import Any
 
 import numpy as np
 import torch
 
-import upop
 from upop.adapters import find_adapter
 from upop.core import plan as P
 from upop.core.profile import batch_size_of, measure_latency, profile
@@ -79,9 +79,7 @@ class Setup:
         return self.bundle.model
 
 
-def dense_bundle(
-    cfg: RunConfig, num_outputs: int, device: torch.device, pretrained: str | None = None
-) -> ModelBundle:
+def dense_bundle(cfg: RunConfig, num_outputs: int, device: torch.device, pretrained: str | None = None) -> ModelBundle:
     """The dense model of ``cfg`` seeded by ``cfg.seed`` (identical initial weights on every rank), with the
     ``pretrained`` checkpoint loaded, on ``device``."""
     torch.manual_seed(cfg.seed)
@@ -155,7 +153,7 @@ def provenance(cfg: RunConfig, setup: Setup) -> dict[str, Any]:
         "amp": cfg.amp,
         "device": str(setup.info.device),
         "world_size": setup.info.world_size,
-        "upop_version": upop.__version__,
+        "upop_version": version("upop"),
         "torch_version": torch.__version__,
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
@@ -179,9 +177,7 @@ def example_inputs(setup: Setup, model: torch.nn.Module) -> Any:
     return example.to(setup.info.device) if isinstance(example, torch.Tensor) else example
 
 
-def measure(
-    model: torch.nn.Module, setup: Setup, example: Any, metrics: dict[str, float] | None = None
-) -> Measurement:
+def measure(model: torch.nn.Module, setup: Setup, example: Any, metrics: dict[str, float] | None = None) -> Measurement:
     """Report-split metrics (unless given), params, FLOPs per sample and latency of ``model``."""
     if metrics is None:
         metrics = setup.task.evaluate(model, setup.loaders.report, setup.info.device)

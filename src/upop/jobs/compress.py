@@ -37,6 +37,7 @@ from upop.jobs.common import (
 )
 from upop.jobs.report import CompressReport, LastEpoch, Measurement, Speed
 from upop.utils import dist as D
+from upop.utils.extras import available
 
 LATENCY_PAIRS = 30  # back-to-back dense/compressed calls the speed-up is the median of
 
@@ -257,9 +258,7 @@ def _searched(pruner: Pruner, metrics: dict[str, float], nonfinite_steps: int) -
     )
 
 
-def _given(
-    setup: Setup, model: torch.nn.Module, settings: Settings, example: Any
-) -> tuple[torch.nn.Module, Searched]:
+def _given(setup: Setup, model: torch.nn.Module, settings: Settings, example: Any) -> tuple[torch.nn.Module, Searched]:
     """No search: the dense model sliced to a given plan; returns what the report needs, as ``_search`` does."""
     prune = dataclasses.replace(settings.prune, align_attn=1, align_mlp=1)
     pruner = Pruner(model, prune, example_inputs=example)
@@ -415,11 +414,15 @@ def _write(
     info, task = setup.info, setup.task
     text = render.report_header(report) + "\n\n" + render.comparison_table(report) + "\n"
     files = {"report.md": text.encode()}
+    pictures = available("matplotlib")
     if info.is_main:
-        title = f"{cfg.model}, p={settings.prune.p} ({settings.prune.allocation})"
-        files["kept.png"] = render.heatmap_png(report.per_structure, title)
+        if pictures:
+            title = f"{cfg.model}, p={settings.prune.p} ({settings.prune.allocation})"
+            files["kept.png"] = render.heatmap_png(report.per_structure, title)
+        else:
+            warn(info, "matplotlib is not installed, so no pictures are written (kept.png); pip install 'upop[plots]'")
         dense = None
-        if task.pictures_need_dense:
+        if task.pictures_need_dense and pictures:
             dense = dense_bundle(cfg, setup.num_outputs, info.device, settings.pretrained).model.eval()
         files.update(task.extra_files(model, info.device, cfg.batch_size, dense))
         del dense

@@ -190,4 +190,3 @@ class Builtin(Family):
 
 
 register_family(Builtin())
-

@@ -38,9 +38,7 @@ class TaskOptions:
 
     def __post_init__(self) -> None:
         if self.vqa_inference not in VQA_INFERENCE:
-            raise UPopError(
-                f"--vqa-inference must be one of {', '.join(VQA_INFERENCE)}, got {self.vqa_inference!r}"
-            )
+            raise UPopError(f"--vqa-inference must be one of {', '.join(VQA_INFERENCE)}, got {self.vqa_inference!r}")
 
 
 class Task(abc.ABC):

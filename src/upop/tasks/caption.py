@@ -35,6 +35,7 @@ from upop.tasks.base import Task, evaluating, register_task, tokenize
 from upop.tasks.losses import lm_loss, token_distill
 from upop.utils import dist as D
 from upop.utils.dist import unwrap
+from upop.utils.extras import require
 
 PROMPT = "a picture of "
 NUM_BEAMS, MAX_LENGTH, MIN_LENGTH = 3, 20, 5
@@ -83,6 +84,7 @@ def scorer_tokenizer() -> str:
 
 def caption_scores(references: dict[int, list[str]], candidates: dict[int, str]) -> dict[str, Any]:
     """BLEU@4 and CIDEr (percent) of one candidate per image against its references, by pycocoevalcap."""
+    require("pycocoevalcap", "the captioning metrics (BLEU@4, CIDEr)")
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
 
@@ -131,6 +133,7 @@ class Caption(Task):
     model_kind = "captioner"
 
     def datasets(self, data: DataConfig) -> Splits:
+        require("pycocoevalcap", "the captioning metrics (BLEU@4, CIDEr)")  # before any training
         splits = captioned_splits(data)
         scorer = f"pycocoevalcap BLEU@4 and CIDEr, {scorer_tokenizer()} tokenizer"
         for about in splits.about.values():

@@ -40,6 +40,7 @@ from upop.data.splits import Carved, Splits, carve, carved_about, default_select
 from upop.errors import UPopError
 from upop.tasks.base import Task, evaluating, kl_distill, register_task
 from upop.utils.dist import unwrap
+from upop.utils.extras import available, require
 
 VIT_NORMALIZATION = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))  # Segmenter's default ("vit" in a variant.yml)
 
@@ -291,8 +292,8 @@ class Segmentation(Task):
     ) -> dict[str, bytes]:
         """``segmentation.png``: the first report-split images, their annotation, the dense and the compressed
         model's single-scale predictions (``dense`` None: only the model's)."""
-        if self.report is None:
-            return {}
+        if self.report is None or not available("matplotlib"):
+            return {}  # (the job says when pictures cannot be drawn)
         models = {"prediction": model} if dense is None else {"dense": dense, "compressed": model}
         rows = []
         for i in range(min(PICTURES, len(self.report))):
@@ -320,8 +321,7 @@ def palette(n: int) -> torch.Tensor:
 
 def picture(rows: list[tuple], classes: tuple[str, ...]) -> bytes:
     """A PNG grid: per row image | ground truth | each prediction, one palette, a legend of the classes shown."""
-    import matplotlib
-
+    matplotlib = require("matplotlib", "the segmentation pictures")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch

@@ -17,6 +17,16 @@ EXTRAS = {  # import name -> the extra of ``pip install 'upop[EXTRA]'`` that bri
 }
 
 
+def available(module: str) -> bool:
+    """Whether the optional ``module`` can be imported (found without importing it)."""
+    import importlib.util
+    import sys
+
+    if module in sys.modules:  # imported already, or marked unimportable (None)
+        return sys.modules[module] is not None
+    return importlib.util.find_spec(module) is not None
+
+
 def require(module: str, what: str) -> ModuleType:
     """``import module``, or UPopError naming the extra that installs it (``what``: the feature that needs it)."""
     try:
