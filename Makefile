@@ -41,7 +41,7 @@ lint: venv
 docs: venv
 	$(PIP) -e '.[docs]'
 	$(PY) benchmarks/tables.py
-	$(VENV)/bin/mkdocs build --strict --quiet --site-dir site
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet --site-dir site
 
 # Every command the docs show, run (tests/test_docs.py); `make docs` first builds the tables they include.
 docs-check: venv

@@ -344,3 +344,38 @@ def load_benchmark(name: str):
     sys.modules[name] = module  # dataclasses look their module up
     spec.loader.exec_module(module)
     return module
+
+
+def blip_original_layout(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our BLIP keys (BlipNlvr, BlipRetrieval, BlipVqa, the captioner) written back in the released BLIP checkpoint's
+    names (written here by hand, independently of the project's table), with the momentum-free extras a release
+    holds."""
+    out = {}
+    for key, value in state.items():
+        k = key
+        k = k.replace("vision_model.embeddings.class_embedding", "visual_encoder.cls_token")
+        k = k.replace("vision_model.embeddings.position_embedding", "visual_encoder.pos_embed")
+        k = k.replace("vision_model.embeddings.patch_embedding.", "visual_encoder.patch_embed.proj.")
+        k = k.replace("vision_model.encoder.layers.", "visual_encoder.blocks.")
+        k = k.replace(".layer_norm1.", ".norm1.").replace(".layer_norm2.", ".norm2.")
+        k = k.replace(".self_attn.qkv.", ".attn.qkv.").replace(".self_attn.projection.", ".attn.proj.")
+        k = k.replace("vision_model.post_layernorm.", "visual_encoder.norm.")
+        for i in (0, 1):
+            k = k.replace(f"crossattention.branches.{i}.self.", f"crossattention.self{i}.")
+            k = k.replace(f"crossattention.branches.{i}.dense.", f"crossattention.output.dense{i}.")
+        k = k.replace("crossattention.merge_layer.", "crossattention.output.merge_layer.")
+        k = k.replace("crossattention.LayerNorm.", "crossattention.output.LayerNorm.")
+        out[k] = value
+    out["text_encoder.embeddings.position_ids"] = torch.arange(16)[None]
+    return out
+
+
+def blip_decoder_original_layout(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``blip_original_layout`` for the models with a text decoder (captioning, VQA): the tied LM head stored once,
+    and the momentum decoder's keys a release holds."""
+    out = blip_original_layout(state)
+    out.pop("text_encoder.embeddings.position_ids")
+    for tied in ("text_decoder.cls.predictions.decoder.weight", "text_decoder.cls.predictions.decoder.bias"):
+        out.pop(tied)  # a release may store the tied LM head once
+    out["text_decoder_m.cls.predictions.bias"] = torch.zeros(3)  # the momentum decoder, not used
+    return out

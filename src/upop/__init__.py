@@ -15,6 +15,7 @@ if TYPE_CHECKING:  # the names, for type checkers and the API reference
     from upop.core.profile import measure_latency, profile
     from upop.errors import UPopError
     from upop.jobs.deploy import load_compressed
+    from upop.jobs.pretrained import load_model
 
 _PUBLIC = {
     "Adapter": "upop.adapters",
@@ -31,6 +32,7 @@ _PUBLIC = {
     "profile": "upop.core.profile",
     "UPopError": "upop.errors",
     "load_compressed": "upop.jobs.deploy",
+    "load_model": "upop.jobs.pretrained",
 }
 __all__ = [
     "PAPER_RANKING",
@@ -42,6 +44,7 @@ __all__ = [
     "UPopError",
     "apply_plan",
     "load_compressed",
+    "load_model",
     "measure_latency",
     "profile",
     "register_adapter",

@@ -8,8 +8,7 @@ import json
 
 import pytest
 import torch
-from helpers import _blip_configs
-from test_nlvr import _original_layout
+from helpers import _blip_configs, blip_original_layout
 
 from upop.cli import main
 from upop.data.config import DataConfig
@@ -75,7 +74,7 @@ def test_rerank_rescores_the_top_k_by_itm_and_leaves_the_rest_at_minus_100():
 
 def test_a_released_blip_retrieval_checkpoint_loads_without_its_momentum_encoders(tmp_path):
     source, target = _tiny(0), _tiny(1)
-    original = _original_layout(source.state_dict())
+    original = blip_original_layout(source.state_dict())
     original.update({"visual_encoder_m.cls_token": torch.zeros(1), "text_proj_m.weight": torch.zeros(1)})
     original.update({"image_queue": torch.zeros(12, 8), "idx_queue": torch.zeros(1, 8), "ptr_queue": torch.zeros(1)})
     path = tmp_path / "model_base_retrieval_coco.pth"

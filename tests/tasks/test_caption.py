@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from helpers import _blip_configs
+from helpers import _blip_configs, blip_decoder_original_layout
 
 import upop
 from upop.cli import main
@@ -120,20 +120,9 @@ def test_the_simple_tokenizer_scores_the_built_in_captions_as_the_ptb_tokenizer_
     assert caption_scores(refs, cands) == pytest.approx(ptb)
 
 
-def _original_layout(state):
-    from test_nlvr import _original_layout as vision_layout
-
-    out = vision_layout(state)
-    out.pop("text_encoder.embeddings.position_ids")
-    for tied in ("text_decoder.cls.predictions.decoder.weight", "text_decoder.cls.predictions.decoder.bias"):
-        out.pop(tied)  # a release may store the tied LM head once
-    out["text_decoder_m.cls.predictions.bias"] = torch.zeros(3)  # the momentum decoder, not used
-    return out
-
-
 def test_a_released_blip_caption_checkpoint_loads_through_the_key_map(tmp_path):
     source, target = _captioner(0), _captioner(1)
-    original = _original_layout(source.state_dict())
+    original = blip_decoder_original_layout(source.state_dict())
     assert "visual_encoder.blocks.1.attn.qkv.weight" in original
     assert "text_decoder.bert.encoder.layer.0.crossattention.self.key.weight" in original
     path = tmp_path / "model_base_caption_capfilt_large.pth"

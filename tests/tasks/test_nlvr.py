@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from helpers import _blip_configs
+from helpers import _blip_configs, blip_original_layout
 from PIL import Image
 
 from upop.cli import main
@@ -108,29 +108,6 @@ def test_a_missing_split_file_is_named(tmp_path, capsys):
     assert "*test.json" in capsys.readouterr().err
 
 
-def _original_layout(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Our BlipNlvr keys written back in the released BLIP checkpoint's names (written here by hand, independently
-    of the project's table), with the momentum-free extras a release holds."""
-    out = {}
-    for key, value in state.items():
-        k = key
-        k = k.replace("vision_model.embeddings.class_embedding", "visual_encoder.cls_token")
-        k = k.replace("vision_model.embeddings.position_embedding", "visual_encoder.pos_embed")
-        k = k.replace("vision_model.embeddings.patch_embedding.", "visual_encoder.patch_embed.proj.")
-        k = k.replace("vision_model.encoder.layers.", "visual_encoder.blocks.")
-        k = k.replace(".layer_norm1.", ".norm1.").replace(".layer_norm2.", ".norm2.")
-        k = k.replace(".self_attn.qkv.", ".attn.qkv.").replace(".self_attn.projection.", ".attn.proj.")
-        k = k.replace("vision_model.post_layernorm.", "visual_encoder.norm.")
-        for i in (0, 1):
-            k = k.replace(f"crossattention.branches.{i}.self.", f"crossattention.self{i}.")
-            k = k.replace(f"crossattention.branches.{i}.dense.", f"crossattention.output.dense{i}.")
-        k = k.replace("crossattention.merge_layer.", "crossattention.output.merge_layer.")
-        k = k.replace("crossattention.LayerNorm.", "crossattention.output.LayerNorm.")
-        out[k] = value
-    out["text_encoder.embeddings.position_ids"] = torch.arange(16)[None]
-    return out
-
-
 def _tiny_nlvr(seed=0, depth=2):
     torch.manual_seed(seed)
     vision, text = _blip_configs(2, 8, depth, 24, 16, vocab=48)
@@ -139,7 +116,7 @@ def _tiny_nlvr(seed=0, depth=2):
 
 def test_a_released_blip_nlvr_checkpoint_loads_through_the_key_map(tmp_path):
     source, target = _tiny_nlvr(0), _tiny_nlvr(1)
-    original = _original_layout(source.state_dict())
+    original = blip_original_layout(source.state_dict())
     assert any(k.startswith("visual_encoder.blocks.0.attn.qkv") for k in original)
     assert any(".crossattention.self1.query." in k for k in original)
     path = tmp_path / "model_base_nlvr.pth"
@@ -151,7 +128,7 @@ def test_a_released_blip_nlvr_checkpoint_loads_through_the_key_map(tmp_path):
 
 def test_a_blip_checkpoint_of_another_architecture_names_the_mismatching_keys(tmp_path):
     path = tmp_path / "model_base_nlvr.pth"
-    torch.save({"model": _original_layout(_tiny_nlvr(0, depth=3).state_dict())}, path)
+    torch.save({"model": blip_original_layout(_tiny_nlvr(0, depth=3).state_dict())}, path)
     with pytest.raises(UPopError, match="unexpected .*layer\\.2|layers\\.2"):
         load_weights(_tiny_nlvr(1, depth=2), path, converter("nlvr"))
 

@@ -9,7 +9,7 @@ import json
 
 import pytest
 import torch
-from helpers import _blip_configs
+from helpers import _blip_configs, blip_decoder_original_layout
 from PIL import Image
 
 import upop
@@ -241,10 +241,8 @@ def test_bad_vqa_input_is_one_line_and_writes_nothing(tmp_path, capsys, change, 
 
 # ------------------------------------------------------------------------------------------- weights from elsewhere
 def test_a_released_blip_vqa_checkpoint_loads_through_the_key_map(tmp_path):
-    from test_caption import _original_layout
-
     source, target = _vqa(0), _vqa(1)
-    original = _original_layout(source.state_dict())
+    original = blip_decoder_original_layout(source.state_dict())
     assert "text_encoder.encoder.layer.0.crossattention.self.key.weight" in original
     original["text_encoder_m.embeddings.word_embeddings.weight"] = torch.zeros(2)
     path = tmp_path / "model_base_vqa_capfilt_large.pth"

@@ -6,7 +6,7 @@ image, ``.1`` to the right): query/key/value of BLIP's text attention and the br
 
 from __future__ import annotations
 
-from upop.adapters.hf_bert import heads_resized, keep_scale
+from upop.adapters.hf_bert import heads_resized, keep_scale, softmax_scale
 from upop.adapters.registry import register_adapter
 from upop.core.adapter import Adapter, BlockSpec
 
@@ -29,6 +29,7 @@ register_adapter(
                 heads=_heads,
                 resize=lambda m, old, new: keep_scale(m.self, old, new),
                 resize_heads=lambda m, old, new: heads_resized(m.self, old, new),
+                softmax_scale=lambda m: softmax_scale(m.self),
             ),
         ),
         towers=(("", "cross"),),

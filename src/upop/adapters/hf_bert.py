@@ -30,6 +30,12 @@ def keep_scale(attn: nn.Module, old: int, new: int) -> None:
     attn.all_head_size = attn.num_attention_heads * new
 
 
+def softmax_scale(attn: nn.Module) -> str:
+    """What a sliced ``attn`` (a BERT-style self-attention) divides q.k by: its own ``scaling`` (the original
+    head_dim's) where it keeps one, else sqrt(attention_head_size), the kept head_dim."""
+    return "original" if hasattr(attn, "scaling") else "kept"
+
+
 def heads_resized(attn: nn.Module, old: int, new: int) -> None:
     """``attn`` lost whole heads (``old`` -> ``new``); head_dim and the scale are unchanged."""
     attn.num_attention_heads = new
@@ -66,6 +72,7 @@ register_adapter(
                 resize=lambda m, old, new: keep_scale(m.self, old, new),
                 resize_heads=lambda m, old, new: heads_resized(m.self, old, new),
                 check=_check,
+                softmax_scale=lambda m: softmax_scale(m.self),
             ),
             BlockSpec(
                 kind="mlp",

@@ -60,6 +60,7 @@ register_adapter(
                 resize=_attn_resize,
                 check=_attn_check,
                 resize_heads=_attn_resize_heads,
+                softmax_scale="kept",  # the fused path's SDPA default scale: resize folds the ratio into q
             ),
             BlockSpec(
                 kind="mlp",

@@ -46,6 +46,11 @@ class BlockSpec:
         at: the structure is this child of the matched block (e.g. "mlp" of a residual block holding attention and
             MLP); rows/cols are then relative to it. A row may also name a 2-D weight parameter (a packed projection
             such as ``in_proj_weight``); its bias is the parameter named with "bias" for "weight".
+        softmax_scale: for attention, what a sliced block divides q.k by, on weights loaded as they are: "original"
+            (1/sqrt of the dense head_dim, kept as the block's own attribute) or "kept" (1/sqrt of the kept head_dim:
+            the block derives it from head_dim, so ``resize`` folds sqrt(kept/original) into the query rows to keep
+            the original scale); a string or a function of the block. Weights sliced elsewhere under another
+            convention are converted by it.
     """
 
     kind: str
@@ -58,6 +63,7 @@ class BlockSpec:
     check: Callable[[nn.Module], str | None] | None = None
     at: str = ""
     resize_heads: Callable[[nn.Module, int, int], None] | None = None
+    softmax_scale: str | Callable[[nn.Module], str] = "original"
 
     def resolved_types(self) -> tuple[type, ...]:
         out = []
@@ -172,6 +178,8 @@ class Adapter:
             module=module,
             resize=spec.resize,
             tower=self.tower_of(name),
+            family=self.name,
+            softmax_scale=spec.softmax_scale(module) if callable(spec.softmax_scale) else spec.softmax_scale,
         )
 
 

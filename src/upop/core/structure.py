@@ -89,6 +89,9 @@ class Structure:
             keeps whole heads x head dims shared by the kept heads (``grid_factors``), so that the block stays a
             standard attention. ``resize_heads`` then keeps the block's attributes true after heads were sliced
             away, before ``resize`` does after head dims were.
+        family: the name of the adapter that found the structure.
+        softmax_scale: for attention, what the sliced block divides q.k by on weights loaded as they are:
+            "original" or "kept" (``BlockSpec.softmax_scale``).
     """
 
     name: str
@@ -104,6 +107,8 @@ class Structure:
     block: int = 1
     grid: tuple[int, int] | None = None
     resize_heads: Callable[[nn.Module, int, int], None] | None = None
+    family: str = ""
+    softmax_scale: str = "original"
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:

@@ -25,8 +25,9 @@ from upop.engine import signals
 from upop.engine.loaders import Loaders, make_loaders
 from upop.engine.loop import Phase
 from upop.errors import UPopError
+from upop.jobs.pretrained import Loaded, load_bundle
 from upop.jobs.report import Measurement
-from upop.models import ModelBundle, build, load_weights
+from upop.models import ModelBundle, build
 from upop.tasks import Task, TaskOptions, task_class
 from upop.utils import dist as D
 
@@ -73,21 +74,26 @@ class Setup:
     num_outputs: int
     image_size: int
     splits: dict[str, Any]
+    loaded: Loaded | None = None  # what the --pretrained checkpoint held (None: a compressed directory)
 
     @property
     def model(self) -> torch.nn.Module:
         return self.bundle.model
 
 
-def dense_bundle(cfg: RunConfig, num_outputs: int, device: torch.device, pretrained: str | None = None) -> ModelBundle:
-    """The dense model of ``cfg`` seeded by ``cfg.seed`` (identical initial weights on every rank), with the
-    ``pretrained`` checkpoint loaded, on ``device``."""
-    torch.manual_seed(cfg.seed)
-    bundle = build(cfg.model, task_class(cfg.task).model_kind, num_outputs, cfg.data.image_size)
-    if pretrained:
-        load_weights(bundle, pretrained)
-    bundle.model = bundle.model.to(device)
-    return bundle
+def dense_bundle(
+    cfg: RunConfig, num_outputs: int, device: torch.device, pretrained: str | None = None
+) -> ModelBundle:
+    """The model of ``cfg`` seeded by ``cfg.seed`` (identical initial weights on every rank), with the ``pretrained``
+    checkpoint loaded (dense, or compressed as the original UPop code saves it), on ``device``."""
+    return loaded_bundle(cfg, num_outputs, device, pretrained).bundle
+
+
+def loaded_bundle(cfg: RunConfig, num_outputs: int, device: torch.device, pretrained: str | None = None) -> Loaded:
+    """``dense_bundle``, with what was read from the checkpoint (``upop.jobs.pretrained.Loaded``)."""
+    loaded = load_bundle(cfg.model, cfg.task, pretrained, cfg.data.image_size, num_outputs, seed=cfg.seed)
+    loaded.bundle.model = loaded.bundle.model.to(device)
+    return loaded
 
 
 def compressed_bundle(cfg: RunConfig, num_outputs: int, device: torch.device, directory: str) -> ModelBundle:
@@ -107,15 +113,18 @@ def prepare(cfg: RunConfig, pretrained: str | None = None, compressed: str | Non
     cls = task_class(cfg.task)
     num_outputs = cls.num_outputs(cfg.data)
     if compressed is not None:
-        bundle = compressed_bundle(cfg, num_outputs, info.device, compressed)
+        bundle, loaded = compressed_bundle(cfg, num_outputs, info.device, compressed), None
     else:
-        bundle = dense_bundle(cfg, num_outputs, info.device, pretrained)
+        loaded = loaded_bundle(cfg, num_outputs, info.device, pretrained)
+        bundle = loaded.bundle
     task = cls(bundle, cfg.task_options())
     data = dataclasses.replace(cfg.data, image_size=bundle.image_size)
     splits = task.datasets(data)
     loaders = make_loaders(splits, cfg.batch_size, info, cfg.seed)
     np.random.seed((cfg.seed * 1000 + info.rank) % 2**32)  # batch augmentation (Mixup) draws from numpy
-    return Setup(info, bundle, task, loaders, num_outputs, int(bundle.image_size), splits.about)
+    for note in bundle.notes:
+        say(info, note)
+    return Setup(info, bundle, task, loaders, num_outputs, int(bundle.image_size), splits.about, loaded)
 
 
 def stop_point(info: D.DistInfo, where: str) -> None:

@@ -124,6 +124,11 @@ def compress(
         raise UPopError("a search needs --epochs-search >= 1 (0 only with --plan, which retrains a given plan)")
     setup = prepare(cfg, pretrained)
     find_adapter(setup.model)  # fail before any work if the family is not supported
+    if setup.loaded is not None and setup.loaded.compressed:
+        raise UPopError(
+            f"{pretrained} is a compressed checkpoint ({len(setup.loaded.summary()['structures'])} structures narrower "
+            "than the dense model); compress starts from a dense one. Evaluate it with upop evaluate --pretrained"
+        )
     prune = _checked(setup, cfg, prune, recipe, plan)
     settings = Settings(prune, recipe, pretrained, plan, max_nonfinite)
     config = {

@@ -15,4 +15,5 @@ def evaluate(cfg: RunConfig, compressed: str | None = None, pretrained: str | No
         raise UPopError("evaluate needs exactly one of --compressed DIR or --pretrained FILE")
     setup = prepare(cfg, pretrained, compressed)
     m = measure(setup.model, setup, example_inputs(setup, setup.model))
-    return Evaluation(m.metrics, m.params, m.flops, m.latency_ms, split=setup.splits["report"])
+    loaded = setup.loaded.summary() if setup.loaded is not None and pretrained is not None else None
+    return Evaluation(m.metrics, m.params, m.flops, m.latency_ms, split=setup.splits["report"], pretrained=loaded)

@@ -178,6 +178,7 @@ class Evaluation(Record):
     flops: int
     latency_ms: float
     split: dict[str, Any]
+    pretrained: dict[str, Any] | None = None  # a --pretrained checkpoint: compressed or not, the widths read from it
 
 
 _NESTED: dict[str, type[Record]] = {

@@ -4,7 +4,7 @@ module)."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
@@ -46,6 +46,9 @@ class ModelBundle:
             variant.yml); None: the task's default for its data.
         convert_state: maps a released checkpoint's state dict (another code base's key names) to this model's keys;
             None: checkpoints are read as they are.
+        on_load: called with the model and a checkpoint's raw state dict before it is loaded, to take on the
+            conventions of the code base that wrote it where this model's differ (e.g. BLIP's ViT layer-norm eps).
+        notes: what building the model changed or assumed that a user should know (printed by the jobs).
     """
 
     model: nn.Module
@@ -55,3 +58,5 @@ class ModelBundle:
     tokenizer: Any = None
     normalization: Normalization | None = None
     convert_state: Callable[[StateDict], StateDict] | None = None
+    on_load: Callable[[nn.Module, StateDict], None] | None = None
+    notes: list[str] = field(default_factory=list)

@@ -5,6 +5,7 @@ executing pickled code). Needs the ``open_clip`` extra."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ from upop.models.registry import Family, register_family
 from upop.utils.extras import require
 
 
-def _load_open_clip(arg: str, load: bool = True) -> ModelBundle:
+def _load_open_clip(arg: str, load: bool = True, image_size: int | None = None) -> ModelBundle:
     """``ARCH[:WEIGHTS]``: ARCH an open_clip model name or a model-config JSON file ({"embed_dim", "vision_cfg",
     "text_cfg"}); WEIGHTS a local state dict (open_clip or OpenAI key format), read without executing pickled code."""
     open_clip = require("open_clip", "an open_clip model")
@@ -35,11 +36,25 @@ def _load_open_clip(arg: str, load: bool = True) -> ModelBundle:
     else:
         if arch not in open_clip.list_models():
             raise UPopError(f"open_clip has no architecture {arch!r} (give a name from open_clip.list_models())")
-        model = open_clip.create_model(arch, pretrained=None)
+        # open_clip moves the model to a device when it builds it: the device new parameters are made on (the meta
+        # device while a compressed model's architecture is built without weights)
+        device = nn.Linear(1, 1).weight.device
+        model = open_clip.create_model(arch, pretrained=None, device=device, force_image_size=image_size)
         tokenizer = open_clip.get_tokenizer(arch)
+    bundle = ModelBundle(model, f"open_clip:{arg}", "dual_encoder", tokenizer=tokenizer, convert_state=without_momentum)
     if weights and load:
-        load_weights(model, weights)
-    return ModelBundle(model, f"open_clip:{arg}", "dual_encoder", tokenizer=tokenizer)
+        load_weights(bundle, weights)
+    return bundle
+
+
+MOMENTUM = re.compile(r"(^|\.)[a-z_]+_m(\.|$)|^(image|text|idx|ptr)_queue$")
+
+
+def without_momentum(state: dict[str, Any]) -> dict[str, Any]:
+    """A CLIP state dict as UPop's retrieval code saves it (OpenAI key names, plus the momentum encoders ``visual_m``,
+    ``transformer_m``, ``token_embedding_m``... and the feature queues) without the momentum encoders and queues,
+    which only its training used; any other state dict unchanged."""
+    return {k: v for k, v in state.items() if not MOMENTUM.search(k)}
 
 
 def _open_clip_tokenizer(model: nn.Module, arch: str) -> Any:
@@ -66,7 +81,7 @@ class OpenClip(Family):
     usage = (("dual_encoder", "open_clip:ARCH:WEIGHTS", "ARCH: an open_clip name or a model-config JSON"),)
 
     def build(self, arg: str, kind: str, num_outputs: int, image_size: int | None, weights: bool) -> ModelBundle:
-        return _load_open_clip(arg, weights)
+        return _load_open_clip(arg, weights, image_size)
 
 
 register_family(OpenClip())
