@@ -96,7 +96,7 @@ def _common(p: argparse.ArgumentParser, fallback_to_saved: bool = False) -> None
         choices=("rank", "generate"),
         default="rank",
         help="how the VQA task answers: rank (default, as BLIP: the 128 answers of answer_list.json likeliest by "
-        "their first token, re-ranked by full likelihood) or generate (beam search, 3 beams)",
+        "their first token, re-ranked by BLIP's label-smoothed loss) or generate (beam search, 3 beams)",
     )
 
 

@@ -63,15 +63,17 @@ def _nlvr_folder(root, entries_by_split):
         (root / f"nlvr_{split}.json").write_text(json.dumps(entries))
 
 
-GOOD = [
-    {"image": ["a.png", "b.png"], "sentence": "both images contain a red object", "label": "False"},
-    {"image": ["a.png", "a.png"], "sentence": "both images contain a red object", "label": "True"},
+GOOD = [  # as BLIP's nlvr_{train,dev,test}.json write them
+    {"images": ["a.png", "b.png"], "sentence": "both images contain a red object", "label": "False"},
+    {"images": ["a.png", "a.png"], "sentence": "both images contain a red object", "label": "True"},
 ]
 
 
 def test_reader_of_the_nlvr2_format():
     pairs, sentences, labels = read_nlvr_from(GOOD)
     assert pairs == [("a.png", "b.png"), ("a.png", "a.png")] and labels.tolist() == [0, 1]
+    singular = [{"image": e["images"], "sentence": e["sentence"], "label": e["label"]} for e in GOOD]
+    assert read_nlvr_from(singular)[0] == pairs  # the key some copies of the files use
 
 
 def read_nlvr_from(entries, tmp=None):
@@ -86,9 +88,9 @@ def read_nlvr_from(entries, tmp=None):
 @pytest.mark.parametrize(
     "entry,why",
     [
-        ({"image": ["a.png"], "sentence": "s", "label": "True"}, "entry 1: 'image' must be a list of two image paths"),
-        ({"image": ["a.png", "b.png"], "sentence": "s"}, 'entry 1: \'label\' must be "True" or "False"'),
-        ({"image": ["a.png", "b.png"], "sentence": "", "label": "True"}, "entry 1: 'sentence' must be a non-empty"),
+        ({"images": ["a.png"], "sentence": "s", "label": "True"}, "entry 1: 'images' must be a list of two image"),
+        ({"images": ["a.png", "b.png"], "sentence": "s"}, 'entry 1: \'label\' must be "True" or "False"'),
+        ({"images": ["a.png", "b.png"], "sentence": "", "label": "True"}, "entry 1: 'sentence' must be a non-empty"),
     ],
 )
 def test_bad_nlvr_entries_are_named_by_index_on_one_line(entry, why, tmp_path, capsys):

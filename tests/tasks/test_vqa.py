@@ -119,7 +119,29 @@ def _candidates(count=9):
     return ids, mask
 
 
-def test_rank_picks_the_likeliest_candidate_among_the_top_k_by_first_token():
+def _smoothed_scores(model, a_ids, a_mask, states, mask):
+    """BLIP's rank score written out: minus the sum over the answer's tokens of the label-smoothed (0.1) loss,
+    0.9 x (-log p(token)) + 0.1 x the mean over the vocabulary of -log p."""
+    logp = model.decode(a_ids, a_mask, states, mask)[:, :-1].log_softmax(-1)
+    target = logp.gather(2, a_ids[:, 1:, None]).squeeze(2)
+    per_token = 0.9 * target + 0.1 * logp.mean(-1)
+    return (per_token * a_mask[:, 1:]).sum(1)
+
+
+def test_rank_scores_answers_by_blip_s_label_smoothed_loss():
+    model = _vqa().double()
+    x, ids, mask = _batch()
+    a_ids, a_mask = _candidates()
+    states = model.question_states(x.double(), ids, mask)
+    for q in range(len(x)):
+        s, m = states[q : q + 1].expand(len(a_ids), -1, -1), mask[q : q + 1].expand(len(a_ids), -1)
+        expected = _smoothed_scores(model, a_ids, a_mask, s, m)
+        torch.testing.assert_close(model.answer_scores(a_ids, a_mask, s, m).double(), expected)
+        plain = model.decode(a_ids, a_mask, s, m)[:, :-1].log_softmax(-1).gather(2, a_ids[:, 1:, None]).squeeze(2)
+        assert not torch.allclose(expected, (plain * a_mask[:, 1:]).sum(1))  # not the plain log-likelihood
+
+
+def test_rank_picks_the_best_scored_candidate_among_the_top_k_by_first_token():
     model = _vqa().double()
     x, ids, mask = _batch()
     x = x.double()
@@ -127,11 +149,8 @@ def test_rank_picks_the_likeliest_candidate_among_the_top_k_by_first_token():
     states = model.question_states(x, ids, mask)
     brute = []
     for q in range(len(x)):
-        logits = model.decode(
-            a_ids, a_mask, states[q : q + 1].expand(len(a_ids), -1, -1), mask[q : q + 1].expand(len(a_ids), -1)
-        )
-        logp = logits[:, :-1].log_softmax(-1).gather(2, a_ids[:, 1:, None]).squeeze(2)
-        brute.append(int(((logp * a_mask[:, 1:]).sum(1)).argmax()))
+        s, m = states[q : q + 1].expand(len(a_ids), -1, -1), mask[q : q + 1].expand(len(a_ids), -1)
+        brute.append(int(_smoothed_scores(model, a_ids, a_mask, s, m).argmax()))
     assert model.rank(x, ids, mask, a_ids, a_mask, k=len(a_ids)).tolist() == brute
     start = torch.ones(len(x), 1, dtype=torch.long)
     first = model.text_decoder(input_ids=start, encoder_hidden_states=states, encoder_attention_mask=mask).logits[:, 0]

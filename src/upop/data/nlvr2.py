@@ -1,6 +1,6 @@
-"""NLVR2 in BLIP's format: ``*train.json``, ``*dev.json``, ``*test.json``, each a JSON list of ``{"image": [left,
-right], "sentence": str, "label": "True" | "False"}``, and the dataset of (two images, statement, label) samples the
-NLVR task trains and evaluates on."""
+"""NLVR2 in BLIP's format: ``*train.json``, ``*dev.json``, ``*test.json``, each a JSON list of ``{"images": [left,
+right], "sentence": str, "label": "True" | "False"}`` (``"image"`` is read too), and the dataset of (two images,
+statement, label) samples the NLVR task trains and evaluates on."""
 
 from __future__ import annotations
 
@@ -34,15 +34,16 @@ class Statements(Dataset):
 
 def read_nlvr(path: Path) -> tuple[list[tuple[str, str]], list[str], torch.Tensor]:
     """(image pairs, statements, labels) of a BLIP-format NLVR2 annotation file."""
-    entries = read_annotation(path, "'image', 'sentence', 'label'")
+    entries = read_annotation(path, "'images', 'sentence', 'label'")
     pairs, sentences, labels = [], [], []
     for n, entry in enumerate(entries):
         if not isinstance(entry, dict):
             raise UPopError(f"annotation file {path}, entry {n}: expected an object, got {json.dumps(entry)[:80]}")
-        image, sentence, label = entry.get("image"), entry.get("sentence"), entry.get("label")
+        image = entry.get("images", entry.get("image"))  # BLIP's key, and the singular some copies use
+        sentence, label = entry.get("sentence"), entry.get("label")
         if not isinstance(image, list) or len(image) != 2 or not all(isinstance(p, str) for p in image):
             raise UPopError(
-                f"annotation file {path}, entry {n}: 'image' must be a list of two image paths (left, right), "
+                f"annotation file {path}, entry {n}: 'images' must be a list of two image paths (left, right), "
                 f"got {json.dumps(image)[:80]}"
             )
         if not isinstance(sentence, str) or not sentence.strip():

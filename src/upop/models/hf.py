@@ -94,7 +94,7 @@ class HF(Family):
             return ModelBundle(_load_hf(path, num_outputs, weights), f"hf:{path}", kind)
         if kind == "dual_encoder" and _model_type(path) != "blip":
             return _load_hf_clip(path, weights)
-        return LOADERS[kind](path, weights)
+        return LOADERS[kind](path, weights, image_size)
 
 
 register_family(HF())

@@ -3,7 +3,7 @@ Cross-entropy over (False, True); the metric is accuracy.
 
 Data: the built-in shapes world's statements about scene pairs (``upop.data.statements``: balanced labels, every
 statement needs both images), or BLIP's NLVR2 annotation files: ``DIR/*train.json`` (training), ``DIR/*dev.json``
-(selection) and ``DIR/*test.json`` (report; test-P), each a JSON list of ``{"image": [left, right], "sentence": str,
+(selection) and ``DIR/*test.json`` (report; test-P), each a JSON list of ``{"images": [left, right], "sentence": str,
 "label": "True" | "False"}`` with images under ``--image-root`` (default ``DIR``).
 
 Models take ``(pixel_values (B, 2, 3, S, S), input_ids, attention_mask)`` and return logits (B, 2); statements are

@@ -6,8 +6,9 @@ gave, each weighted by its share of the human answers (after the metric's normal
 answer), summed per question and averaged over the batch.
 
 Inference (``--vqa-inference``): "rank" (default, as BLIP evaluates VQAv2): the candidates of the answer list whose
-first token is likeliest (the top ``RANK_K`` = 128), then the one of those with the highest log-likelihood of all its
-tokens; "generate": beam search (3 beams, at most 10 tokens) by HF's ``generate``.
+first token is likeliest (the top ``RANK_K`` = 128), then the one of those with BLIP's score: minus the decoder's
+loss summed over its tokens, label-smoothed (0.1); "generate": beam search (3 beams, at most 10 tokens) by HF's
+``generate``.
 
 Metric: the standard VQA accuracy: a prediction scores min(humans who gave it / 3, 1), averaged over the ten subsets
 of nine of the ten humans, after the standard normalisation of prediction and answers (``normalise_answer``:

@@ -15,7 +15,7 @@ from upop.errors import UPopError
 from upop.models.blip.checkpoints import converter, tie_lm_head
 from upop.models.blip.modeling import BlipNlvr, BlipRetrieval, BlipVqa
 from upop.models.bundle import ModelBundle
-from upop.models.checkpoints import read_state_dict
+from upop.models.checkpoints import fit_positions, read_state_dict
 
 HF_TO_TWIN: tuple[tuple[str, str], ...] = (  # an HF BLIP text encoder's single cross-attention, into each branch
     (r"\.crossattention\.self\.", r".crossattention.branches.{i}.self."),
@@ -32,8 +32,11 @@ class HFTokens:
         self.tokenizer = tokenizer
         self.length = min(int(getattr(tokenizer, "model_max_length", 35) or 35), positions)
 
-    def __call__(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        out = self.tokenizer(texts, padding="longest", truncation=True, max_length=self.length, return_tensors="pt")
+    def __call__(self, texts: list[str], max_length: int | None = None) -> dict[str, torch.Tensor]:
+        """``max_length``: a task's cap (BLIP's: 35 tokens for retrieval captions and VQA questions, 40 for
+        captions), within the model's positions."""
+        length = min(self.length, max_length or self.length)
+        out = self.tokenizer(texts, padding="longest", truncation=True, max_length=length, return_tensors="pt")
         return {"input_ids": out["input_ids"], "attention_mask": out["attention_mask"]}
 
     def decode(self, ids: torch.Tensor | list[int]) -> str:
@@ -52,9 +55,12 @@ def hf_tokenizer(path: Path) -> Any:
         raise UPopError(f"{path} has no usable tokenizer files ({str(e).splitlines()[0][:120]})") from None
 
 
-def _hf_blip(path: Path, weights: bool) -> tuple[Any, Any, int, dict[str, torch.Tensor]]:
-    """(config, tokenizer function, encoder token id, state dict or {} without ``weights``) of a local HF BLIP
-    directory; one clear line when it is not one or has no tokenizer."""
+def _hf_blip(
+    path: Path, weights: bool, image_size: int | None = None, encoder: bool = True
+) -> tuple[Any, Any, int, dict[str, torch.Tensor], list[str]]:
+    """(config, tokenizer function, encoder token id (with ``encoder``: the models whose text encoder reads it),
+    state dict or {} without ``weights``, notes) of a local HF BLIP directory, its vision config set to
+    ``image_size`` when given; one clear line when it is not one or has no tokenizer."""
     from transformers import AutoConfig
 
     if not (path / "config.json").is_file():
@@ -62,18 +68,50 @@ def _hf_blip(path: Path, weights: bool) -> tuple[Any, Any, int, dict[str, torch.
     config = AutoConfig.from_pretrained(str(path), local_files_only=True)
     if config.model_type != "blip":
         raise UPopError(f"{path} holds a {config.model_type!r} model, not an HF BLIP model")
+    if image_size:
+        config.vision_config.image_size = image_size
     tokenizer = hf_tokenizer(path)
-    enc = tokenizer.convert_tokens_to_ids("[ENC]") if "[ENC]" in tokenizer.get_vocab() else tokenizer.cls_token_id
+    enc, notes = encoder_token(tokenizer, config.text_config.vocab_size, path) if encoder else (-1, [])
     state: dict[str, torch.Tensor] = {}
     if weights:
         for f in sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin")):
             state.update(read_state_dict(f))
-    return config, HFTokens(tokenizer, config.text_config.max_position_embeddings), enc, state
+    return config, HFTokens(tokenizer, config.text_config.max_position_embeddings), enc, state, notes
+
+
+def encoder_token(tokenizer: Any, vocab_size: int, path: Path) -> tuple[int, list[str]]:
+    """The id of BLIP's encoder token ``[ENC]``, which NLVR, retrieval's ITM and VQA put first in the text they
+    encode; added as BLIP's ``init_tokenizer`` adds it (``[DEC]`` as the beginning-of-sentence token, then ``[ENC]``:
+    30522 and 30523 after BERT's vocabulary) when the tokenizer lacks it, and said so."""
+    if "[ENC]" in tokenizer.get_vocab():
+        return tokenizer.convert_tokens_to_ids("[ENC]"), []
+    if "[DEC]" not in tokenizer.get_vocab():
+        tokenizer.add_special_tokens({"bos_token": "[DEC]"})
+    tokenizer.add_special_tokens({"additional_special_tokens": ["[ENC]"]})
+    enc = tokenizer.convert_tokens_to_ids("[ENC]")
+    if enc >= vocab_size:
+        raise UPopError(
+            f"{path}: its tokenizer has no [ENC] token and the model's vocabulary ({vocab_size}) has no room for one "
+            f"(id {enc}); BLIP's models are built with [DEC] and [ENC] after BERT's 30522 words"
+        )
+    return enc, [f"{path}: the tokenizer had no [ENC] token; added as BLIP adds it (id {enc})"]
+
+
+def layer_norm_as_released(model: nn.Module, state: dict[str, Any]) -> None:
+    """A checkpoint released by BLIP's own code (keys ``visual_encoder.*``) was trained with its ViT's layer norms
+    at eps 1e-6, not the 1e-5 of HF's BLIP configs: the vision tower takes the released eps."""
+    if any(k.startswith("visual_encoder.") for k in state):
+        vision = getattr(model, "vision_model", None)
+        for module in vision.modules() if vision is not None else ():
+            if isinstance(module, nn.LayerNorm):
+                module.eps = 1e-6
 
 
 def _load_into(model: nn.Module, state: dict[str, torch.Tensor], fresh: Callable[[str], bool], what: str) -> None:
-    """Fill ``model`` from ``state``; every key but the ``fresh`` ones must be there."""
+    """Fill ``model`` from ``state`` (patch position embeddings of another input size interpolated); every key but
+    the ``fresh`` ones must be there."""
     own = model.state_dict()
+    state = fit_positions(state, own)
     missing = [k for k in own if k not in state and not fresh(k)]
     if missing:
         raise UPopError(f"{what}: missing {', '.join(missing[:3])}")
@@ -87,15 +125,23 @@ def _load_into(model: nn.Module, state: dict[str, torch.Tensor], fresh: Callable
     model.load_state_dict({**own, **{k: v for k, v in state.items() if k in own}})
 
 
-def _bundle(model: nn.Module, path: Path, kind: str, tokenize: HFTokens) -> ModelBundle:
-    return ModelBundle(model, f"hf:{path}", kind, tokenizer=tokenize, convert_state=converter(kind))
+def _bundle(model: nn.Module, path: Path, kind: str, tokenize: HFTokens, notes: list[str]) -> ModelBundle:
+    return ModelBundle(
+        model,
+        f"hf:{path}",
+        kind,
+        tokenizer=tokenize,
+        convert_state=converter(kind),
+        on_load=layer_norm_as_released,
+        notes=notes,
+    )
 
 
-def load_hf_nlvr(path: Path, weights: bool = True) -> ModelBundle:
+def load_hf_nlvr(path: Path, weights: bool = True, image_size: int | None = None) -> ModelBundle:
     """``BlipNlvr`` from a local HF BLIP directory (e.g. an image-text-matching model): its vision and text configs,
     its tokenizer, and (``weights``) its vision encoder and text encoder, the one cross-attention copied into both
     branches, as BLIP initialises NLVR from a pre-trained model. The merge layers and the head start fresh."""
-    config, tokenize, enc, state = _hf_blip(path, weights)
+    config, tokenize, enc, state, notes = _hf_blip(path, weights, image_size)
     model = BlipNlvr(config.vision_config, config.text_config, enc)
     if state:
         mapped = {}
@@ -108,47 +154,44 @@ def load_hf_nlvr(path: Path, weights: bool = True) -> ModelBundle:
                     mapped[new] = value
         fresh = lambda k: "merge_layer" in k or k.startswith("cls_head.")  # noqa: E731
         _load_into(model, mapped, fresh, f"{path} does not hold BLIP's vision and text encoders")
-    return _bundle(model, path, "nlvr", tokenize)
+    return _bundle(model, path, "nlvr", tokenize, notes)
 
 
-def load_hf_retrieval(path: Path, weights: bool = True) -> ModelBundle:
+def load_hf_retrieval(path: Path, weights: bool = True, image_size: int | None = None) -> ModelBundle:
     """``BlipRetrieval`` from a local HF BLIP directory (``BlipForImageTextRetrieval``: the same key names), with its
     tokenizer; ``temp`` (not in HF's class) starts at 0.07."""
-    config, tokenize, enc, state = _hf_blip(path, weights)
+    config, tokenize, enc, state, notes = _hf_blip(path, weights, image_size)
     model = BlipRetrieval(config.vision_config, config.text_config, config.image_text_hidden_size, enc)
     if state:
         _load_into(model, state, lambda k: k == "temp", f"{path} is not a BLIP image-text retrieval model")
-    return _bundle(model, path, "dual_encoder", tokenize)
+    return _bundle(model, path, "dual_encoder", tokenize, notes)
 
 
-def load_hf_captioner(path: Path, weights: bool = True) -> ModelBundle:
+def load_hf_captioner(path: Path, weights: bool = True, image_size: int | None = None) -> ModelBundle:
     """HF ``BlipForConditionalGeneration`` from a local directory (e.g. blip-image-captioning-base), with its
     tokenizer."""
     from transformers import BlipForConditionalGeneration
-    from transformers.utils.logging import disable_progress_bar
 
-    config, tokenize, _, _ = _hf_blip(path, False)
-    has_weights = any(path.glob("*.safetensors")) or any(path.glob("*.bin"))
-    disable_progress_bar()
-    if weights and has_weights:
-        model = BlipForConditionalGeneration.from_pretrained(str(path), local_files_only=True)
-    else:
-        model = BlipForConditionalGeneration(config)
-    return _bundle(model, path, "captioner", tokenize)
+    config, tokenize, _, state, notes = _hf_blip(path, weights, image_size, encoder=False)
+    model = BlipForConditionalGeneration(config)
+    if state:
+        state = tie_lm_head(state, "text_decoder.")
+        _load_into(model, state, lambda k: False, f"{path} is not a BLIP captioning model")
+    return _bundle(model, path, "captioner", tokenize, notes)
 
 
-def load_hf_vqa(path: Path, weights: bool = True) -> ModelBundle:
+def load_hf_vqa(path: Path, weights: bool = True, image_size: int | None = None) -> ModelBundle:
     """``BlipVqa`` from a local HF BLIP directory (``BlipForQuestionAnswering``: the same key names), with its
     tokenizer."""
-    config, tokenize, enc, state = _hf_blip(path, weights)
+    config, tokenize, enc, state, notes = _hf_blip(path, weights, image_size)
     model = BlipVqa(config.vision_config, config.text_config, enc)
     if state:
         state = tie_lm_head(state, "text_decoder.")
         _load_into(model, state, lambda k: False, f"{path} is not a BLIP visual question answering model")
-    return _bundle(model, path, "vqa", tokenize)
+    return _bundle(model, path, "vqa", tokenize, notes)
 
 
-LOADERS: dict[str, Callable[[Path, bool], ModelBundle]] = {
+LOADERS: dict[str, Callable[[Path, bool, int | None], ModelBundle]] = {
     "nlvr": load_hf_nlvr,
     "dual_encoder": load_hf_retrieval,
     "captioner": load_hf_captioner,

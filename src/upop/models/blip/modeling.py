@@ -18,6 +18,7 @@ import copy
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers.models.blip.configuration_blip import BlipTextConfig, BlipVisionConfig
 from transformers.models.blip.modeling_blip import BlipVisionModel
@@ -276,7 +277,7 @@ class BlipVqa(nn.Module):
     ) -> torch.Tensor:
         """BLIP's rank inference: the index of each question's answer among the candidates (``answer_ids``, one row
         each): the ``k`` candidates whose first token is likeliest after the start token, then the one of those
-        with the highest log-likelihood of all its tokens."""
+        with the best ``answer_scores``."""
         states = self.question_states(pixel_values, input_ids, attention_mask)
         n, k = states.shape[0], min(k, answer_ids.shape[0])
         start = torch.full((n, 1), self.text_config.bos_token_id, dtype=torch.long, device=states.device)
@@ -288,16 +289,26 @@ class BlipVqa(nn.Module):
         for q in range(0, n, per):
             rows = top[q : q + per]
             ids, mask = answer_ids[rows].flatten(0, 1), answer_mask[rows].flatten(0, 1)
-            logits = self.decode(
+            score = self.answer_scores(
                 ids,
                 mask,
                 states[q : q + per].repeat_interleave(k, 0),
                 attention_mask[q : q + per].repeat_interleave(k, 0),
-            )
-            logp = logits[:, :-1].float().log_softmax(-1).gather(2, ids[:, 1:, None]).squeeze(2)
-            score = (logp * mask[:, 1:]).sum(1).view(-1, k)
+            ).view(-1, k)
             best.append(rows.gather(1, score.argmax(1, keepdim=True)).squeeze(1))
         return torch.cat(best)
+
+    def answer_scores(
+        self, answer_ids: torch.Tensor, answer_mask: torch.Tensor, states: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Per answer (one row each, decoded after the question's ``states``), BLIP's rank score: minus the decoder's
+        LM loss summed over the answer's tokens, with label smoothing 0.1 as BLIP's decoder computes it."""
+        logits = self.decode(answer_ids, answer_mask, states, mask)[:, :-1].float()
+        targets = answer_ids[:, 1:].masked_fill(answer_mask[:, 1:] == 0, -100)
+        loss = F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none", label_smoothing=0.1
+        )
+        return -loss.view(targets.shape).sum(1)
 
     @torch.no_grad()
     def generate(
