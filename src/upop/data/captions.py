@@ -81,14 +81,16 @@ class WordTokenizer:
     def vocab_size(self) -> int:
         return len(self.vocab)
 
-    def __call__(self, texts: list[str]) -> dict[str, torch.Tensor]:
+    def __call__(self, texts: list[str], max_length: int | None = None) -> dict[str, torch.Tensor]:
+        """``max_length``: a cap on the tokens of a text (BLIP's tasks cap theirs), within ``context_length``."""
+        length = min(self.context_length, max_length or self.context_length)
         ids = torch.full((len(texts), self.context_length), self.pad_id, dtype=torch.long)
         for row, text in enumerate(texts):
             words = re.findall(r"[a-z0-9]+|[^a-z0-9\s]", text.lower())
             unknown = [w for w in words if w not in self.ids]
             if unknown:
                 raise ValueError(f"the built-in tokenizer knows only the shapes-world words; got {unknown[0]!r}")
-            tokens = [self.bos_id, *(self.ids[w] for w in words)][: self.context_length - 1] + [self.eos_id]
+            tokens = [self.bos_id, *(self.ids[w] for w in words)][: length - 1] + [self.eos_id]
             ids[row, : len(tokens)] = torch.tensor(tokens)
         return {"input_ids": ids, "attention_mask": (ids != self.pad_id).long()}
 

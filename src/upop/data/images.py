@@ -99,17 +99,20 @@ def same_classes(root: Path, train: list[str], val: list[str]) -> None:
         )
 
 
-def image_reader(image_root: Path, paths: list[str], image_size: int, crop: bool) -> Callable[[int], torch.Tensor]:
-    """``load(i)``: the image ``image_root / paths[i]`` as RGB, resized (bicubic) to ``image_size`` square, or with
-    ``crop`` its shorter side resized and centre-cropped, normalised with CLIP's mean and std; one clear line when a
-    file cannot be read."""
+def image_reader(image_root: Path, paths: list[str], image_size: int) -> Callable[[int], torch.Tensor]:
+    """``load(i)``: the image ``image_root / paths[i]`` as RGB, resized (bicubic) to ``image_size`` x ``image_size``
+    without cropping, as BLIP's evaluation (and UPop's, for CLIP too) prepares images, normalised with CLIP's mean
+    and std; one clear line when a file cannot be read."""
     from PIL import Image
     from torchvision import transforms
 
-    size = image_size if crop else (image_size, image_size)
-    steps = [transforms.Resize(size, interpolation=transforms.InterpolationMode.BICUBIC)]
-    steps += [transforms.CenterCrop(image_size)] if crop else []
-    tf = transforms.Compose([*steps, transforms.ToTensor(), transforms.Normalize(CLIP_MEAN, CLIP_STD)])
+    tf = transforms.Compose(
+        [
+            transforms.Resize((image_size, image_size), interpolation=transforms.InterpolationMode.BICUBIC),
+            transforms.ToTensor(),
+            transforms.Normalize(CLIP_MEAN, CLIP_STD),
+        ]
+    )
 
     def load(i: int) -> torch.Tensor:
         try:

@@ -65,4 +65,4 @@ def folder_split(
         raise UPopError(
             f"{len(missing)} image(s) named in {annotation} do not exist under {image_root}, e.g. {missing[0]}"
         )
-    return image_reader(image_root, paths, image_size, crop=True), len(paths), captions, txt2img
+    return image_reader(image_root, paths, image_size), len(paths), captions, txt2img

@@ -75,7 +75,7 @@ def folder_split(root: Path, image_root: Path, split: str, role: str, image_size
     missing = next((p for pair in pairs for p in pair if not (image_root / p).is_file()), None)
     if missing is not None:
         raise UPopError(f"an image named in {annotation} does not exist under {image_root}: {missing}")
-    read = image_reader(image_root, [p for pair in pairs for p in pair], image_size, crop=False)
+    read = image_reader(image_root, [p for pair in pairs for p in pair], image_size)
 
     def load(i: int) -> torch.Tensor:
         return torch.stack([read(2 * i), read(2 * i + 1)])

@@ -108,4 +108,4 @@ def folder_split(path: Path, image_root: Path, image_size: int, answers_needed: 
     missing = next((p for p in paths if not (image_root / p).is_file()), None)
     if missing is not None:
         raise UPopError(f"an image named in {path} does not exist under {image_root}: {missing}")
-    return Questions(image_reader(image_root, paths, image_size, crop=False), questions, answers, ids=ids)
+    return Questions(image_reader(image_root, paths, image_size), questions, answers, ids=ids)

@@ -98,9 +98,12 @@ class Task(abc.ABC):
             raise UPopError(f"the {self.name} task needs the model's tokenizer: build the task for a model bundle")
         return self.bundle.tokenizer
 
-    def tokenize(self, texts: list[str], device: torch.device) -> dict[str, torch.Tensor]:
-        """``texts`` by the model's tokenizer: {"input_ids", "attention_mask"} (long tensors on ``device``)."""
-        return tokenize(self.tokenizer, texts, device)
+    def tokenize(
+        self, texts: list[str], device: torch.device, max_length: int | None = None
+    ) -> dict[str, torch.Tensor]:
+        """``texts`` by the model's tokenizer: {"input_ids", "attention_mask"} (long tensors on ``device``), at most
+        ``max_length`` tokens each when given."""
+        return tokenize(self.tokenizer, texts, device, max_length)
 
     pictures_need_dense: bool = False  # extra_files compares the dense model with the compressed one
 
@@ -125,10 +128,12 @@ class Task(abc.ABC):
         return kl_distill(student, teacher, temperature)
 
 
-def tokenize(tokenizer: Any, texts: list[str], device: torch.device) -> dict[str, torch.Tensor]:
+def tokenize(
+    tokenizer: Any, texts: list[str], device: torch.device, max_length: int | None = None
+) -> dict[str, torch.Tensor]:
     """``texts`` by ``tokenizer`` (a bundle's: it returns a dict or a tensor of ids): {"input_ids",
-    "attention_mask"} on ``device``."""
-    tokens = tokenizer(list(texts))
+    "attention_mask"} on ``device``; ``max_length`` caps the tokens of a text (BLIP's tokenizers take it)."""
+    tokens = tokenizer(list(texts)) if max_length is None else tokenizer(list(texts), max_length=max_length)
     if isinstance(tokens, torch.Tensor):
         tokens = {"input_ids": tokens}
     return {k: v.to(device) for k, v in tokens.items() if k in ("input_ids", "attention_mask")}

@@ -30,6 +30,7 @@ from torch.utils.data import Dataset
 from upop.data.captioned import CaptionedImages, captioned_splits
 from upop.data.config import DataConfig
 from upop.data.splits import Splits
+from upop.data.text import CAPTION_WORDS, pre_caption
 from upop.errors import UPopError
 from upop.tasks.base import Task, evaluating, register_task, tokenize
 from upop.tasks.losses import lm_loss, token_distill
@@ -39,6 +40,7 @@ from upop.utils.extras import require
 
 PROMPT = "a picture of "
 NUM_BEAMS, MAX_LENGTH, MIN_LENGTH = 3, 20, 5
+TOKENS = 40  # BLIP's captioner: prompt + caption cut at 40 tokens for training
 _PUNCTUATION = re.compile(r"[^\w\s]")
 
 
@@ -144,7 +146,7 @@ class Caption(Task):
     def outputs(self, model: nn.Module, batch: Any) -> dict[str, torch.Tensor]:
         """Decoder logits (B, L, V) of prompt + caption, and the labels: the caption's tokens, -100 elsewhere."""
         images, captions, _ = batch
-        tokens = self.tokenize([PROMPT + c for c in captions], images.device)
+        tokens = self.tokenize([PROMPT + pre_caption(c, CAPTION_WORDS) for c in captions], images.device, TOKENS)
         ids, mask = tokens["input_ids"].clone(), tokens["attention_mask"]
         ids[:, 0] = decoder_start(model)
         labels = ids.masked_fill(mask == 0, -100)

@@ -25,6 +25,7 @@ from upop.data.images import normalise_clip
 from upop.data.nlvr2 import SPLITS, Statements, folder_split
 from upop.data.splits import Splits
 from upop.data.statements import statement_split
+from upop.data.text import STATEMENT_WORDS, pre_caption
 from upop.errors import UPopError
 from upop.tasks.base import Task, evaluating, register_task
 
@@ -69,7 +70,7 @@ class Nlvr(Task):
 
     def outputs(self, model: nn.Module, batch: Any) -> torch.Tensor:
         images, sentences, _ = batch
-        return model(pixel_values=images, **self.tokenize(sentences, images.device))
+        return model(pixel_values=images, **self.statements(sentences, images.device))
 
     def loss_from(self, outputs: torch.Tensor, batch: Any) -> torch.Tensor:
         return F.cross_entropy(outputs.float(), batch[2])
@@ -80,7 +81,7 @@ class Nlvr(Task):
         with evaluating(model):
             for images, sentences, labels in loader:
                 images = images.to(device)
-                logits = model(pixel_values=images, **self.tokenize(sentences, device)).float()
+                logits = model(pixel_values=images, **self.statements(sentences, device)).float()
                 metric.update(logits, labels.to(device))
         return {"accuracy": 100.0 * float(metric.compute())}
 
@@ -89,4 +90,8 @@ class Nlvr(Task):
             raise UPopError("NLVR example inputs need the model (its device)")
         images, sentences = batch[0], list(batch[1])
         device = next(model.parameters()).device
-        return {"pixel_values": images.to(device), **self.tokenize(sentences, device)}
+        return {"pixel_values": images.to(device), **self.statements(sentences, device)}
+
+    def statements(self, sentences: list[str], device: torch.device) -> dict[str, torch.Tensor]:
+        """Statements as BLIP's NLVR2 code feeds them (``pre_caption``, 40 words), tokenised."""
+        return self.tokenize([pre_caption(s, STATEMENT_WORDS) for s in sentences], device)

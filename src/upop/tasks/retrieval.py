@@ -31,12 +31,14 @@ from torch.utils.data import DataLoader
 from upop.data.captioned import CaptionedImages, captioned_splits
 from upop.data.config import DataConfig
 from upop.data.splits import Splits
+from upop.data.text import CAPTION_WORDS, pre_caption
 from upop.errors import UPopError
 from upop.tasks.base import Task, evaluating, kl_distill, register_task
 from upop.utils import dist as D
 from upop.utils.dist import unwrap
 
 KS = (1, 5, 10)
+BLIP_TOKENS = 35  # BLIP's retrieval: captions padded and cut at 35 tokens
 RERANK_K = 128  # BLIP: candidates per query rescored by ITM (the reference uses 256 for COCO, 128 for Flickr30K)
 
 
@@ -165,11 +167,17 @@ class Retrieval(Task):
     def datasets(self, data: DataConfig) -> Splits:
         return captioned_splits(data)
 
+    def texts(self, model: nn.Module, captions: list[str], device: torch.device) -> dict[str, torch.Tensor]:
+        """Captions as UPop's code feeds them (BLIP's ``pre_caption``, 30 words; for CLIP too), tokenised: at most
+        ``BLIP_TOKENS`` tokens for a BLIP model, as BLIP's retrieval does."""
+        cleaned = [pre_caption(c, CAPTION_WORDS) for c in captions]
+        return self.tokenize(cleaned, device, BLIP_TOKENS if _is_blip(model) else None)
+
     def outputs(self, model: nn.Module, batch: Any) -> dict[str, torch.Tensor]:
         """Logits of the local images against the global batch's captions and of the local captions against the
         global batch's images (B, N), with the image ids of both."""
         images, captions, ids = batch
-        tokens = self.tokenize(captions, images.device)
+        tokens = self.texts(model, captions, images.device)
         extra: dict[str, torch.Tensor] = {}
         if _is_blip(model):  # ITC features, and ITM on matches and hard negatives
             out = model(pixel_values=images, **tokens, image_ids=ids)
@@ -212,14 +220,14 @@ class Retrieval(Task):
             step = loader.batch_size or 64
             txt = torch.cat(
                 [
-                    encode_texts(model, self.tokenize(data.captions[i : i + step], device))
+                    encode_texts(model, self.texts(model, data.captions[i : i + step], device))
                     for i in range(0, len(data.captions), step)
                 ]
             )
             sims = img @ txt.T
             if not _is_blip(model):
                 return recall_at_k(sims, data.txt2img)
-            tokens = self.tokenize(data.captions, device)
+            tokens = self.texts(model, data.captions, device)
             i2t, t2i = blip_rerank(model, data, tokens, sims, RERANK_K, step)
         out = {k: v for k, v in recall_at_k(i2t, data.txt2img).items() if k.startswith("i2t")}
         out.update({k: v for k, v in recall_at_k(t2i, data.txt2img).items() if k.startswith("t2i")})
@@ -232,4 +240,4 @@ class Retrieval(Task):
             raise UPopError("retrieval example inputs need the model (its tokenizer and calling convention)")
         data_captions = ["a"] * len(images) if isinstance(batch, torch.Tensor) else list(batch[1])
         device = next(model.parameters()).device
-        return model_inputs(model, images.to(device), self.tokenize(data_captions, device))
+        return model_inputs(model, images.to(device), self.texts(model, data_captions, device))

@@ -37,6 +37,7 @@ from upop.data.config import DataConfig
 from upop.data.images import normalise_clip
 from upop.data.questions import answer_list, question_split
 from upop.data.splits import Carved, Splits, carve, carved_about, default_select_size
+from upop.data.text import pre_question
 from upop.data.vqa import Questions, folder_split, read_answer_list, split_file
 from upop.errors import UPopError
 from upop.tasks.base import Task, evaluating, register_task
@@ -45,6 +46,7 @@ from upop.utils import dist as D
 from upop.utils.dist import unwrap
 
 RANK_K = 128
+QUESTION_TOKENS = 35  # BLIP's VQA: questions cut at 35 tokens
 NUM_BEAMS, MAX_LENGTH = 3, 10
 SUBMISSION = "vqa_test_submission.json"
 
@@ -164,7 +166,7 @@ class Vqa(Task):
             owner += [q] * len(distinct)
             answers += distinct
             weights += share
-        q = self.tokenize(questions, device)
+        q = self.questions(questions, device)
         a = self.tokenize(answers, device)
         owner_t = torch.tensor(owner, device=device)
         logits = model(images, q["input_ids"], q["attention_mask"], a["input_ids"], a["attention_mask"], owner_t)
@@ -183,6 +185,10 @@ class Vqa(Task):
     def distill_loss(self, student: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor], temperature: float):
         return token_distill(student["logits"], teacher["logits"], student["labels"], temperature)
 
+    def questions(self, questions: list[str], device: torch.device) -> dict[str, torch.Tensor]:
+        """Questions as BLIP's VQA code feeds them (``pre_question``), tokenised, at most ``QUESTION_TOKENS``."""
+        return self.tokenize([pre_question(q) for q in questions], device, QUESTION_TOKENS)
+
     @torch.no_grad()
     def answer(
         self, model: nn.Module, images: torch.Tensor, questions: list[str], candidates: dict | None = None
@@ -190,7 +196,7 @@ class Vqa(Task):
         """The model's answers to ``questions`` about ``images`` by the task's inference mode (``candidates``: the
         answer list's tokens, when the caller has them)."""
         m = unwrap(model)
-        q = self.tokenize(questions, images.device)
+        q = self.questions(questions, images.device)
         if self.inference == "generate":
             out = m.generate(images, q["input_ids"], q["attention_mask"], num_beams=NUM_BEAMS, max_length=MAX_LENGTH)
             return [self.tokenizer.decode(row[1:]) for row in out]
@@ -242,7 +248,7 @@ class Vqa(Task):
         else:
             images, questions = batch[0], batch[1]
             answers = [h[0] if h else "yes" for h in batch[2]]
-        q, a = self.tokenize(questions, device), self.tokenize(answers, device)
+        q, a = self.questions(questions, device), self.tokenize(answers, device)
         return {
             "pixel_values": images.to(device),
             "input_ids": q["input_ids"],
