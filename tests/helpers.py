@@ -379,3 +379,47 @@ def blip_decoder_original_layout(state: dict[str, torch.Tensor]) -> dict[str, to
         out.pop(tied)  # a release may store the tied LM head once
     out["text_decoder_m.cls.predictions.bias"] = torch.zeros(3)  # the momentum decoder, not used
     return out
+
+
+SEGMENTER_VARIANT = """\
+net_kwargs:
+  backbone: deit_tiny_distilled_patch16_224
+  d_model: 32
+  decoder:
+    drop_path_rate: 0.0
+    dropout: 0.1
+    n_layers: 2
+    name: mask_transformer
+  distilled: true
+  drop_path_rate: 0.1
+  dropout: 0.0
+  image_size: !!python/tuple
+  - 32
+  - 32
+  n_cls: 150
+  n_heads: 2
+  n_layers: 2
+  normalization: deit
+  patch_size: 8
+dataset_kwargs:
+  crop_size: 32
+"""
+
+
+def ade_folder(root, sizes=None, bad=None):
+    """A tiny ADE20K folder: 6 training and 3 validation images with labels 0..3 (0 ignored)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, n in (("training", 6), ("validation", 3)):
+        (root / "images" / split).mkdir(parents=True, exist_ok=True)
+        (root / "annotations" / split).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            h, w = (20, 28) if i % 2 else (24, 24)
+            Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(root / "images" / split / f"{i}.jpg")
+            labels = np.zeros((h, w), dtype=np.uint8)
+            labels[: h // 2] = 1 + i % 3
+            labels[h // 2 :, : w // 2] = 2
+            Image.fromarray(labels, mode="L").save(root / "annotations" / split / f"{i}.png")
+    return root

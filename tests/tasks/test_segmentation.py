@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from helpers import SEGMENTER_VARIANT, ade_folder
 from PIL import Image
 
 import upop.tasks.segmentation as seg
@@ -105,24 +106,8 @@ def test_miou_counts_classes_present_in_truth_or_prediction_only():
 
 
 # --------------------------------------------------------------------------------------------------------- ADE20K
-def _ade(root, sizes=None, bad=None):
-    """A tiny ADE20K folder: 6 training and 3 validation images with labels 0..3 (0 ignored)."""
-    rng = np.random.default_rng(0)
-    for split, n in (("training", 6), ("validation", 3)):
-        (root / "images" / split).mkdir(parents=True, exist_ok=True)
-        (root / "annotations" / split).mkdir(parents=True, exist_ok=True)
-        for i in range(n):
-            h, w = (20, 28) if i % 2 else (24, 24)
-            Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(root / "images" / split / f"{i}.jpg")
-            labels = np.zeros((h, w), dtype=np.uint8)
-            labels[: h // 2] = 1 + i % 3
-            labels[h // 2 :, : w // 2] = 2
-            Image.fromarray(labels, mode="L").save(root / "annotations" / split / f"{i}.png")
-    return root
-
-
 def test_ade20k_labels_0_are_ignored_and_1_to_150_become_0_to_149(tmp_path):
-    load, n, _ = seg.ade_split(_ade(tmp_path), "validation")
+    load, n, _ = seg.ade_split(ade_folder(tmp_path), "validation")
     image, labels = load(1)
     assert n == 3 and image.shape == (3, 20, 28) and labels.shape == (20, 28)
     assert set(labels.unique().tolist()) == {1, seg.IGNORE}  # labels 2 (both halves) -> class 1, 0 -> ignored
@@ -146,7 +131,7 @@ def _break(root, how):
 
 @pytest.mark.parametrize("how", ["size", "label", "missing", "rgb"])
 def test_bad_ade20k_annotations_are_one_line_and_nothing_is_written(tmp_path, capsys, how):
-    root = _ade(tmp_path / "ade")
+    root = ade_folder(tmp_path / "ade")
     message = _break(root, how)
     out = tmp_path / "out"
     args = ["--task", "segmentation", "--model", "segmenter-micro", "--data", str(root), "--batch-size", "2"]
@@ -158,7 +143,7 @@ def test_bad_ade20k_annotations_are_one_line_and_nothing_is_written(tmp_path, ca
 
 @pytest.mark.e2e
 def test_an_ade20k_folder_trains_with_150_classes(tmp_path):
-    root, out = _ade(tmp_path / "ade"), tmp_path / "out"
+    root, out = ade_folder(tmp_path / "ade"), tmp_path / "out"
     args = ["--task", "segmentation", "--model", "segmenter-micro", "--data", str(root), "--batch-size", "2"]
     assert main(["train", *args, "--select-size", "2", "--epochs", "1", "--output-dir", str(out)]) == 0
     report = json.loads((out / "report.json").read_text())
@@ -168,33 +153,10 @@ def test_an_ade20k_folder_trains_with_150_classes(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------- released checkpoints
-VARIANT = """\
-net_kwargs:
-  backbone: deit_tiny_distilled_patch16_224
-  d_model: 32
-  decoder:
-    drop_path_rate: 0.0
-    dropout: 0.1
-    n_layers: 2
-    name: mask_transformer
-  distilled: true
-  drop_path_rate: 0.1
-  dropout: 0.0
-  image_size: !!python/tuple
-  - 32
-  - 32
-  n_cls: 150
-  n_heads: 2
-  n_layers: 2
-  normalization: deit
-  patch_size: 8
-dataset_kwargs:
-  crop_size: 32
-"""
 
 
 def test_a_released_checkpoint_loads_from_its_variant_yml_without_its_imagenet_head(tmp_path):
-    (tmp_path / "variant.yml").write_text(VARIANT)
+    (tmp_path / "variant.yml").write_text(SEGMENTER_VARIANT)
     torch.manual_seed(0)
     source = build_segmenter(
         dict(
@@ -250,12 +212,12 @@ def test_cli_compresses_a_released_segmenter_on_an_ade20k_folder(tmp_path):
     checkpoint.pth; 150 classes as ADE20K's."""
     ckpt = tmp_path / "seg_tiny"
     ckpt.mkdir()
-    (ckpt / "variant.yml").write_text(VARIANT)
+    (ckpt / "variant.yml").write_text(SEGMENTER_VARIANT)
     net = dict(image_size=32, patch_size=8, d_model=32, n_heads=2, n_layers=2, n_cls=150, distilled=True)
     torch.manual_seed(0)
     state = build_segmenter({**net, "decoder": {"name": "mask_transformer", "n_layers": 2}}).state_dict()
     torch.save({"model": state}, ckpt / "checkpoint.pth")
-    root, out = _ade(tmp_path / "ade"), tmp_path / "out"
+    root, out = ade_folder(tmp_path / "ade"), tmp_path / "out"
     args = ["--task", "segmentation", "--model", f"segmenter:{ckpt / 'checkpoint.pth'}", "--data", str(root)]
     args += ["--batch-size", "2", "--select-size", "2", "--epochs-search", "1", "--epochs", "0", "--p", "0.3"]
     assert main(["compress", *args, "--output-dir", str(out)]) == 0

@@ -16,7 +16,7 @@ from upop.data.config import DataConfig
 from upop.data.images import normalise_clip
 from upop.data.karpathy import annotation_file, folder_split
 from upop.data.shapes import ShapesWorld
-from upop.data.splits import Splits
+from upop.data.splits import ROLES, Splits, builtin_roles
 from upop.errors import UPopError
 
 
@@ -62,18 +62,14 @@ def shapes_split(n: int, seed: int, image_size: int, noise: float) -> tuple[Call
     return (lambda i: normalise_clip(pixels[i].float() / 255)), captions, txt2img
 
 
-def captioned_splits(data: DataConfig) -> Splits:
-    """The train (``CaptionPairs``), select and report (``CaptionedImages``) splits of ``data``."""
+def captioned_splits(data: DataConfig, roles: tuple[str, ...] = ROLES) -> Splits:
+    """The train (``CaptionPairs``), select and report (``CaptionedImages``) splits of ``data`` (those in
+    ``roles``)."""
     if data.builtin:
         splits: dict[str, Any] = {}
-        for name, size, seed in (
-            ("train", data.train_size, data.seed),
-            ("select", data.val_size if data.select_size is None else data.select_size, data.seed + 2),
-            ("report", data.val_size, data.seed + 1),
-        ):
-            if size:
-                load, captions, owner = shapes_split(size, seed, data.image_size, data.noise)
-                splits[name] = (load, size, captions, owner, f"built-in scenes (seed {seed})")
+        for name, size, seed in builtin_roles(data, roles):
+            load, captions, owner = shapes_split(size, seed, data.image_size, data.noise)
+            splits[name] = (load, size, captions, owner, f"built-in scenes (seed {seed})")
     else:
         root = Path(data.root)
         if not root.is_dir():
@@ -81,7 +77,7 @@ def captioned_splits(data: DataConfig) -> Splits:
         image_root = Path(data.image_root) if data.image_root else root
         splits = {}
         for name, split in (("train", "train"), ("select", "val"), ("report", "test")):
-            if name == "select" and data.select_size == 0:
+            if name not in roles or name == "select" and data.select_size == 0:
                 continue
             load, n, captions, owner = folder_split(root, image_root, split, data.image_size)
             splits[name] = (load, n, captions, owner, str(annotation_file(root, split)))
@@ -89,8 +85,10 @@ def captioned_splits(data: DataConfig) -> Splits:
         name: {"source": source, "images": n, "captions": len(captions)}
         for name, (_, n, captions, _, source) in splits.items()
     }
-    about["train"]["augment"] = "none"
-    load, _, captions, owner, _ = splits["train"]
-    train = CaptionPairs(load, captions, owner)
+    train = None
+    if "train" in splits:
+        about["train"]["augment"] = "none"
+        load, _, captions, owner, _ = splits["train"]
+        train = CaptionPairs(load, captions, owner)
     select = CaptionedImages(*splits["select"][:4]) if "select" in splits else None
     return Splits(train, select, CaptionedImages(*splits["report"][:4]), about)

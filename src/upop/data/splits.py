@@ -12,17 +12,19 @@ import torch
 from torch.utils.data import Dataset, Subset
 
 SELECT_FRACTION, SELECT_MAX = 0.05, 10000  # the default selection split carved from train
+ROLES = ("train", "select", "report")  # every split a training job needs; an evaluation needs only "report"
 
 
 @dataclass
 class Splits:
     """The three splits of a task, and how each was made (recorded in every report).
 
-    ``select`` is None when there is no selection split (``select_size`` 0): the last epoch is then kept.
+    ``select`` is None when there is no selection split (``select_size`` 0): the last epoch is then kept; ``train``
+    and ``select`` are None when only the report split was asked for (an evaluation needs no training data).
     ``about`` maps each split name to a description: its source, size and, for a carved split, the seed and a
     digest of its indices."""
 
-    train: Dataset
+    train: Dataset | None
     select: Dataset | None
     report: Dataset
     about: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -73,3 +75,16 @@ def carved_about(picked: torch.Tensor, source: str, seed: int) -> dict[str, Any]
         "seed": seed,
         "indices_sha256": digest,
     }
+
+
+def builtin_roles(data: Any, roles: tuple[str, ...] = ROLES) -> list[tuple[str, int, int]]:
+    """(split, scenes, seed) of the built-in world's splits asked for in ``roles``: train (``data.seed``), select
+    (``seed + 2``; as many scenes as the report split unless ``select_size`` says, none for 0) and report
+    (``seed + 1``)."""
+    select = data.val_size if data.select_size is None else data.select_size
+    every = (
+        ("train", data.train_size, data.seed),
+        ("select", select, data.seed + 2),
+        ("report", data.val_size, data.seed + 1),
+    )
+    return [(name, size, seed) for name, size, seed in every if name in roles and size]

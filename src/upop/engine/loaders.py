@@ -50,16 +50,24 @@ class EpochSampler(DistributedSampler):
 
 @dataclass
 class Loaders:
-    """The loaders of one job: ``train`` (shuffled by seed and epoch, sharded over ranks), ``select`` (picks the best
-    epoch; None: the last epoch is kept) and ``report`` (every reported number)."""
+    """The loaders of one job: ``train`` (shuffled by seed and epoch, sharded over ranks; None for an evaluation),
+    ``select`` (picks the best epoch; None: the last epoch is kept) and ``report`` (every reported number)."""
 
-    train: DataLoader
+    train: DataLoader | None
     select: DataLoader | None
     report: DataLoader
 
 
 def make_loaders(splits: Splits, batch_size: int, info: DistInfo, seed: int) -> Loaders:
     """``batch_size`` is per rank. The training order depends only on ``seed`` and the epoch."""
+
+    def evaluation(data: Dataset) -> DataLoader:
+        collate = getattr(data, "collate", None)
+        return DataLoader(data, batch_size=batch_size, sampler=ShardSampler(len(data), info), collate_fn=collate)
+
+    select = evaluation(splits.select) if splits.select is not None else None
+    if splits.train is None:
+        return Loaders(None, select, evaluation(splits.report))
     sampler = EpochSampler(splits.train, info, seed)
     # the loader's own generator: starting an epoch draws from it, not from the global RNG a resume restores
     train_loader = DataLoader(
@@ -74,10 +82,4 @@ def make_loaders(splits: Splits, batch_size: int, info: DistInfo, seed: int) -> 
         raise UPopError(
             f"the training set has {len(splits.train)} samples, fewer than one batch of {batch_size} per rank"
         )
-
-    def evaluation(data: Dataset) -> DataLoader:
-        collate = getattr(data, "collate", None)
-        return DataLoader(data, batch_size=batch_size, sampler=ShardSampler(len(data), info), collate_fn=collate)
-
-    select = evaluation(splits.select) if splits.select is not None else None
     return Loaders(train_loader, select, evaluation(splits.report))

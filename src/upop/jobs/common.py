@@ -21,6 +21,7 @@ from upop.core import plan as P
 from upop.core.profile import batch_size_of, measure_latency, profile
 from upop.data import augment
 from upop.data.config import DataConfig
+from upop.data.splits import ROLES
 from upop.engine import signals
 from upop.engine.loaders import Loaders, make_loaders
 from upop.engine.loop import Phase
@@ -81,9 +82,7 @@ class Setup:
         return self.bundle.model
 
 
-def dense_bundle(
-    cfg: RunConfig, num_outputs: int, device: torch.device, pretrained: str | None = None
-) -> ModelBundle:
+def dense_bundle(cfg: RunConfig, num_outputs: int, device: torch.device, pretrained: str | None = None) -> ModelBundle:
     """The model of ``cfg`` seeded by ``cfg.seed`` (identical initial weights on every rank), with the ``pretrained``
     checkpoint loaded (dense, or compressed as the original UPop code saves it), on ``device``."""
     return loaded_bundle(cfg, num_outputs, device, pretrained).bundle
@@ -106,9 +105,11 @@ def compressed_bundle(cfg: RunConfig, num_outputs: int, device: torch.device, di
     return bundle
 
 
-def prepare(cfg: RunConfig, pretrained: str | None = None, compressed: str | None = None) -> Setup:
+def prepare(
+    cfg: RunConfig, pretrained: str | None = None, compressed: str | None = None, training: bool = True
+) -> Setup:
     """Process group, model bundle (dense, with ``pretrained`` weights, or the ``compressed`` directory's), task,
-    data (train, select and report splits) and loaders for ``cfg``."""
+    data (train, select and report splits; the report split alone without ``training``) and loaders for ``cfg``."""
     info = D.setup(cfg.device)
     cls = task_class(cfg.task)
     num_outputs = cls.num_outputs(cfg.data)
@@ -119,7 +120,7 @@ def prepare(cfg: RunConfig, pretrained: str | None = None, compressed: str | Non
         bundle = loaded.bundle
     task = cls(bundle, cfg.task_options())
     data = dataclasses.replace(cfg.data, image_size=bundle.image_size)
-    splits = task.datasets(data)
+    splits = task.datasets(data, ROLES if training else ("report",))
     loaders = make_loaders(splits, cfg.batch_size, info, cfg.seed)
     np.random.seed((cfg.seed * 1000 + info.rank) % 2**32)  # batch augmentation (Mixup) draws from numpy
     for note in bundle.notes:

@@ -86,6 +86,9 @@ class HF(Family):
         ("vqa", "hf:PATH", "an HF BLIP"),
     )
 
+    def carries_weights(self, arg: str) -> bool:
+        return any(Path(arg).glob("*.safetensors")) or any(Path(arg).glob("*.bin"))
+
     def build(self, arg: str, kind: str, num_outputs: int, image_size: int | None, weights: bool) -> ModelBundle:
         from upop.models.blip.hf import LOADERS
 

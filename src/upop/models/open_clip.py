@@ -80,6 +80,9 @@ class OpenClip(Family):
     name = "open_clip"
     usage = (("dual_encoder", "open_clip:ARCH:WEIGHTS", "ARCH: an open_clip name or a model-config JSON"),)
 
+    def carries_weights(self, arg: str) -> bool:
+        return bool(arg.partition(":")[2])  # ARCH:WEIGHTS
+
     def build(self, arg: str, kind: str, num_outputs: int, image_size: int | None, weights: bool) -> ModelBundle:
         return _load_open_clip(arg, weights, image_size)
 

@@ -34,6 +34,11 @@ class Family:
         """Input size and normalisation known without building the model (none by default)."""
         return Defaults()
 
+    def carries_weights(self, arg: str) -> bool:
+        """Whether the spec names trained weights of its own (an HF directory's, a released checkpoint's), so a
+        model can be evaluated without a checkpoint given apart; False by default."""
+        return False
+
     def build(self, arg: str, kind: str, num_outputs: int, image_size: int | None, weights: bool) -> ModelBundle:
         """A dense model of ``kind`` with ``num_outputs`` outputs (a classifier's classes; 0 where there is no head)
         at ``image_size`` (None: the family's), its weights loaded when ``weights`` (else freshly initialised)."""
@@ -70,6 +75,12 @@ def resolve(spec: str) -> tuple[Family, str]:
         if arg is not None:
             return family, arg
     raise UPopError(f"unknown model {spec!r}; accepted: {model_names()}")
+
+
+def carries_weights(spec: str) -> bool:
+    """Whether ``spec`` names trained weights of its own (``Family.carries_weights``)."""
+    family, arg = resolve(spec)
+    return family.carries_weights(arg)
 
 
 def defaults(spec: str) -> Defaults:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from upop.data.config import DataConfig
-from upop.data.splits import Splits
+from upop.data.splits import ROLES, Splits
 from upop.errors import UPopError
 from upop.models.bundle import ModelBundle, Normalization
 
@@ -64,9 +64,10 @@ class Task(abc.ABC):
         return 0
 
     @abc.abstractmethod
-    def datasets(self, data: DataConfig) -> Splits:
+    def datasets(self, data: DataConfig, roles: tuple[str, ...] = ROLES) -> Splits:
         """The train, select and report splits, yielding batches the task's ``loss`` understands after default
-        collation. ``data.image_size`` is resolved (the model's unless given)."""
+        collation; only the report split when ``roles`` is ("report",) (an evaluation reads no training data).
+        ``data.image_size`` is resolved (the model's unless given)."""
 
     @abc.abstractmethod
     def outputs(self, model: nn.Module, batch: Any) -> Any:

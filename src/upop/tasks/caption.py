@@ -29,7 +29,7 @@ from torch.utils.data import Dataset
 
 from upop.data.captioned import CaptionedImages, captioned_splits
 from upop.data.config import DataConfig
-from upop.data.splits import Splits
+from upop.data.splits import ROLES, Splits
 from upop.data.text import CAPTION_WORDS, pre_caption
 from upop.errors import UPopError
 from upop.tasks.base import Task, evaluating, register_task, tokenize
@@ -134,9 +134,9 @@ class Caption(Task):
     main_metric = "cider"
     model_kind = "captioner"
 
-    def datasets(self, data: DataConfig) -> Splits:
+    def datasets(self, data: DataConfig, roles: tuple[str, ...] = ROLES) -> Splits:
         require("pycocoevalcap", "the captioning metrics (BLEU@4, CIDEr)")  # before any training
-        splits = captioned_splits(data)
+        splits = captioned_splits(data, roles)
         scorer = f"pycocoevalcap BLEU@4 and CIDEr, {scorer_tokenizer()} tokenizer"
         for about in splits.about.values():
             about["scorer"] = scorer

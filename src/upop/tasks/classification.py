@@ -18,7 +18,7 @@ from upop.data import augment
 from upop.data.config import DataConfig
 from upop.data.images import IMAGENET_MEAN, IMAGENET_STD, class_folders, image_folder, same_classes
 from upop.data.shapes import ShapesWorld, class_names, subject_label
-from upop.data.splits import Carved, Splits, carve, carved_about, default_select_size
+from upop.data.splits import ROLES, Carved, Splits, carve, carved_about, default_select_size
 from upop.errors import UPopError
 from upop.tasks.base import Task, evaluating, register_task
 
@@ -75,11 +75,16 @@ class Classification(Task):
 
     @classmethod
     def num_outputs(cls, data: DataConfig) -> int:
-        """The classes: the built-in world's, or the class folders of ``root/train``."""
-        return len(class_names()) if data.builtin else len(class_folders(Path(data.root), "train"))
+        """The classes: the built-in world's, or the class folders of ``root/train`` (of ``root/val`` without it)."""
+        if data.builtin:
+            return len(class_names())
+        root = Path(data.root)
+        return len(class_folders(root, "train" if (root / "train").is_dir() else "val"))
 
-    def datasets(self, data: DataConfig) -> Splits:
+    def datasets(self, data: DataConfig, roles: tuple[str, ...] = ROLES) -> Splits:
         preset = augment.resolve(data.augment, data.builtin)
+        if "train" not in roles:
+            return self._report_only(data)
         if data.builtin:
             tf = None if preset == "none" else augment.train_transform(preset, data.image_size, SHAPES_MEAN, SHAPES_STD)
             full = ShapesClassification(data.train_size, data.seed, data.image_size, data.noise, tf)
@@ -114,6 +119,17 @@ class Classification(Task):
         about["train"]["augment"] = preset
         self.mixer = augment.batch_mixer(preset, len(full.classes))
         return Splits(train, select, report, about)
+
+    def _report_only(self, data: DataConfig) -> Splits:
+        """The report split alone: the built-in val scenes, or the folder's val (no train folder needed)."""
+        if data.builtin:
+            report = ShapesClassification(data.val_size, data.seed + 1, data.image_size, data.noise)
+            source = f"built-in val scenes (seed {data.seed + 1})"
+        else:
+            root = Path(data.root)
+            report = image_folder(root, "val", augment.eval_transform(data.image_size, IMAGENET_MEAN, IMAGENET_STD))
+            source = f"{root}/val"
+        return Splits(None, None, report, {"report": {"source": source, "size": len(report)}})
 
     def outputs(self, model: nn.Module, batch: Any) -> torch.Tensor:
         return logits_of(model(batch[0]))

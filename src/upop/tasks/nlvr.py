@@ -23,7 +23,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from upop.data.config import DataConfig
 from upop.data.images import normalise_clip
 from upop.data.nlvr2 import SPLITS, Statements, folder_split
-from upop.data.splits import Splits
+from upop.data.splits import ROLES, Splits, builtin_roles
 from upop.data.statements import statement_split
 from upop.data.text import STATEMENT_WORDS, pre_caption
 from upop.errors import UPopError
@@ -36,33 +36,29 @@ class Nlvr(Task):
     main_metric = "accuracy"
     model_kind = "nlvr"
 
-    def datasets(self, data: DataConfig) -> Splits:
+    def datasets(self, data: DataConfig, roles: tuple[str, ...] = ROLES) -> Splits:
         made: dict[str, Any] = {}
         if data.builtin:
-            for name, size, seed in (
-                ("train", data.train_size, data.seed),
-                ("select", data.val_size if data.select_size is None else data.select_size, data.seed + 2),
-                ("report", data.val_size, data.seed + 1),
-            ):
-                if size:
-                    load, sentences, labels = statement_split(size, seed, data.image_size, data.noise, normalise_clip)
-                    made[name] = (load, sentences, labels, f"built-in statements on scene pairs (seed {seed})")
+            for name, size, seed in builtin_roles(data, roles):
+                load, sentences, labels = statement_split(size, seed, data.image_size, data.noise, normalise_clip)
+                made[name] = (load, sentences, labels, f"built-in statements on scene pairs (seed {seed})")
         else:
             root = Path(data.root)
             if not root.is_dir():
                 raise UPopError(f"dataset folder {root} does not exist")
             image_root = Path(data.image_root) if data.image_root else root
             for name, split, role in SPLITS:
-                if name == "select" and data.select_size == 0:
+                if name not in roles or name == "select" and data.select_size == 0:
                     continue
                 made[name] = folder_split(root, image_root, split, role, data.image_size)
         about = {
             name: {"source": source, "size": len(sentences), "true": int(labels.sum())}
             for name, (_, sentences, labels, source) in made.items()
         }
-        about["train"]["augment"] = "none"
+        if "train" in about:
+            about["train"]["augment"] = "none"
         sets = {name: Statements(*made[name][:3]) for name in made}
-        return Splits(sets["train"], sets.get("select"), sets["report"], about)
+        return Splits(sets.get("train"), sets.get("select"), sets["report"], about)
 
     @classmethod
     def num_outputs(cls, data: DataConfig) -> int:

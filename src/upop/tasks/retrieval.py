@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader
 
 from upop.data.captioned import CaptionedImages, captioned_splits
 from upop.data.config import DataConfig
-from upop.data.splits import Splits
+from upop.data.splits import ROLES, Splits
 from upop.data.text import CAPTION_WORDS, pre_caption
 from upop.errors import UPopError
 from upop.tasks.base import Task, evaluating, kl_distill, register_task
@@ -164,8 +164,8 @@ class Retrieval(Task):
     main_metric = "r_mean"
     model_kind = "dual_encoder"
 
-    def datasets(self, data: DataConfig) -> Splits:
-        return captioned_splits(data)
+    def datasets(self, data: DataConfig, roles: tuple[str, ...] = ROLES) -> Splits:
+        return captioned_splits(data, roles)
 
     def texts(self, model: nn.Module, captions: list[str], device: torch.device) -> dict[str, torch.Tensor]:
         """Captions as UPop's code feeds them (BLIP's ``pre_caption``, 30 words; for CLIP too), tokenised: at most

@@ -36,7 +36,7 @@ from torch.utils.data import Dataset
 from upop.data.ade20k import ADE20K_CLASSES, IGNORE, ade_split
 from upop.data.config import DataConfig
 from upop.data.shapes import SEGMENTATION_CLASSES, ShapesWorld, semantic_map
-from upop.data.splits import Carved, Splits, carve, carved_about, default_select_size
+from upop.data.splits import ROLES, Carved, Splits, builtin_roles, carve, carved_about, default_select_size
 from upop.errors import UPopError
 from upop.tasks.base import Task, evaluating, kl_distill, register_task
 from upop.utils.dist import unwrap
@@ -206,46 +206,48 @@ class Segmentation(Task):
     def num_outputs(cls, data: DataConfig) -> int:
         return len(SEGMENTATION_CLASSES) if data.builtin else len(ADE20K_CLASSES)
 
-    def datasets(self, data: DataConfig) -> Splits:
+    def datasets(self, data: DataConfig, roles: tuple[str, ...] = ROLES) -> Splits:
         crop = self.crop = int(data.image_size)
         norm = self.normalization(VIT_NORMALIZATION)
         if data.builtin:
             made, about = {}, {}
-            for name, size, seed in (
-                ("train", data.train_size, data.seed),
-                ("select", data.val_size if data.select_size is None else data.select_size, data.seed + 2),
-                ("report", data.val_size, data.seed + 1),
-            ):
-                if size:
-                    made[name] = Pixels(builtin_split(size, seed, crop, data.noise), size, crop, norm, name == "train")
-                    about[name] = {
-                        "source": f"built-in scenes, classes background + 5 shapes (seed {seed})",
-                        "size": size,
-                    }
+            for name, size, seed in builtin_roles(data, roles):
+                made[name] = Pixels(builtin_split(size, seed, crop, data.noise), size, crop, norm, name == "train")
+                about[name] = {"source": f"built-in scenes, classes background + 5 shapes (seed {seed})", "size": size}
             self.classes = SEGMENTATION_CLASSES
         else:
-            root = Path(data.root)
-            if not root.is_dir():
-                raise UPopError(f"dataset folder {root} does not exist")
-            load, n, source = ade_split(root, "training")
-            report_load, n_report, report_source = ade_split(root, "validation")
-            about = {"report": {"source": report_source, "size": n_report}}
-            made = {"report": Pixels(report_load, n_report, crop, norm, False)}
-            train, select = Pixels(load, n, crop, norm, True), None
-            size = default_select_size(n) if data.select_size is None else data.select_size
-            if size:
-                kept, picked = carve(torch.zeros(n, dtype=torch.long), size, data.seed)
-                select = Carved(Pixels(load, n, crop, norm, False), picked.tolist())
-                train = Carved(train, kept.tolist())
-                about["select"] = carved_about(picked, source, data.seed)
-                made["select"] = select
-            made["train"] = train
-            about["train"] = {"source": source, "size": len(train)}
+            made, about = self._ade20k(Path(data.root), data, crop, norm, roles)
             self.classes = ADE20K_CLASSES
-        about["train"]["augment"] = f"resize {SCALE_RANGE[0]}-{SCALE_RANGE[1]}, crop {crop}, pad, flip"
+        if "train" in made:
+            about["train"]["augment"] = f"resize {SCALE_RANGE[0]}-{SCALE_RANGE[1]}, crop {crop}, pad, flip"
         about["report"]["evaluation"] = f"single-scale and multi-scale ({', '.join(map(str, RATIOS))}, flips)"
         self.report = made["report"]
-        return Splits(made["train"], made.get("select"), made["report"], about)
+        return Splits(made.get("train"), made.get("select"), made["report"], about)
+
+    def _ade20k(
+        self, root: Path, data: DataConfig, crop: int, norm: tuple, roles: tuple[str, ...]
+    ) -> tuple[dict[str, Dataset], dict[str, Any]]:
+        """The splits of an ADE20K folder: validation reported; training (when asked for) with a selection split
+        carved from it."""
+        if not root.is_dir():
+            raise UPopError(f"dataset folder {root} does not exist")
+        if "train" in roles:
+            load, n, source = ade_split(root, "training")
+        report_load, n_report, report_source = ade_split(root, "validation")
+        about: dict[str, Any] = {"report": {"source": report_source, "size": n_report}}
+        made: dict[str, Dataset] = {"report": Pixels(report_load, n_report, crop, norm, False)}
+        if "train" not in roles:
+            return made, about
+        train = Pixels(load, n, crop, norm, True)
+        size = default_select_size(n) if data.select_size is None else data.select_size
+        if size:
+            kept, picked = carve(torch.zeros(n, dtype=torch.long), size, data.seed)
+            made["select"] = Carved(Pixels(load, n, crop, norm, False), picked.tolist())
+            train = Carved(train, kept.tolist())
+            about["select"] = carved_about(picked, source, data.seed)
+        made["train"] = train
+        about["train"] = {"source": source, "size": len(train)}
+        return made, about
 
     def outputs(self, model: nn.Module, batch: Any) -> torch.Tensor:
         return model(batch[0])

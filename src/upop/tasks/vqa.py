@@ -36,7 +36,7 @@ from torch.utils.data import Dataset
 from upop.data.config import DataConfig
 from upop.data.images import normalise_clip
 from upop.data.questions import answer_list, question_split
-from upop.data.splits import Carved, Splits, carve, carved_about, default_select_size
+from upop.data.splits import ROLES, Carved, Splits, builtin_roles, carve, carved_about, default_select_size
 from upop.data.text import pre_question
 from upop.data.vqa import Questions, folder_split, read_answer_list, split_file
 from upop.errors import UPopError
@@ -109,50 +109,50 @@ class Vqa(Task):
         self.candidates: list[str] = []
         self.test: Questions | None = None
 
-    def datasets(self, data: DataConfig) -> Splits:
+    def datasets(self, data: DataConfig, roles: tuple[str, ...] = ROLES) -> Splits:
         if data.builtin:
             made, about = {}, {}
-            for name, size, seed in (
-                ("train", data.train_size, data.seed),
-                ("select", data.val_size if data.select_size is None else data.select_size, data.seed + 2),
-                ("report", data.val_size, data.seed + 1),
-            ):
-                if size:
-                    load, questions, answers, types = question_split(
-                        size, seed, data.image_size, data.noise, normalise_clip
-                    )
-                    made[name] = Questions(load, questions, answers, types)
-                    about[name] = {"source": f"built-in questions, one per scene (seed {seed})", "size": size}
+            for name, size, seed in builtin_roles(data, roles):
+                load, questions, answers, types = question_split(
+                    size, seed, data.image_size, data.noise, normalise_clip
+                )
+                made[name] = Questions(load, questions, answers, types)
+                about[name] = {"source": f"built-in questions, one per scene (seed {seed})", "size": size}
             self.candidates = answer_list()
-            return self._splits(made["train"], made.get("select"), made["report"], about)
+            return self._splits(made.get("train"), made.get("select"), made["report"], about)
         root = Path(data.root)
         if not root.is_dir():
             raise UPopError(f"dataset folder {root} does not exist")
         image_root = Path(data.image_root) if data.image_root else root
         self.candidates = read_answer_list(root)
-        train_file, report_file = split_file(root, "train", True), split_file(root, "val", True)
-        train = folder_split(train_file, image_root, data.image_size, True)
+        train_file = split_file(root, "train", True) if "train" in roles else None
+        report_file = split_file(root, "val", True)
         report = folder_split(report_file, image_root, data.image_size, True)
+        about: dict[str, Any] = {"report": {"source": str(report_file), "size": len(report)}}
+        train, select = self._training(train_file, image_root, data, about) if train_file else (None, None)
         test_file = split_file(root, "test", False)
         self.test = folder_split(test_file, image_root, data.image_size, False) if test_file else None
-        about = {
-            "train": {"source": str(train_file), "size": len(train)},
-            "report": {"source": str(report_file), "size": len(report)},
-        }
-        select = None
-        size = default_select_size(len(train)) if data.select_size is None else data.select_size
-        if size:
-            kept, picked = carve(torch.zeros(len(train), dtype=torch.long), size, data.seed)
-            select = Carved(train, picked.tolist())
-            about["select"] = carved_about(picked, str(train_file), data.seed)
-            train = Carved(train, kept.tolist())
-            about["train"]["size"] = len(train)
         if self.test is not None:
             about["test"] = {"source": str(test_file), "size": len(self.test), "written": SUBMISSION}
         return self._splits(train, select, report, about)
 
-    def _splits(self, train: Dataset, select: Dataset | None, report: Dataset, about: dict) -> Splits:
-        about["train"]["augment"] = "none"
+    def _training(
+        self, train_file: Path, image_root: Path, data: DataConfig, about: dict[str, Any]
+    ) -> tuple[Dataset, Dataset | None]:
+        """The training split of a VQA folder and the selection split carved from it (recorded in ``about``)."""
+        train = folder_split(train_file, image_root, data.image_size, True)
+        about["train"] = {"source": str(train_file), "size": len(train)}
+        size = default_select_size(len(train)) if data.select_size is None else data.select_size
+        if not size:
+            return train, None
+        kept, picked = carve(torch.zeros(len(train), dtype=torch.long), size, data.seed)
+        about["select"] = carved_about(picked, str(train_file), data.seed)
+        about["train"]["size"] = len(kept)
+        return Carved(train, kept.tolist()), Carved(train, picked.tolist())
+
+    def _splits(self, train: Dataset | None, select: Dataset | None, report: Dataset, about: dict) -> Splits:
+        if train is not None:
+            about["train"]["augment"] = "none"
         about["report"]["inference"] = self.inference
         return Splits(train, select, report, about)
 

@@ -21,6 +21,10 @@ class SegmenterFamily(Family):
         name = read_variant(variant)["net_kwargs"].get("normalization", "vit")
         return Defaults(variant_image_size(Path(arg)), NORMALIZATION.get(name, NORMALIZATION["vit"]))
 
+    def carries_weights(self, arg: str) -> bool:
+        path = Path(arg)
+        return (path / "checkpoint.pth" if path.is_dir() else path).is_file()
+
     def build(self, arg: str, kind: str, num_outputs: int, image_size: int | None, weights: bool) -> ModelBundle:
         return load_segmenter(Path(arg), num_outputs, weights)
 
