@@ -35,6 +35,8 @@ TINY = {  # flag -> the value a documented command runs with here
 CAPTION, NLVR, RETRIEVAL = "tasks/test_caption.py", "tasks/test_nlvr.py", "tasks/test_retrieval.py"
 BLIP_RETRIEVAL, SEGMENTATION, VQA = "tasks/test_blip_retrieval.py", "tasks/test_segmentation.py", "tasks/test_vqa.py"
 KARPATHY = (RETRIEVAL, "test_karpathy_reader_on_a_fixture")
+LOADER, EVALUATE = "jobs/test_pretrained.py", "jobs/test_evaluate.py"
+ORIGINAL_COMPRESSED = (LOADER, "test_an_original_compressed_checkpoint_loads_and_gives_the_original_outputs")
 REAL_DATA = {
     "model_base_caption_capfilt_large.pth": (
         (CAPTION, "test_a_released_blip_caption_checkpoint_loads_through_the_key_map"),
@@ -62,7 +64,34 @@ REAL_DATA = {
         KARPATHY,
         (BLIP_RETRIEVAL, "test_cli_compresses_blip_retrieval_over_vision_text_and_cross_attention"),
     ),
-    "segmenter:/ckpt/seg_small_mask": ((SEGMENTATION, "test_cli_compresses_a_released_segmenter_on_an_ade20k_folder"),),
+    "seg_small_mask/checkpoint.pth": ((SEGMENTATION, "test_cli_compresses_a_released_segmenter_on_an_ade20k_folder"),),
+    # the paper's compressed checkpoints (docs/released.md): the loader against the original's arithmetic, per family,
+    # and evaluate on that task's data format without training data
+    "model_base_nlvr_nlvr2_2x_compressed.pth": (ORIGINAL_COMPRESSED, (NLVR, "test_reader_of_the_nlvr2_format")),
+    "model_base_caption_capfilt_large_coco_2x_compressed.pth": (ORIGINAL_COMPRESSED, KARPATHY),
+    "model_base_vqa_capfilt_large_vqa2_2x_compressed.pth": (
+        ORIGINAL_COMPRESSED,
+        (
+            "models/test_blip_files.py",
+            "test_a_directory_of_another_image_size_is_built_at_the_asked_size_with_its_positions_interpolated",
+        ),
+    ),
+    "model_base_retrieval_coco_2x_compressed.pth": (
+        ORIGINAL_COMPRESSED,
+        (EVALUATE, "test_a_retrieval_folder_with_only_its_test_file_is_evaluated"),
+    ),
+    "clip_large_retrieval_coco_2x_compressed.pth": (
+        ORIGINAL_COMPRESSED,
+        (EVALUATE, "test_a_named_open_clip_architecture_is_built_on_the_meta_device"),
+    ),
+    "deit_small_patch16_224_050x_compressed.pth": (
+        (LOADER, "test_evaluate_reads_an_original_compressed_checkpoint_and_says_what_it_inferred"),
+        (EVALUATE, "test_a_classification_folder_with_only_val_is_evaluated"),
+    ),
+    "seg_small_mask_030x_compressed.pth": (
+        ORIGINAL_COMPRESSED,
+        (EVALUATE, "test_a_released_segmenter_is_evaluated_from_its_directory_alone"),
+    ),
     "model_base_vqa_capfilt_large.pth": (
         (VQA, "test_a_released_blip_vqa_checkpoint_loads_through_the_key_map"),
         (VQA, "test_an_hf_blip_vqa_directory_answers_as_hf_s_model"),
