@@ -212,3 +212,43 @@ def test_compress_refuses_a_compressed_checkpoint_in_one_line(tmp_path, capsys):
     assert main([*argv, "--batch-size", "8", "--output-dir", str(tmp_path / "c")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "compressed checkpoint" in err[0] and not (tmp_path / "c").exists()
+
+
+def test_a_dense_clip_as_upop_saves_it_loads_without_its_momentum_encoders_and_queues(tmp_path):
+    spec, task, _, call = _clip_case(tmp_path)
+    torch.manual_seed(3)
+    dense = load_bundle(spec, task).bundle
+    torch.save({"model": _momentum_and_queues(dense.model.state_dict())}, tmp_path / "clip_large_retrieval_coco.pth")
+    loaded = load_bundle(spec, task, pretrained=str(tmp_path / "clip_large_retrieval_coco.pth"))
+    assert not loaded.compressed
+    with torch.no_grad():
+        assert torch.equal(call(dense)(loaded.bundle.model.eval()), call(dense)(dense.model.eval()))
+
+
+@pytest.mark.e2e
+def test_a_loaded_compressed_checkpoint_s_plan_is_retrained_by_compress_plan(tmp_path, capsys):
+    from upop.cli import main
+
+    spec, task, path, _, _ = _original_compressed(tmp_path, "deit")
+    model = upop.load_model(spec, task=task, pretrained=str(path))
+    upop.save_compressed(model, tmp_path / "plan")
+    dense = tmp_path / "dense.safetensors"
+    from safetensors.torch import save_file
+
+    save_file(build(spec, "classifier", 30).model.state_dict(), str(dense))
+    argv = ["compress", "--model", spec, "--pretrained", str(dense), "--plan", str(tmp_path / "plan")]
+    argv += [
+        "--train-size",
+        "32",
+        "--val-size",
+        "8",
+        "--batch-size",
+        "8",
+        "--epochs",
+        "1",
+        "--output-dir",
+        str(tmp_path / "c"),
+    ]
+    assert main(argv) == 0
+    plan = json.loads((tmp_path / "c" / "plan.json").read_text())
+    assert {s["name"]: len(s["kept"]) for s in plan["structures"]}["blocks.0.attn"] == 8
