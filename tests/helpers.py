@@ -423,3 +423,38 @@ def ade_folder(root, sizes=None, bad=None):
             labels[h // 2 :, : w // 2] = 2
             Image.fromarray(labels, mode="L").save(root / "annotations" / split / f"{i}.png")
     return root
+
+
+def hf_clip_directory(path):
+    """A local HF CLIPModel directory with a tokenizer (a word-level tokenizers.json over the built-in vocabulary)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import CLIPConfig, CLIPModel, PreTrainedTokenizerFast
+
+    from upop.data.captions import VOCAB
+
+    eos = len(VOCAB) - 1
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(VOCAB)}, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(
+        single="<bos> $A <eos>", special_tokens=[("<bos>", 1), ("<eos>", eos)]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>", model_max_length=16
+    )
+    text = dict(
+        vocab_size=len(VOCAB),
+        hidden_size=24,
+        num_attention_heads=2,
+        num_hidden_layers=2,
+        intermediate_size=40,
+        max_position_embeddings=16,
+        eos_token_id=eos,
+        pad_token_id=0,
+        bos_token_id=1,
+    )
+    vision = dict(hidden_size=30, num_attention_heads=3, num_hidden_layers=2, intermediate_size=50, image_size=16)
+    torch.manual_seed(0)
+    CLIPModel(
+        CLIPConfig(text_config=dict(text), vision_config=dict(vision, patch_size=4), projection_dim=16)
+    ).save_pretrained(path)
+    fast.save_pretrained(path)

@@ -64,3 +64,16 @@ def test_a_released_checkpoint_brings_the_vision_layer_norm_eps_of_blip_s_vit(tm
     assert all(m.eps == 1e-6 for m in norms)
     text_norms = [m for m in bundle.model.text_encoder.modules() if isinstance(m, torch.nn.LayerNorm)]
     assert all(m.eps == source.config.text_config.layer_norm_eps for m in text_norms)  # BERT's stay
+
+
+def test_every_hf_family_is_built_at_the_asked_image_size_from_its_directory(tmp_path):
+    from helpers import hf_clip_directory, hf_vit
+
+    hf_vit(heads=2, head_dim=8, depth=2, mlp_hidden=32, image=16).save_pretrained(tmp_path / "vit")
+    vit = build(f"hf:{tmp_path / 'vit'}", "classifier", 5, image_size=32)
+    assert vit.image_size == 32 and vit.model(torch.randn(1, 3, 32, 32)).logits.shape == (1, 5)
+    hf_clip_directory(tmp_path / "clip")
+    clip = build(f"hf:{tmp_path / 'clip'}", "dual_encoder", image_size=32)
+    assert clip.image_size == 32
+    out = clip.model.get_image_features(pixel_values=torch.randn(1, 3, 32, 32))
+    assert out.pooler_output.shape[0] == 1 if hasattr(out, "pooler_output") else out.shape[0] == 1

@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from helpers import hf_clip_directory
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -184,42 +185,9 @@ def test_cli_open_clip_from_a_config_and_weights_and_a_checkpoint_of_another_arc
     assert {s["tower"] for s in plan["structures"]} == {"vision", "text"}
 
 
-def _hf_clip_directory(path):
-    """A local HF CLIPModel directory with a tokenizer (a word-level tokenizers.json over the built-in vocabulary)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import CLIPConfig, CLIPModel, PreTrainedTokenizerFast
-
-    eos = len(VOCAB) - 1
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(VOCAB)}, unk_token="<pad>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(
-        single="<bos> $A <eos>", special_tokens=[("<bos>", 1), ("<eos>", eos)]
-    )
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>", model_max_length=16
-    )
-    text = dict(
-        vocab_size=len(VOCAB),
-        hidden_size=24,
-        num_attention_heads=2,
-        num_hidden_layers=2,
-        intermediate_size=40,
-        max_position_embeddings=16,
-        eos_token_id=eos,
-        pad_token_id=0,
-        bos_token_id=1,
-    )
-    vision = dict(hidden_size=30, num_attention_heads=3, num_hidden_layers=2, intermediate_size=50, image_size=16)
-    torch.manual_seed(0)
-    CLIPModel(
-        CLIPConfig(text_config=dict(text), vision_config=dict(vision, patch_size=4), projection_dim=16)
-    ).save_pretrained(path)
-    fast.save_pretrained(path)
-
-
 @pytest.mark.e2e
 def test_cli_hf_clip_directory_through_compress_and_evaluate(tmp_path, capsys):
-    _hf_clip_directory(tmp_path / "clip")
+    hf_clip_directory(tmp_path / "clip")
     out = tmp_path / "out"
     common = ["--task", "retrieval", "--model", f"hf:{tmp_path / 'clip'}", *DATA]
     argv = ["compress", *common, "--epochs-search", "1", "--epochs", "1", "--towers", "vision"]

@@ -4,6 +4,7 @@ captioning or VQA (``upop.models.blip.hf``)."""
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -11,10 +12,11 @@ import torch
 
 from upop.errors import UPopError
 from upop.models.bundle import ModelBundle
+from upop.models.checkpoints import fit_positions, load_state
 from upop.models.registry import Family, register_family
 
 
-def _load_hf(path: Path, num_classes: int, weights: bool = True) -> Any:
+def _load_hf(path: Path, num_classes: int, weights: bool = True, image_size: int | None = None) -> Any:
     from transformers import AutoConfig, AutoModelForImageClassification
     from transformers.utils.logging import disable_progress_bar
 
@@ -37,11 +39,28 @@ def _load_hf(path: Path, num_classes: int, weights: bool = True) -> Any:
         config_kwargs = {k: v for k, v in kwargs.items() if k in ("num_labels", "id2label", "label2id")}
         for key, value in config_kwargs.items():
             setattr(config, key, value)
+        if image_size:
+            config.image_size = image_size
         return AutoModelForImageClassification.from_config(config)
-    return AutoModelForImageClassification.from_pretrained(str(path), **kwargs)
+    model = AutoModelForImageClassification.from_pretrained(str(path), **kwargs)
+    if image_size and image_size != model.config.image_size:
+        model = _at_size(model, lambda c: setattr(c, "image_size", image_size), AutoModelForImageClassification)
+    return model
 
 
-def _load_hf_clip(path: Path, weights: bool = True) -> ModelBundle:
+def _at_size(model: Any, set_size: Any, cls: Any) -> Any:
+    """``model`` rebuilt for another input size (``set_size`` changes a copy of its config, ``cls.from_config``
+    builds it), its weights carried over with the patch position embeddings interpolated."""
+    config = copy.deepcopy(model.config)
+    set_size(config)
+    resized = cls.from_config(config) if hasattr(cls, "from_config") else cls(config)
+    own = resized.state_dict()
+    state = {k: v for k, v in fit_positions(model.state_dict(), own).items() if not k.endswith("position_ids")}
+    load_state(resized, {**own, **state}, f"the {type(model).__name__} at {config}")
+    return resized
+
+
+def _load_hf_clip(path: Path, weights: bool = True, image_size: int | None = None) -> ModelBundle:
     from transformers import AutoConfig, AutoTokenizer, CLIPModel
     from transformers.utils.logging import disable_progress_bar
 
@@ -58,7 +77,11 @@ def _load_hf_clip(path: Path, weights: bool = True) -> ModelBundle:
     has_weights = any(path.glob("*.safetensors")) or any(path.glob("*.bin"))
     if has_weights and weights:
         model = CLIPModel.from_pretrained(str(path), local_files_only=True)
+        if image_size and image_size != config.vision_config.image_size:
+            model = _at_size(model, lambda c: setattr(c.vision_config, "image_size", image_size), CLIPModel)
     else:
+        if image_size:
+            config.vision_config.image_size = image_size
         model = CLIPModel(config)
     length = min(int(getattr(tokenizer, "model_max_length", 77) or 77), config.text_config.max_position_embeddings)
 
@@ -94,9 +117,9 @@ class HF(Family):
 
         path = Path(arg)
         if kind == "classifier":
-            return ModelBundle(_load_hf(path, num_outputs, weights), f"hf:{path}", kind)
+            return ModelBundle(_load_hf(path, num_outputs, weights, image_size), f"hf:{path}", kind)
         if kind == "dual_encoder" and _model_type(path) != "blip":
-            return _load_hf_clip(path, weights)
+            return _load_hf_clip(path, weights, image_size)
         return LOADERS[kind](path, weights, image_size)
 
 
