@@ -458,3 +458,17 @@ def hf_clip_directory(path):
         CLIPConfig(text_config=dict(text), vision_config=dict(vision, patch_size=4), projection_dim=16)
     ).save_pretrained(path)
     fast.save_pretrained(path)
+
+
+def released_segmenter(folder: Path) -> dict[str, torch.Tensor]:
+    """A released Segmenter's folder in its format (``variant.yml`` of ``SEGMENTER_VARIANT``, ``checkpoint.pth``
+    nesting the weights under "model"), 150 classes as ADE20K's; returns its state dict."""
+    from upop.models.segmenter.modeling import build_segmenter
+
+    folder.mkdir(parents=True)
+    (folder / "variant.yml").write_text(SEGMENTER_VARIANT)
+    net = dict(image_size=32, patch_size=8, d_model=32, n_heads=2, n_layers=2, n_cls=150, distilled=True)
+    torch.manual_seed(0)
+    state = build_segmenter({**net, "decoder": {"name": "mask_transformer", "n_layers": 2}}).state_dict()
+    torch.save({"model": state}, folder / "checkpoint.pth")
+    return state

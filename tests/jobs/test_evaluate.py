@@ -9,12 +9,11 @@ import shutil
 
 import pytest
 import torch
-from helpers import SEGMENTER_VARIANT, ade_folder, blip_original_layout
+from helpers import ade_folder, blip_original_layout, released_segmenter
 from test_bad_input import _folder
 
 from upop.cli import main
 from upop.models import build
-from upop.models.segmenter.modeling import build_segmenter
 
 
 def _evaluate(capsys, *argv: str) -> dict:
@@ -64,11 +63,7 @@ def test_a_retrieval_folder_with_only_its_test_file_is_evaluated(tmp_path, capsy
 @pytest.mark.e2e
 def test_a_released_segmenter_is_evaluated_from_its_directory_alone(tmp_path, capsys):
     ckpt = tmp_path / "seg"
-    ckpt.mkdir()
-    (ckpt / "variant.yml").write_text(SEGMENTER_VARIANT)
-    net = dict(image_size=32, patch_size=8, d_model=32, n_heads=2, n_layers=2, n_cls=150, distilled=True)
-    state = build_segmenter({**net, "decoder": {"name": "mask_transformer", "n_layers": 2}}).state_dict()
-    torch.save({"model": state}, ckpt / "checkpoint.pth")
+    released_segmenter(ckpt)
     shutil.rmtree(ade_folder(tmp_path / "ade") / "images" / "training")  # and no training images either
     argv = [
         "--task",

@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers import SEGMENTER_VARIANT, ade_folder
+from helpers import SEGMENTER_VARIANT, ade_folder, released_segmenter
 from PIL import Image
 
 import upop.tasks.segmentation as seg
@@ -211,12 +211,7 @@ def test_cli_compresses_a_released_segmenter_on_an_ade20k_folder(tmp_path):
     """``--model segmenter:PATH``: the architecture, crop size and normalisation from variant.yml, the weights from
     checkpoint.pth; 150 classes as ADE20K's."""
     ckpt = tmp_path / "seg_tiny"
-    ckpt.mkdir()
-    (ckpt / "variant.yml").write_text(SEGMENTER_VARIANT)
-    net = dict(image_size=32, patch_size=8, d_model=32, n_heads=2, n_layers=2, n_cls=150, distilled=True)
-    torch.manual_seed(0)
-    state = build_segmenter({**net, "decoder": {"name": "mask_transformer", "n_layers": 2}}).state_dict()
-    torch.save({"model": state}, ckpt / "checkpoint.pth")
+    state = released_segmenter(ckpt)
     root, out = ade_folder(tmp_path / "ade"), tmp_path / "out"
     args = ["--task", "segmentation", "--model", f"segmenter:{ckpt / 'checkpoint.pth'}", "--data", str(root)]
     args += ["--batch-size", "2", "--select-size", "2", "--epochs-search", "1", "--epochs", "0", "--p", "0.3"]
