@@ -196,3 +196,22 @@ def test_a_floor_that_leaves_too_little_to_remove_is_lowered_just_enough_and_rep
     assert removable(floor) >= need > removable(floor + 0.01)  # the highest floor that leaves p to remove
     pruner.floor = floor
     assert any("lowered from 1 to" in w for w in pruner.stability_summary()["warnings"])
+
+
+def test_the_paper_cost_prices_head_dims_and_neurons_with_the_original_constants():
+    config = upop.PruneConfig(p=0.5, total_steps=6, cost="paper", attn_cost=9234 / 769, **PAPER_RANKING, **ELEMENTWISE)
+    sizes = [s.size for s in upop.Pruner(build(timm_vit, (2, 6, 2, 10)), upop.PruneConfig()).structures]
+    pruner = _fed(config, _random_grads(sizes, 6, seed=3))
+    assert pruner.costs == [9234 / 769 if s.kind == "attn" else 1.0 for s in pruner.structures]
+    # the budget is met in those units (head dims x 12.008 + neurons), to within half the costliest element
+    total = sum(s.size * c for s, c in zip(pruner.structures, pruner.costs))
+    removed = sum(int(ch.sum()) * c for ch, c in zip(pruner.chosen, pruner.costs))
+    assert abs(removed - 0.5 * total) <= 9234 / 769 / 2 + 1e-9
+    params = upop.Pruner(build(timm_vit, (2, 6, 2, 10)), upop.PruneConfig(**ELEMENTWISE)).costs
+    assert params != pruner.costs  # the true parameter costs differ from the constants
+
+
+def test_the_paper_cost_needs_its_constant_and_element_granularity():
+    for bad in ({"cost": "paper"}, {"cost": "paper", "attn_cost": 36, "granularity": "head"}, {"attn_cost": 36}):
+        with pytest.raises(upop.UPopError, match="attn_cost"):
+            upop.PruneConfig(**bad)

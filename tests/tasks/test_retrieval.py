@@ -210,7 +210,8 @@ def test_captions_of_the_same_image_are_positives_not_negatives():
     assert soft_targets(ids, ids).tolist() == [[0.5, 0.5, 0.0], [0.5, 0.5, 0.0], [0.0, 0.0, 1.0]]
     task = get_task("retrieval")
     logits = torch.tensor([[2.0, 2.0, -1.0], [2.0, 2.0, -1.0], [-1.0, -1.0, 3.0]], requires_grad=True)
-    outputs = {"i2t": logits, "t2i": logits.T, "ids": ids, "ids_all": ids}
+    targets = soft_targets(ids, ids)
+    outputs = {"i2t": logits, "t2i": logits.T, "i2t_targets": targets, "t2i_targets": targets}
     loss = task.loss_from(outputs, None)
     by_hand = -(torch.log_softmax(logits, 1) * soft_targets(ids, ids)).sum(1).mean()
     torch.testing.assert_close(loss, by_hand)

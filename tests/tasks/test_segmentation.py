@@ -41,7 +41,7 @@ def test_augmentation_crops_pads_with_the_ignore_label_and_flips_image_and_label
     torch.manual_seed(0)
     flips = 0
     for _ in range(20):
-        x, y = seg.augment(image, labels, 12)
+        x, y = seg.pad(*seg.augment(image, labels, 12), 12, 0.0)
         assert x.shape == (3, 12, 12) and y.shape == (12, 12)
         padded = y == seg.IGNORE
         assert padded[10:].all() and not padded[:10].any()  # 10 rows of image: the rest is padding
@@ -49,6 +49,54 @@ def test_augmentation_crops_pads_with_the_ignore_label_and_flips_image_and_label
         assert torch.equal((x[0][~padded] * 10).round().long(), y[~padded])  # the same pixels moved together
         flips += bool(torch.equal(y[:10], labels[:, :12].flip(-1)) or torch.equal(y[:10], labels[:, 2:].flip(-1)))
     assert 0 < flips < 20
+
+
+def test_the_class_ratio_crop_redraws_boxes_one_class_fills():
+    labels = torch.zeros(40, 40, dtype=torch.long)
+    labels[:, 30:] = 1  # class 0 fills three quarters: most 12-px boxes show it alone
+    labels[:2, :2] = seg.IGNORE
+    torch.manual_seed(0)
+
+    def ratio(top, left):
+        window = labels[top : top + 12, left : left + 12]
+        counts = torch.bincount(window[window != seg.IGNORE].flatten(), minlength=2)
+        return float(counts.max()) / float(counts.sum()), int((counts > 0).sum())
+
+    plain = [ratio(*seg.crop_box(labels, 12)) for _ in range(200)]
+    capped = [ratio(*seg.crop_box(labels, 12, 0.75)) for _ in range(200)]
+    # a uniform box breaks the rule with probability 24/29 (its left edge in 0-21 or 27-28); with redraws only when
+    # all 11 draws do (0.83^11, about 13%, the last draw then kept unchecked)
+    broken, still = sum(r >= 0.75 for r, _ in plain), sum(r >= 0.75 for r, _ in capped)
+    assert broken > 140 and still < broken / 3
+    assert all(n == 2 for r, n in capped if r < 0.75)
+
+
+def test_the_photometric_distortion_stays_in_range_and_hsv_round_trips():
+    torch.manual_seed(0)
+    image = torch.rand(3, 8, 9)
+    torch.testing.assert_close(seg._hsv_to_rgb(seg._rgb_to_hsv(image)), image, atol=1e-5, rtol=1e-5)
+    outs = [seg.photometric_distortion(image) for _ in range(30)]
+    assert all(o.shape == image.shape and 0 <= float(o.min()) and float(o.max()) <= 1 for o in outs)
+    assert sum(not torch.allclose(o, image) for o in outs) > 20  # 1 in 16 draws changes nothing
+
+
+def test_segmenter_preset_pads_after_normalising_and_the_default_pads_black(monkeypatch):
+    monkeypatch.setattr(seg, "SCALE_RANGE", (0.5, 0.5))  # shorter side 8 of a 16 crop: padded below and right
+    image, labels = torch.full((3, 8, 12), 0.2), torch.ones(8, 12, dtype=torch.long)
+    for preset, expected in (("light", -1.0), ("segmenter", 0.0)):  # vit normalisation: black is -1, the mean 0
+        torch.manual_seed(1)
+        data = seg.Pixels(lambda i: (image, labels), 1, 16, seg.VIT_NORMALIZATION, True, preset)
+        x, y = data[0]
+        padded = y == seg.IGNORE
+        assert padded.any() and (x[:, padded] == expected).all(), preset
+
+
+def test_the_stride_is_the_window_minus_32_and_reference_scales_come_back_to_the_window():
+    assert seg.default_stride(512) == 480 and seg.default_stride(32) == 21  # 2/3 of a small window
+    assert [b[1] for b in seg.windows(512, 683, 512, seg.default_stride(512))] == [0, 171]
+    assert seg.scaled_shape(512, 683, 0.5, 512, "true") == (256, 342)
+    assert seg.scaled_shape(512, 683, 0.5, 512, "reference") == (512, 684)
+    assert seg.scaled_shape(512, 683, 1.5, 512, "reference") == (768, 1024)
 
 
 def test_windows_cover_the_image_with_the_last_flush_to_the_border():

@@ -14,12 +14,16 @@ from PIL import Image
 
 import upop
 from upop.cli import main
+from upop.data.config import DataConfig
 from upop.data.questions import ANSWER_TYPES, PLURAL, answer_list, scene_questions
 from upop.data.shapes import COLOUR_NAMES, SHAPES, ShapesWorld
 from upop.data.statements import render_visible
+from upop.data.vqa import Questions
+from upop.errors import UPopError
 from upop.models import build, load_weights
 from upop.models.blip.checkpoints import converter
 from upop.models.blip.modeling import BlipVqa
+from upop.tasks import TaskOptions, get_task
 from upop.tasks.vqa import answer_weights, normalise_answer, vqa_accuracy
 
 DATA = "--task vqa --model blip-micro --train-size 64 --val-size 16 --batch-size 16".split()
@@ -325,3 +329,38 @@ def test_generative_metrics_are_the_same_on_one_and_two_ranks(tmp_path):
     assert one["caption"]["cider"] > 0 and one["vqa"]["accuracy"] > 0
     for task in ("caption", "vqa"):
         assert two[task] == pytest.approx(one[task])
+
+
+def test_raw_grouping_keeps_spellings_apart_and_a_scale_weighs_every_answer():
+    answers, weights = answer_weights(["2"] * 7 + ["two"] + ["3"] * 2, raw=True, scale=0.2)
+    assert answers == ["2", "two", "3"] and weights == pytest.approx([0.14, 0.02, 0.04])
+
+
+def test_several_training_files_with_visual_genome_weights_and_a_report_file_among_them(tmp_path):
+    """BLIP's VQA recipe: vqa_train + vqa_val + vg_qa, a Visual Genome answer weighing 0.2 and its image read under
+    its own root; the val file reported though trained on is said to be so."""
+    root = _folder(tmp_path / "vqa")
+    vg_images = tmp_path / "vg"
+    (vg_images / "image").mkdir(parents=True)
+    Image.new("RGB", (20, 20), (200, 10, 10)).save(vg_images / "image" / "1.jpg")
+    vg = [
+        {"question_id": q, "question": "what colour?", "answer": "red", "image": "image/1.jpg", "dataset": "vg"}
+        for q in (0, 1, 2)  # ids may repeat another file's
+    ]
+    (root / "vg_qa.json").write_text(json.dumps(vg))
+    files = ("vqa_train.json", "vqa_val.json", "vg_qa.json")
+    data = DataConfig(root=str(root), image_size=16, select_size=0, vqa_train_files=files, vg_image_root=str(vg_images))
+    task = get_task("vqa", build("blip-micro", "vqa"), TaskOptions(answer_grouping="raw"))
+    splits = task.datasets(data)
+    assert len(splits.train) == 40 + 8 + 3 and splits.about["train"]["visual_genome"] == 3
+    assert "not a held-out number" in splits.about["report"]["note"]
+    image, question, answers, _, weight = splits.train[48]
+    assert (question, answers, weight) == ("what colour?", ["red"], 0.2) and image.shape == (3, 16, 16)
+    assert splits.train[0][4] == 1.0
+    batch = Questions.collate([splits.train[0], splits.train[48]])
+    out = task.outputs(task.bundle.model, batch)
+    # question 0: red x8 (0.8), yes (0.1), blue (0.1); the VG question: red at 0.2
+    assert out["weights"].tolist() == pytest.approx([0.8, 0.1, 0.1, 0.2])
+    missing = DataConfig(root=str(root), image_size=16, vqa_train_files=("nope.json",))
+    with pytest.raises(UPopError, match="--vqa-train-files: .*nope.json does not exist"):
+        task.datasets(missing)

@@ -11,7 +11,7 @@ from typing import Any
 from upop.errors import UPopError
 
 CONFIG_VERSION = 1
-COST_MODELS = ("params", "flops", "latency")
+COST_MODELS = ("params", "flops", "latency", "paper")
 ALLOCATIONS = ("unified", "uniform")
 GRANULARITIES = ("dim", "head", "mixed")
 SCORES = ("gradient", "snr", "fisher")
@@ -43,6 +43,11 @@ class PruneConfig:
             Pruner) or "latency": measured on the model's device, per structure shape, as a table of the time of a
             module shaped like the structure at kept widths (``upop.core.widths.latency_curves``), so the one ranking
             spends the budget where time goes (an element's saving depends on the width it leaves).
+            "paper": the original code's constants, ``attn_cost`` per attention element (a head dim) and 1 per MLP
+            neuron, whatever the structure's shape.
+        attn_cost: for cost="paper", what one attention element costs against one MLP neuron: 36 in the original
+            BLIP and CLIP scripts (12 heads x q, k, v), 9234/769 in its DeiT and Segmenter scripts (the parameters of
+            a head dim and of a neuron of a width-384, 6-head block).
         latency_table: for cost="latency", a JSON table measured on the deploying machine (``upop latency-table``)
             to use instead of measuring here.
         exclude: module names (exact) or ``re:``-prefixed patterns; structures whose module name matches are not
@@ -93,6 +98,7 @@ class PruneConfig:
     towers: tuple[str, ...] = field(default_factory=tuple)
     granularity: str = "dim"
     latency_table: str | None = None
+    attn_cost: float | None = None
     score: str = "fisher"
     standardise: str = "kind"
     floor: float = 0.5
@@ -124,6 +130,15 @@ class PruneConfig:
                 'granularity "mixed" ranks heads and head dims together, which one latency curve per '
                 'structure cannot price; use cost "params" or "flops" with it, or granularity "dim"/"head"'
             )
+        if self.cost == "paper":
+            if self.granularity != "dim" or not (isinstance(self.attn_cost, (int, float)) and self.attn_cost > 0):
+                raise UPopError(
+                    'cost "paper" prices head dims and neurons with the original constants: it needs granularity '
+                    f'"dim" and a positive attn_cost (36 for BLIP/CLIP, 9234/769 for DeiT/Segmenter); got granularity '
+                    f"{self.granularity!r}, attn_cost {self.attn_cost!r}"
+                )
+        elif self.attn_cost is not None:
+            raise UPopError(f'attn_cost prices elements only with cost "paper", not with cost {self.cost!r}')
         if self.score not in SCORES:
             raise UPopError(f"score must be one of {', '.join(SCORES)}, got {self.score!r}")
         if self.standardise not in STANDARDISE:

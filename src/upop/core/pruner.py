@@ -4,6 +4,7 @@ it is given the adapter that locates the model's structures (``upop.Pruner`` loo
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 import types
@@ -57,6 +58,20 @@ def _attach_mask(slot: Slot, mask: torch.Tensor) -> None:
     # The slot is copied without its module so that the bound method does not keep the original alive.
     bare = Slot(slot.path, None, slot.groups, slot.weight_name, slot.bias_name, slot.block)  # type: ignore[arg-type]
     slot.module.forward = types.MethodType(functools.partial(_masked_forward, mask=mask, slot=bare), slot.module)
+
+
+def unmasked_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` without the masks a Pruner attached to it: the same weights, the dense forward (e.g.
+    the momentum model of a momentum-distillation loss, which the paper keeps unmasked). A model without masks is
+    simply copied."""
+    pruner = model.__dict__.get("_upop_pruner")
+    copied = copy.deepcopy(model, {id(pruner): None} if pruner is not None else {})
+    copied.__dict__.pop("_upop_pruner", None)
+    for module in copied.modules():
+        bound = vars(module).get("forward")
+        if isinstance(bound, types.MethodType) and getattr(bound.__func__, "func", None) is _masked_forward:
+            del vars(module)["forward"]
+    return copied
 
 
 class Pruner:

@@ -270,8 +270,10 @@ def latency_curves(
 def structure_costs(
     structures: list, config: PruneConfig, device: torch.device, batch: int | None
 ) -> tuple[list[float | torch.Tensor], dict[str, Any]]:
-    """Per structure, the cost of an element (``config.cost`` "params" or "flops") or the measured latency curve T(w)
-    (rank 0's on every rank: one decision everywhere), and the latency table it came from ({} otherwise)."""
+    """Per structure, the cost of an element (``config.cost`` "params", "flops" or "paper") or the measured latency
+    curve T(w) (rank 0's on every rank: one decision everywhere), and the latency table it came from ({} otherwise)."""
+    if config.cost == "paper":
+        return [float(config.attn_cost) if s.kind == "attn" else 1.0 for s in structures], {}  # type: ignore[arg-type]
     if config.cost != "latency":
         return [float(s.element_cost(config.cost)) for s in structures], {}
     precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if device.type == "cuda" else "fp32"

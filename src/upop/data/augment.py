@@ -8,6 +8,13 @@
 - ``deit``: the DeiT recipe that UPop's ImageNet runs use: RandomResizedCrop scale (0.08, 1), flip, RandAugment
   ``rand-m9-mstd0.5-inc1``, bicubic interpolation, random erasing 0.25 (pixel mode), Mixup 0.8 / CutMix 1.0 (switch
   probability 0.5, per batch) with label smoothing 0.1. Needs an even batch size.
+- ``blip`` (the image-text tasks: retrieval, captioning, NLVR2, VQA): BLIP's training transform
+  (``upop.data.blip_augment``).
+- ``segmenter`` (segmentation): the original Segmenter pipeline (``upop.tasks.segmentation``): the class-ratio
+  crop, photometric distortion, padding after normalisation.
+
+``light`` and ``deit`` are for classification; the image-text tasks take ``none`` (their ``auto``) or ``blip``;
+segmentation takes its own default (``auto``/``light``) or ``segmenter``.
 
 The built-in shapes world defaults to ``none`` (``auto``): its scenes are already random in position, size, depth
 order and pixel noise, and a horizontal flip would not change a label but a crop could cut the subject out.
@@ -19,7 +26,7 @@ from typing import Any
 
 from upop.errors import UPopError
 
-PRESETS = ("auto", "none", "light", "deit")
+PRESETS = ("auto", "none", "light", "deit", "blip", "segmenter")
 LIGHT = {"scale": (0.5, 1.0), "ratio": (3 / 4, 4 / 3), "hflip": 0.5, "color_jitter": None}
 DEIT = {
     "scale": (0.08, 1.0),
@@ -48,6 +55,15 @@ def resolve(augment: str, builtin: bool) -> str:
     if augment == "auto":
         return "none" if builtin else "light"
     return augment
+
+
+def task_preset(augment: str, builtin: bool, accepted: tuple[str, ...], task: str, auto: str | None = None) -> str:
+    """The preset a task trains with: ``augment`` (``auto`` resolved: ``auto`` if given, else ``resolve``), refused
+    in one line when the task does not take it."""
+    preset = (auto if auto is not None else resolve(augment, builtin)) if augment == "auto" else augment
+    if preset not in accepted:
+        raise UPopError(f"--augment {augment}: the {task} task trains with {' or '.join(accepted)}, not {preset}")
+    return preset
 
 
 def train_transform(preset: str, image_size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> Any:

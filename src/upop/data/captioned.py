@@ -11,9 +11,11 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from upop.data.augment import task_preset
+from upop.data.blip_augment import augmented
 from upop.data.captions import CAPTIONS_PER_SCENE, scene_captions
 from upop.data.config import DataConfig
-from upop.data.images import normalise_clip
+from upop.data.images import CLIP_MEAN, CLIP_STD, normalise_clip
 from upop.data.karpathy import annotation_file, folder_split
 from upop.data.shapes import ShapesWorld
 from upop.data.splits import ROLES, Splits, builtin_roles
@@ -62,13 +64,16 @@ def shapes_split(n: int, seed: int, image_size: int, noise: float) -> tuple[Call
     return (lambda i: normalise_clip(pixels[i].float() / 255)), captions, txt2img
 
 
-def captioned_splits(data: DataConfig, roles: tuple[str, ...] = ROLES) -> Splits:
+def captioned_splits(data: DataConfig, roles: tuple[str, ...] = ROLES, task: str = "retrieval") -> Splits:
     """The train (``CaptionPairs``), select and report (``CaptionedImages``) splits of ``data`` (those in
-    ``roles``)."""
+    ``roles``); the training images augmented as ``data.augment`` says ("none" or "blip")."""
+    preset = task_preset(data.augment, data.builtin, ("none", "blip"), task, auto="none")
     if data.builtin:
         splits: dict[str, Any] = {}
         for name, size, seed in builtin_roles(data, roles):
             load, captions, owner = shapes_split(size, seed, data.image_size, data.noise)
+            if name == "train" and preset == "blip":
+                load = augmented(load, data.image_size, CLIP_MEAN, CLIP_STD)
             splits[name] = (load, size, captions, owner, f"built-in scenes (seed {seed})")
     else:
         root = Path(data.root)
@@ -79,7 +84,8 @@ def captioned_splits(data: DataConfig, roles: tuple[str, ...] = ROLES) -> Splits
         for name, split in (("train", "train"), ("select", "val"), ("report", "test")):
             if name not in roles or name == "select" and data.select_size == 0:
                 continue
-            load, n, captions, owner = folder_split(root, image_root, split, data.image_size)
+            augment = preset if name == "train" else "none"
+            load, n, captions, owner = folder_split(root, image_root, split, data.image_size, augment)
             splits[name] = (load, n, captions, owner, str(annotation_file(root, split)))
     about = {
         name: {"source": source, "images": n, "captions": len(captions)}
@@ -87,7 +93,7 @@ def captioned_splits(data: DataConfig, roles: tuple[str, ...] = ROLES) -> Splits
     }
     train = None
     if "train" in splits:
-        about["train"]["augment"] = "none"
+        about["train"]["augment"] = preset
         load, _, captions, owner, _ = splits["train"]
         train = CaptionPairs(load, captions, owner)
     select = CaptionedImages(*splits["select"][:4]) if "select" in splits else None

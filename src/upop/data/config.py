@@ -9,6 +9,9 @@ from typing import Any
 from upop.data.augment import PRESETS
 from upop.errors import UPopError
 
+SELECT_ON = ("select", "report")  # the split that picks the best epoch: a separate one, or the paper's protocol
+PAPER_PROTOCOL = "paper protocol: selected on the reported split"
+
 
 @dataclass(frozen=True)
 class DataConfig:
@@ -26,6 +29,12 @@ class DataConfig:
             no selection, the last epoch is kept).
         augment: training augmentation preset: "auto" (none on the built-in world, "light" on image folders),
             "none", "light" or "deit" (see ``upop.data.augment``).
+        vqa_train_files: VQA: the annotation files of ``root`` the training split is made of (default: its
+            ``*train.json``), e.g. BLIP's vqa_train.json, vqa_val.json and vg_qa.json; a "vg" entry's answer weighs
+            0.2 and its image is read under ``vg_image_root``.
+        vg_image_root: where the images of Visual Genome's entries are (default: ``image_root``).
+        select_on: which split picks the best epoch: "select" (default: a split never reported) or "report" (the
+            paper's protocol: the reported split itself, no split carved from train; every report says so).
     """
 
     root: str | None = None
@@ -37,8 +46,14 @@ class DataConfig:
     noise: float = 0.1
     select_size: int | None = None
     augment: str = "auto"
+    select_on: str = "select"
+    vqa_train_files: tuple[str, ...] = ()
+    vg_image_root: str | None = None
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "vqa_train_files", tuple(self.vqa_train_files or ()))
+        if self.select_on not in SELECT_ON:
+            raise UPopError(f"select_on must be one of {', '.join(SELECT_ON)}, got {self.select_on!r}")
         if self.image_size is not None and self.image_size < 8:
             raise UPopError(f"image size must be at least 8, got {self.image_size}")
         if self.train_size < 1 or self.val_size < 1:
@@ -55,9 +70,11 @@ class DataConfig:
     def to_dict(self) -> dict[str, Any]:
         """The settings that matter for this data: a folder drops the built-in world's sizes and noise."""
         d = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        d["vqa_train_files"] = list(self.vqa_train_files)
         if not self.builtin:
             for key in ("train_size", "val_size", "noise"):
                 d.pop(key)
         else:
-            d.pop("image_root")
+            for key in ("image_root", "vqa_train_files", "vg_image_root"):
+                d.pop(key)
         return d

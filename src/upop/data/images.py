@@ -99,25 +99,32 @@ def same_classes(root: Path, train: list[str], val: list[str]) -> None:
         )
 
 
-def image_reader(image_root: Path, paths: list[str], image_size: int) -> Callable[[int], torch.Tensor]:
+def image_reader(
+    image_root: Path, paths: list[str], image_size: int, augment: str = "none"
+) -> Callable[[int], torch.Tensor]:
     """``load(i)``: the image ``image_root / paths[i]`` as RGB, resized (bicubic) to ``image_size`` x ``image_size``
     without cropping, as BLIP's evaluation (and UPop's, for CLIP too) prepares images, normalised with CLIP's mean
-    and std; one clear line when a file cannot be read."""
+    and std; one clear line when a file cannot be read. With ``augment`` "blip" (training), BLIP's augmentation
+    (``upop.data.blip_augment``) instead of the resize, cropping from the image at its own size."""
     from PIL import Image
     from torchvision import transforms
 
-    tf = transforms.Compose(
-        [
-            transforms.Resize((image_size, image_size), interpolation=transforms.InterpolationMode.BICUBIC),
-            transforms.ToTensor(),
-            transforms.Normalize(CLIP_MEAN, CLIP_STD),
-        ]
-    )
+    resize = transforms.Resize((image_size, image_size), interpolation=transforms.InterpolationMode.BICUBIC)
+    normalise = transforms.Normalize(CLIP_MEAN, CLIP_STD)
+    tf = transforms.Compose([resize, transforms.ToTensor(), normalise])
+
+    def augmented(im: Any) -> torch.Tensor:
+        from torchvision.transforms.functional import pil_to_tensor
+
+        from upop.data.blip_augment import blip_train_image
+
+        return normalise(blip_train_image(pil_to_tensor(im), image_size).float() / 255)
 
     def load(i: int) -> torch.Tensor:
         try:
             with Image.open(image_root / paths[i]) as im:
-                return tf(im.convert("RGB"))
+                rgb = im.convert("RGB")
+                return augmented(rgb) if augment == "blip" else tf(rgb)
         except OSError as e:
             raise UPopError(f"cannot read the image {image_root / paths[i]}: {e}") from None
 

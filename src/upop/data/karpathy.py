@@ -56,7 +56,7 @@ def annotation_file(root: Path, split: str) -> Path:
 
 
 def folder_split(
-    root: Path, image_root: Path, split: str, image_size: int
+    root: Path, image_root: Path, split: str, image_size: int, augment: str = "none"
 ) -> tuple[Callable, int, list[str], torch.Tensor]:
     annotation = annotation_file(root, split)
     paths, captions, txt2img = read_karpathy(annotation)
@@ -65,4 +65,4 @@ def folder_split(
         raise UPopError(
             f"{len(missing)} image(s) named in {annotation} do not exist under {image_root}, e.g. {missing[0]}"
         )
-    return image_reader(image_root, paths, image_size), len(paths), captions, txt2img
+    return image_reader(image_root, paths, image_size, augment), len(paths), captions, txt2img

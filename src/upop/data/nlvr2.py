@@ -13,23 +13,37 @@ from torch.utils.data import Dataset
 
 from upop.data.annotations import read_annotation
 from upop.data.images import image_reader
+from upop.data.text import STATEMENT_WORDS, pre_caption
 from upop.errors import UPopError
 
 SPLITS = (("train", "train", "training"), ("select", "dev", "selection"), ("report", "test", "report"))
 LABELS = {"False": 0, "True": 1, False: 0, True: 1}
+SWAPPED = {"left": "right", "right": "left"}
+
+
+def swap_sides(sentence: str) -> str:
+    """The statement about the swapped pair, as BLIP's NLVR2 code makes it: cleaned (``pre_caption``, 40 words),
+    then every word that is exactly "left" or "right" exchanged for the other."""
+    return " ".join(SWAPPED.get(w, w) for w in pre_caption(sentence, STATEMENT_WORDS).split(" "))
 
 
 class Statements(Dataset):
-    """(two images (2, 3, S, S), statement, label) samples."""
+    """(two images (2, 3, S, S), statement, label) samples. With ``swap`` (training, ``--nlvr-swap``), a sample's
+    two images are swapped with probability 0.5 and its statement with them (``swap_sides``): the label holds."""
 
-    def __init__(self, images: Callable[[int], torch.Tensor], sentences: list[str], labels: torch.Tensor) -> None:
-        self.images, self.sentences, self.labels = images, sentences, labels
+    def __init__(
+        self, images: Callable[[int], torch.Tensor], sentences: list[str], labels: torch.Tensor, swap: bool = False
+    ) -> None:
+        self.images, self.sentences, self.labels, self.swap = images, sentences, labels, swap
 
     def __len__(self) -> int:
         return len(self.sentences)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, str, torch.Tensor]:
-        return self.images(i), self.sentences[i], self.labels[i]
+        images, sentence = self.images(i), self.sentences[i]
+        if self.swap and float(torch.rand(())) < 0.5:
+            images, sentence = images.flip(0), swap_sides(sentence)
+        return images, sentence, self.labels[i]
 
 
 def read_nlvr(path: Path) -> tuple[list[tuple[str, str]], list[str], torch.Tensor]:
@@ -69,13 +83,13 @@ def _annotation(root: Path, split: str, role: str) -> Path:
     return found[0]
 
 
-def folder_split(root: Path, image_root: Path, split: str, role: str, image_size: int) -> tuple:
+def folder_split(root: Path, image_root: Path, split: str, role: str, image_size: int, augment: str = "none") -> tuple:
     annotation = _annotation(root, split, role)
     pairs, sentences, labels = read_nlvr(annotation)
     missing = next((p for pair in pairs for p in pair if not (image_root / p).is_file()), None)
     if missing is not None:
         raise UPopError(f"an image named in {annotation} does not exist under {image_root}: {missing}")
-    read = image_reader(image_root, [p for pair in pairs for p in pair], image_size)
+    read = image_reader(image_root, [p for pair in pairs for p in pair], image_size, augment)
 
     def load(i: int) -> torch.Tensor:
         return torch.stack([read(2 * i), read(2 * i + 1)])

@@ -1,6 +1,7 @@
 """The three splits of a task: ``train`` (the weights learn from it), ``select`` (picks the best epoch and is never
-reported) and ``report`` (every number in a report). A model is never selected and scored on the same split. A
-selection split carved from train is stratified and seeded, so it is the same on any machine."""
+reported) and ``report`` (every number in a report). A model is never selected and scored on the same split, unless
+the paper's protocol is asked for (``select_on`` "report"), which every report then says. A selection split carved
+from train is stratified and seeded, so it is the same on any machine."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from typing import Any
 
 import torch
 from torch.utils.data import Dataset, Subset
+
+from upop.data.config import PAPER_PROTOCOL
 
 SELECT_FRACTION, SELECT_MAX = 0.05, 10000  # the default selection split carved from train
 ROLES = ("train", "select", "report")  # every split a training job needs; an evaluation needs only "report"
@@ -28,6 +31,14 @@ class Splits:
     select: Dataset | None
     report: Dataset
     about: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def selecting_on_report(self) -> Splits:
+        """The paper's protocol: the report split also picks the best epoch (said in ``about``)."""
+        about = dict(self.about)
+        report = about.get("report", {})
+        about["select"] = {**report, "source": f"{report.get('source', 'the report split')} ({PAPER_PROTOCOL})"}
+        about["select"].pop("seed", None)
+        return Splits(self.train, self.report, self.report, about)
 
 
 class Carved(Subset):

@@ -5,6 +5,7 @@ dataset of (image, question, human answers, index) samples the VQA task trains a
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +16,12 @@ from upop.data.annotations import read_annotation
 from upop.data.images import image_reader
 from upop.errors import UPopError
 
+VG_WEIGHT = 0.2  # BLIP's VQA training: a Visual Genome answer weighs this much (a VQAv2 question's answers weigh 1)
+
 
 class Questions(Dataset):
-    """(image, question, human answers, index) samples; ``answers`` None for a test split (hidden answers)."""
+    """(image, question, human answers, index, answer weight) samples; ``answers`` None for a test split (hidden
+    answers); ``weights`` the weight of a sample's answers in the loss (1, or ``VG_WEIGHT`` for Visual Genome's)."""
 
     def __init__(
         self,
@@ -26,27 +30,42 @@ class Questions(Dataset):
         answers: list[list[str]] | None,
         types: list[str] | None = None,
         ids: list[Any] | None = None,
+        weights: list[float] | None = None,
     ) -> None:
         self.images, self.questions, self.answers, self.types = images, questions, answers, types
         self.ids = ids if ids is not None else list(range(len(questions)))
+        self.weights = weights
 
     def __len__(self) -> int:
         return len(self.questions)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, str, list[str], int]:
-        return self.images(i), self.questions[i], self.answers[i] if self.answers else [], i
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, str, list[str], int, float]:
+        weight = self.weights[i] if self.weights is not None else 1.0
+        return self.images(i), self.questions[i], self.answers[i] if self.answers else [], i, weight
 
     @staticmethod
-    def collate(batch: list[tuple]) -> tuple[torch.Tensor, list[str], list[list[str]], torch.Tensor]:
-        images, questions, answers, index = zip(*batch)
-        return torch.stack(images), list(questions), list(answers), torch.tensor(index)
+    def collate(batch: list[tuple]) -> tuple[torch.Tensor, list[str], list[list[str]], torch.Tensor, torch.Tensor]:
+        images, questions, answers, index, weights = zip(*batch)
+        return torch.stack(images), list(questions), list(answers), torch.tensor(index), torch.tensor(weights)
 
 
-def read_vqa(path: Path, answers_needed: bool) -> tuple[list[Any], list[str], list[list[str]] | None, list[str]]:
-    """(question ids, questions, human answers (None when not ``answers_needed`` and absent), image paths) of a
-    BLIP-format VQA file; one line naming the entry when an entry is malformed, has no answers or repeats an id."""
+@dataclass
+class VqaFile:
+    """The entries of a BLIP-format VQA file: question ids, questions, human answers (None for a test file without
+    them), image paths and each entry's ``dataset`` ("vqa", or "vg" for Visual Genome's QA)."""
+
+    ids: list[Any]
+    questions: list[str]
+    answers: list[list[str]] | None
+    images: list[str]
+    sources: list[str]
+
+
+def read_vqa(path: Path, answers_needed: bool) -> VqaFile:
+    """The entries of a BLIP-format VQA file; one line naming the entry when an entry is malformed, has no answers
+    or repeats an id."""
     entries = read_annotation(path, "'question_id', 'question', 'answer', 'image'")
-    ids, questions, answers, images, seen = [], [], [], [], {}
+    ids, questions, answers, images, sources, seen = [], [], [], [], [], {}
     for n, e in enumerate(entries):
         where = f"annotation file {path}, entry {n}"
         if not isinstance(e, dict):
@@ -73,7 +92,8 @@ def read_vqa(path: Path, answers_needed: bool) -> tuple[list[Any], list[str], li
         ids.append(qid)
         questions.append(question)
         images.append(image)
-    return ids, questions, (answers if answers else None), images
+        sources.append(str(e.get("dataset", "vqa")))
+    return VqaFile(ids, questions, (answers if answers else None), images, sources)
 
 
 def read_answer_list(root: Path) -> list[str]:
@@ -104,8 +124,34 @@ def split_file(root: Path, split: str, required: bool) -> Path | None:
 
 
 def folder_split(path: Path, image_root: Path, image_size: int, answers_needed: bool) -> Questions:
-    ids, questions, answers, paths = read_vqa(path, answers_needed)
-    missing = next((p for p in paths if not (image_root / p).is_file()), None)
+    entries = read_vqa(path, answers_needed)
+    _check_images(path, [image_root / p for p in entries.images], image_root)
+    return Questions(
+        image_reader(image_root, entries.images, image_size), entries.questions, entries.answers, ids=entries.ids
+    )
+
+
+def _check_images(annotation: Path, paths: list[Path], root: Path) -> None:
+    missing = next((p for p in paths if not p.is_file()), None)
     if missing is not None:
-        raise UPopError(f"an image named in {path} does not exist under {image_root}: {missing}")
-    return Questions(image_reader(image_root, paths, image_size), questions, answers, ids=ids)
+        raise UPopError(f"an image named in {annotation} does not exist under {root}: {missing.relative_to(root)}")
+
+
+def training_files(
+    paths: list[Path], image_root: Path, vg_root: Path, image_size: int, augment: str = "none"
+) -> Questions:
+    """One training split of several BLIP-format VQA files (BLIP's: vqa_train, vqa_val and vg_qa): an entry whose
+    ``dataset`` is "vg" reads its image under ``vg_root`` and weighs its answer ``VG_WEIGHT``. Question ids must be
+    unique per file, not across files (Visual Genome's and VQAv2's overlap)."""
+    questions, answers, images, weights, ids = [], [], [], [], []
+    for path in paths:
+        entries = read_vqa(path, True)
+        roots = [vg_root if source == "vg" else image_root for source in entries.sources]
+        _check_images(path, [r / p for r, p in zip(roots, entries.images)], image_root)
+        questions += entries.questions
+        answers += entries.answers or []
+        images += [str(r / p) for r, p in zip(roots, entries.images)]
+        weights += [VG_WEIGHT if source == "vg" else 1.0 for source in entries.sources]
+        ids += [(path.name, q) for q in entries.ids]
+    reader = image_reader(Path("."), images, image_size, augment)  # each path joined to its own root already
+    return Questions(reader, questions, answers, ids=ids, weights=weights)

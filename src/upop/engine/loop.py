@@ -27,7 +27,8 @@ from upop.utils.dist import DistInfo, unwrap
 
 class Task(Protocol):
     """What the loop needs of a task (``upop.tasks.Task`` provides it): the outputs and loss of a batch, batch-level
-    augmentation, distillation, its metrics on a loader and the main one of them."""
+    augmentation, distillation, its metrics on a loader and the main one of them; where a training step falls in its
+    phase, and the training state the task carries between steps (saved in checkpoints)."""
 
     main_metric: str
 
@@ -41,6 +42,12 @@ class Task(Protocol):
 
     def evaluate(self, model: nn.Module, loader: Any, device: torch.device) -> dict[str, float]: ...
 
+    def begin_step(self, epoch: int, index: int, steps: int) -> None: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
 
 def amp_context(device: torch.device, enabled: bool) -> tuple[Any, torch.amp.GradScaler | None]:
     """(autocast context factory, grad scaler or None). bf16 where supported (CPU, Ampere+), else fp16 + scaler."""
@@ -51,21 +58,47 @@ def amp_context(device: torch.device, enabled: bool) -> tuple[Any, torch.amp.Gra
     return (lambda: torch.autocast(device.type, dtype=torch.bfloat16)), None
 
 
-LR_SCHEDULES = ("cosine", "constant")
+LR_SCHEDULES = ("cosine", "epoch-cosine", "poly", "constant")
+OPTIMIZERS = ("adamw", "sgd")
+POLY_POWER = 0.9  # the polynomial decay of Segmenter's recipe (mmseg's default power)
 
 
-def lr_schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 0, kind: str = "cosine") -> Any:
-    """Linear warm-up, then cosine decay to 1% of the base LR ("cosine") or the base LR throughout ("constant")."""
+def lr_schedule(
+    optimizer: torch.optim.Optimizer,
+    total_steps: int,
+    warmup_steps: int = 0,
+    kind: str = "cosine",
+    min_lr_ratio: float = 0.01,
+    steps_per_epoch: int = 1,
+) -> Any:
+    """Linear warm-up, then from the base LR down to ``min_lr_ratio`` of it: "cosine" (per step), "epoch-cosine" (the
+    cosine of the epoch index, constant within an epoch: BLIP's ``cosine_lr_schedule``), "poly" ((1 - t)^0.9 per step,
+    Segmenter's) or "constant" (the base LR throughout)."""
+    if kind not in LR_SCHEDULES:
+        raise ValueError(f"LR schedule must be one of {LR_SCHEDULES}, got {kind!r}")
+    epochs = max(1, math.ceil(total_steps / max(1, steps_per_epoch)))
 
     def factor(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / warmup_steps
         if kind == "constant":
             return 1.0
-        t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+        t = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        if kind == "epoch-cosine":
+            t = min(1.0, (step // max(1, steps_per_epoch)) / epochs)
+        decay = (1 - t) ** POLY_POWER if kind == "poly" else 0.5 * (1 + math.cos(math.pi * t))
+        return min_lr_ratio + (1 - min_lr_ratio) * decay
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def make_optimizer(params: Any, kind: str, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """AdamW (the default, BLIP's, CLIP's and DeiT's) or SGD with Nesterov momentum 0.9 (Segmenter's)."""
+    if kind == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
+    if kind != "adamw":
+        raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {kind!r}")
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
 
 def backward_and_step(
@@ -104,7 +137,8 @@ def to_device(batch: Any, device: torch.device) -> Any:
 @dataclass
 class Phase:
     """One run of the loop: ``name`` labels the log ("train", "search", "retrain"); ``index`` orders the phases of a
-    job for checkpoints; ``schedule`` is the LR schedule ("cosine" or "constant", after ``warmup_steps``);
+    job for checkpoints; ``optimizer`` is "adamw" or "sgd" (Nesterov); ``schedule`` is the LR schedule (one of
+    ``LR_SCHEDULES``, after ``warmup_steps``, down to ``min_lr_ratio`` of ``lr``);
     ``keep_best`` restores the weights of the epoch best on the selection split at the end; ``max_nonfinite`` is the
     share of steps allowed to have non-finite gradients before the run stops; ``distill`` (alpha) mixes KL
     distillation from a teacher into the loss at ``temperature``: (1 - alpha) task + alpha KD."""
@@ -115,6 +149,8 @@ class Phase:
     weight_decay: float = 0.05
     warmup_steps: int = 0
     schedule: str = "cosine"
+    optimizer: str = "adamw"
+    min_lr_ratio: float = 0.01
     amp: bool = False
     log_every: int = 10
     keep_best: bool = False
@@ -136,12 +172,19 @@ class _PhaseRun:
         self.model, self.task, self.loaders, self.info, self.phase = model, task, loaders, info, phase
         self.pruner, self.checkpointer, self.extra, self.teacher = pruner, checkpointer, extra, teacher
         self.log = log or JsonlLog(None, info)
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=phase.lr, weight_decay=phase.weight_decay)
+        self.optimizer = make_optimizer(model.parameters(), phase.optimizer, phase.lr, phase.weight_decay)
         if isinstance(loaders.train.sampler, EpochSampler):
             loaders.train.sampler.start = 0  # a resumed earlier phase may have left it mid-epoch; len() reads it
         self.steps_per_epoch = len(loaders.train)
         self.total_steps = phase.epochs * self.steps_per_epoch
-        self.scheduler = lr_schedule(self.optimizer, self.total_steps, phase.warmup_steps, phase.schedule)
+        self.scheduler = lr_schedule(
+            self.optimizer,
+            self.total_steps,
+            phase.warmup_steps,
+            phase.schedule,
+            phase.min_lr_ratio,
+            self.steps_per_epoch,
+        )
         self.autocast, self.scaler = amp_context(info.device, phase.amp)
         self.loop: dict[str, Any] = {"epoch": 0, "batch": 0, "step": 0, "history": [], "best": None, "nonfinite": 0}
         self.best_state: dict[str, torch.Tensor] | None = None
@@ -155,6 +198,7 @@ class _PhaseRun:
             self.scaler.load_state_dict(resume.state["scaler"])
         if self.pruner is not None:
             self.pruner.load_state_dict(resume.state["pruner"])
+        self.task.load_state_dict(resume.state.get("task") or {})
         self.loop = dict(resume.meta["loop"])
         self.best_state = resume.best_weights
         if resume.rng:
@@ -168,6 +212,7 @@ class _PhaseRun:
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "pruner": self.pruner.state_dict() if self.pruner is not None else None,
+            "task": self.task.state_dict(),
         }
         meta = {"loop": self.loop, "extra": self.extra or {}, "log_size": self.log.size()}
         key = (self.phase.index, self.loop["step"])
@@ -267,6 +312,7 @@ class _PhaseRun:
             progress = Progress(train_loader, desc, self.info, self.steps_per_epoch, self.loop["batch"])
             start = time.perf_counter()
             for batch in progress:
+                self.task.begin_step(epoch, self.loop["batch"], self.steps_per_epoch)
                 losses, taken = self.train_step(batch)
                 self.log_step(epoch, losses, taken, progress)
                 every = self.checkpointer.every if self.checkpointer is not None else 0

@@ -29,6 +29,7 @@ from upop.errors import UPopError
 from upop.jobs.pretrained import Loaded, load_bundle
 from upop.jobs.report import Measurement
 from upop.models import ModelBundle, build
+from upop.models.regularise import regularise
 from upop.tasks import Task, TaskOptions, task_class
 from upop.utils import dist as D
 
@@ -44,18 +45,23 @@ class RunConfig:
     seed: int = 0
     amp: bool = False
     device: str | None = None
-    vqa_inference: str = "rank"
+    options: TaskOptions = field(default_factory=TaskOptions)
+    drop_path: float | None = None  # stochastic depth of the image encoder (None: the model's own)
+    text_dropout: float | None = None  # dropout of the text tower (None: the model's own)
+    config_file: str | None = None  # the --config file the settings were read from, if any
 
     def __post_init__(self) -> None:
         if isinstance(self.data, dict):  # read back from config.json
             object.__setattr__(self, "data", DataConfig(**self.data))
+        if isinstance(self.options, dict):
+            known = {k: v for k, v in self.options.items() if k in TaskOptions.__dataclass_fields__}
+            object.__setattr__(self, "options", TaskOptions(**known))
         if self.batch_size < 1:
             raise UPopError(f"batch size must be a positive integer, got {self.batch_size}")
         augment.check_batch_size(augment.resolve(self.data.augment, self.data.builtin), self.batch_size)
-        self.task_options()  # validated on construction
 
     def task_options(self) -> TaskOptions:
-        return TaskOptions(vqa_inference=self.vqa_inference)
+        return self.options
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -118,9 +124,13 @@ def prepare(
     else:
         loaded = loaded_bundle(cfg, num_outputs, info.device, pretrained)
         bundle = loaded.bundle
+    regularise(bundle.model, cfg.drop_path, cfg.text_dropout)
     task = cls(bundle, cfg.task_options())
     data = dataclasses.replace(cfg.data, image_size=bundle.image_size)
-    splits = task.datasets(data, ROLES if training else ("report",))
+    if training and data.select_on == "report":  # the paper's protocol: nothing carved, the report split selects
+        splits = task.datasets(dataclasses.replace(data, select_size=0), ROLES).selecting_on_report()
+    else:
+        splits = task.datasets(data, ROLES if training else ("report",))
     loaders = make_loaders(splits, cfg.batch_size, info, cfg.seed)
     np.random.seed((cfg.seed * 1000 + info.rank) % 2**32)  # batch augmentation (Mixup) draws from numpy
     for note in bundle.notes:

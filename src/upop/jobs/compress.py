@@ -17,7 +17,7 @@ from upop.core.config import MIN_RERANKINGS, PruneConfig
 from upop.core.plan import Plan, check_base, plan_choice, save_compressed
 from upop.core.profile import batch_size_of, paired_latency
 from upop.core.ranking import schedule_summary
-from upop.engine.loop import LR_SCHEDULES, Phase, run_phase
+from upop.engine.loop import LR_SCHEDULES, OPTIMIZERS, Phase, run_phase
 from upop.engine.rundir import Checkpointing, RunDir
 from upop.errors import UPopError
 from upop.jobs import render
@@ -55,6 +55,14 @@ class Recipe:
     search_schedule: str = "constant"
     distill: float = 0.0
     temperature: float = 2.0
+    schedule: str = "cosine"
+    min_lr: float | None = None
+    optimizer: str = "adamw"
+    weight_decay: float = 0.05
+
+    def min_lr_ratio(self, lr: float) -> float:
+        """The floor of the decaying schedules as a fraction of ``lr``: ``min_lr / lr``, or 1% without ``min_lr``."""
+        return 0.01 if self.min_lr is None else min(1.0, self.min_lr / lr)
 
     def __post_init__(self) -> None:
         if self.epochs_search < 0 or self.epochs < 0:
@@ -64,10 +72,13 @@ class Recipe:
             )
         if not (self.lr_search > 0 and self.lr > 0):
             raise UPopError(f"learning rates must be positive, got --lr-search {self.lr_search} and --lr {self.lr}")
-        if self.search_schedule not in LR_SCHEDULES:
-            raise UPopError(
-                f"the search LR schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.search_schedule!r}"
-            )
+        for name, value in (("--lr-schedule-search", self.search_schedule), ("--lr-schedule", self.schedule)):
+            if value not in LR_SCHEDULES:
+                raise UPopError(f"{name} must be one of {', '.join(LR_SCHEDULES)}, got {value!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise UPopError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        if self.weight_decay < 0 or (self.min_lr is not None and self.min_lr < 0):
+            raise UPopError(f"--weight-decay and --min-lr must be >= 0, got {self.weight_decay} and {self.min_lr}")
         if not 0.0 <= self.distill <= 1.0:
             raise UPopError(f"--distill-weight must lie in [0, 1], got {self.distill}")
         if self.temperature <= 0:
@@ -122,6 +133,11 @@ def compress(
     is no search: the dense model is sliced to it, then retrained and evaluated the same way."""
     if plan is None and recipe.epochs_search < 1:
         raise UPopError("a search needs --epochs-search >= 1 (0 only with --plan, which retrains a given plan)")
+    if recipe.distill and cfg.options.momentum_distill:
+        raise UPopError(
+            "--distill (from the dense model) and --momentum-distill (BLIP's, from a moving average) are two "
+            "teachers for one loss; choose one"
+        )
     setup = prepare(cfg, pretrained)
     find_adapter(setup.model)  # fail before any work if the family is not supported
     if setup.loaded is not None and setup.loaded.compressed:
@@ -221,6 +237,9 @@ def _search(
         recipe.epochs_search,
         recipe.lr_search,
         schedule=recipe.search_schedule,
+        optimizer=recipe.optimizer,
+        weight_decay=recipe.weight_decay,
+        min_lr_ratio=recipe.min_lr_ratio(recipe.lr_search),
         amp=amp,
         index=0,
         max_nonfinite=settings.max_nonfinite,
@@ -300,6 +319,10 @@ def _retrain(
         "retrain",
         recipe.epochs,
         recipe.lr,
+        schedule=recipe.schedule,
+        optimizer=recipe.optimizer,
+        weight_decay=recipe.weight_decay,
+        min_lr_ratio=recipe.min_lr_ratio(recipe.lr),
         amp=cfg.amp,
         keep_best=True,
         index=1,

@@ -7,6 +7,7 @@ import io
 import re
 from typing import Any
 
+from upop.data.config import PAPER_PROTOCOL
 from upop.jobs.report import CompressReport
 from upop.utils.extras import require
 
@@ -34,6 +35,8 @@ def _split_text(about: dict[str, Any]) -> str:
         parts.append(f"{about['captions']} captions")
     if "seed" in about:
         parts.append(f"seed {about['seed']}, indices sha256 {about['indices_sha256']}")
+    if "note" in about:
+        parts.append(f"**{about['note']}**")
     return ", ".join(parts)
 
 
@@ -70,22 +73,35 @@ def report_header(report: CompressReport) -> str:
     lines = [
         f"# UPop: {report.model} on {report.task}, p = {report.p}",
         "",
+        *(
+            [f"- **{PAPER_PROTOCOL}**: the best epoch was picked on the split reported below"]
+            if data.get("select_on") == "report"
+            else []
+        ),
         f"- data: {source}; training augmentation {splits.get('train', {}).get('augment', 'none')}",
         f"- train split: {_split_text(splits.get('train', {}))}",
         f"- select split: {_split_text(splits['select']) if 'select' in splits else 'none'}",
         f"- report split: {_split_text(splits.get('report', {}))} (every metric below is on this split)",
         f"- kept weights: {_kept_weights_text(report)}",
-        f"- pruning: p = {report.p} of the prunable {report.cost}, {report.allocation} "
+        f"- pruning: p = {report.p} of the prunable {_cost_text(report)}, {report.allocation} "
         f"allocation, {_alignment_text(report)}, T = {prune.get('total_steps')} "
         f"search steps, {report.rerankings} re-rankings; {_ranking_text(report)}",
         f"- recipe: search {recipe.get('epochs_search')} epoch(s) at lr {recipe.get('lr_search')} "
         f"({recipe.get('search_schedule')}), retraining {recipe.get('epochs')} epoch(s) at lr {recipe.get('lr')} "
-        f"(cosine), {distill}; seed {report.seed}, batch {report.batch_size} per rank, "
+        f"({recipe.get('schedule', 'cosine')}), {recipe.get('optimizer', 'adamw')} with weight decay "
+        f"{recipe.get('weight_decay', 0.05)}, {distill}; seed {report.seed}, batch {report.batch_size} per rank, "
         f"amp {'on' if report.amp else 'off'}",
         f"- machine: {report.device} x {report.world_size} process(es); upop "
         f"{report.upop_version}, torch {report.torch_version}; {report.date}",
     ]
     return "\n".join(lines)
+
+
+def _cost_text(report: CompressReport) -> str:
+    """What the budget counts: "params", "flops", "latency", or the original's constants."""
+    if report.cost == "paper":
+        return f"cost in the original's units ({report.prune.get('attn_cost', 0):.6g} per head dim, 1 per neuron)"
+    return str(report.cost)
 
 
 def _ranking_text(report: CompressReport) -> str:

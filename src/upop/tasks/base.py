@@ -24,21 +24,67 @@ from upop.errors import UPopError
 from upop.models.bundle import ModelBundle, Normalization
 
 VQA_INFERENCE = ("rank", "generate")
+ANSWER_GROUPING = ("normalised", "raw")
+MULTISCALE_MODES = ("true", "reference")
 
 
 @dataclass(frozen=True)
 class TaskOptions:
-    """Settings of a task beyond its data (saved in the run's config).
+    """Settings of a task beyond its data (saved in the run's config). Each task reads its own; the defaults are the
+    project's, the paper's configs (``configs/``) turn the original's on.
 
     Attributes:
         vqa_inference: how the VQA task answers: "rank" (BLIP's: candidates of the answer list) or "generate".
+        answer_grouping: VQA training weights each distinct answer of a question by its share of the human
+            answers, the answers compared after the metric's "normalised" form (default) or as "raw" strings (the
+            original's).
+        rerank_k: BLIP retrieval: the candidates per query its evaluation rescores by ITM (the original's: 256 on
+            COCO, 128 on Flickr30K).
+        momentum_distill: retrieval training with BLIP's momentum distillation: an exponential moving average of
+            the model (0.995), a queue of its features (``queue_size``) as extra contrastive candidates, and soft
+            targets 0.4 x the momentum model's similarities + 0.6 x the ground truth (the 0.4 ramped up over the first
+            epoch of each phase). The compressed model's momentum copy starts from the compressed weights.
+        queue_size: the feature queue's length (the original's: 57600).
+        clamp_temperature: clamp the contrastive temperature at every step to BLIP's [0.001, 0.5] (CLIP: the logit
+            scale to at most 100), as the original does.
+        negatives_all_ranks: BLIP retrieval's ITM draws hard negatives from the whole global batch (every rank's
+            images and captions), as the original does, not from the rank's own.
+        nlvr_swap: NLVR2 training swaps the two images of a sample with probability 0.5, and then "left" and "right"
+            in its sentence (the original's).
+        window_stride: segmentation's sliding-window stride in pixels (default: the window minus 32, the original's
+            reported setting).
+        multiscale_mode: segmentation's multi-scale evaluation: "true" (default: every scale at its own size) or
+            "reference" (the original's: a scaled image whose shorter side is below the window is upsampled back to
+            it, so scales 0.5 and 0.75 become blurred copies of scale 1).
     """
 
     vqa_inference: str = "rank"
+    answer_grouping: str = "normalised"
+    rerank_k: int = 128
+    momentum_distill: bool = False
+    queue_size: int = 57600
+    clamp_temperature: bool = False
+    negatives_all_ranks: bool = False
+    nlvr_swap: bool = False
+    window_stride: int | None = None
+    multiscale_mode: str = "true"
 
     def __post_init__(self) -> None:
         if self.vqa_inference not in VQA_INFERENCE:
             raise UPopError(f"--vqa-inference must be one of {', '.join(VQA_INFERENCE)}, got {self.vqa_inference!r}")
+        if self.answer_grouping not in ANSWER_GROUPING:
+            raise UPopError(
+                f"--answer-grouping must be one of {', '.join(ANSWER_GROUPING)}, got {self.answer_grouping!r}"
+            )
+        if self.multiscale_mode not in MULTISCALE_MODES:
+            raise UPopError(
+                f"--multiscale-mode must be one of {', '.join(MULTISCALE_MODES)}, got {self.multiscale_mode!r}"
+            )
+        for name in ("rerank_k", "queue_size"):
+            if getattr(self, name) < 1:
+                raise UPopError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)}")
+        if self.window_stride is not None and self.window_stride < 1:
+            raise UPopError(f"--window-stride must be a positive number of pixels, got {self.window_stride}")
 
 
 class Task(abc.ABC):
@@ -105,6 +151,20 @@ class Task(abc.ABC):
         """``texts`` by the model's tokenizer: {"input_ids", "attention_mask"} (long tensors on ``device``), at most
         ``max_length`` tokens each when given."""
         return tokenize(self.tokenizer, texts, device, max_length)
+
+    def begin_step(self, epoch: int, index: int, steps: int) -> None:
+        """Called before each training step: batch ``index`` of the ``steps`` of ``epoch`` (0-based) of the phase
+        (e.g. for a loss weight ramped over the first epoch)."""
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        """The training state the task carries between steps (e.g. momentum encoders and feature queues): tensors
+        and plain values, saved in every checkpoint so a resumed run continues it."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what ``state_dict`` returned ({} from a checkpoint without task state)."""
+        return None
 
     pictures_need_dense: bool = False  # extra_files compares the dense model with the compressed one
 

@@ -136,7 +136,7 @@ class Caption(Task):
 
     def datasets(self, data: DataConfig, roles: tuple[str, ...] = ROLES) -> Splits:
         require("pycocoevalcap", "the captioning metrics (BLEU@4, CIDEr)")  # before any training
-        splits = captioned_splits(data, roles)
+        splits = captioned_splits(data, roles, self.name)
         scorer = f"pycocoevalcap BLEU@4 and CIDEr, {scorer_tokenizer()} tokenizer"
         for about in splits.about.values():
             about["scorer"] = scorer

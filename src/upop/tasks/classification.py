@@ -82,7 +82,7 @@ class Classification(Task):
         return len(class_folders(root, "train" if (root / "train").is_dir() else "val"))
 
     def datasets(self, data: DataConfig, roles: tuple[str, ...] = ROLES) -> Splits:
-        preset = augment.resolve(data.augment, data.builtin)
+        preset = augment.task_preset(data.augment, data.builtin, ("none", "light", "deit"), self.name)
         if "train" not in roles:
             return self._report_only(data)
         if data.builtin:

@@ -20,8 +20,10 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from upop.data.augment import task_preset
+from upop.data.blip_augment import augmented
 from upop.data.config import DataConfig
-from upop.data.images import normalise_clip
+from upop.data.images import CLIP_MEAN, CLIP_STD, normalise_clip
 from upop.data.nlvr2 import SPLITS, Statements, folder_split
 from upop.data.splits import ROLES, Splits, builtin_roles
 from upop.data.statements import statement_split
@@ -38,9 +40,12 @@ class Nlvr(Task):
 
     def datasets(self, data: DataConfig, roles: tuple[str, ...] = ROLES) -> Splits:
         made: dict[str, Any] = {}
+        preset = task_preset(data.augment, data.builtin, ("none", "blip"), self.name, auto="none")
         if data.builtin:
             for name, size, seed in builtin_roles(data, roles):
                 load, sentences, labels = statement_split(size, seed, data.image_size, data.noise, normalise_clip)
+                if name == "train" and preset == "blip":
+                    load = augmented(load, data.image_size, CLIP_MEAN, CLIP_STD)
                 made[name] = (load, sentences, labels, f"built-in statements on scene pairs (seed {seed})")
         else:
             root = Path(data.root)
@@ -50,14 +55,16 @@ class Nlvr(Task):
             for name, split, role in SPLITS:
                 if name not in roles or name == "select" and data.select_size == 0:
                     continue
-                made[name] = folder_split(root, image_root, split, role, data.image_size)
+                augment = preset if name == "train" else "none"
+                made[name] = folder_split(root, image_root, split, role, data.image_size, augment)
         about = {
             name: {"source": source, "size": len(sentences), "true": int(labels.sum())}
             for name, (_, sentences, labels, source) in made.items()
         }
+        swap = self.options.nlvr_swap
         if "train" in about:
-            about["train"]["augment"] = "none"
-        sets = {name: Statements(*made[name][:3]) for name in made}
+            about["train"]["augment"] = preset + (", left/right swap" if swap else "")
+        sets = {name: Statements(*made[name][:3], swap=swap and name == "train") for name in made}
         return Splits(sets.get("train"), sets.get("select"), sets["report"], about)
 
     @classmethod

@@ -1,12 +1,15 @@
 """Image-text retrieval: CLIP-style dual encoders (the symmetric contrastive loss with the model's own temperature,
 R@1/5/10 both ways on the full similarity matrix, several captions per image: the Karpathy protocol) and BLIP (the
 same contrastive ITC loss with BLIP's learnable temperature, plus ITM on matches and hard negatives drawn from the
-batch by ITC similarity; evaluation ranks by ITC over the whole split and rescores each query's top ``RERANK_K``
-candidates by ITM, as BLIP does).
+batch by ITC similarity; evaluation ranks by ITC over the whole split and rescores each query's top ``rerank_k``
+(``TaskOptions``) candidates by ITM, as BLIP does).
 
 Loss: captions of the same image are positives of each other, not negatives (soft targets by image id, as BLIP's
 ITC), and under DDP the features of every rank are gathered with their gradients, so the loss and its gradients are
-those of the whole global batch on any number of ranks.
+those of the whole global batch on any number of ranks. With ``momentum_distill`` (``TaskOptions``) the loss is
+BLIP's momentum distillation instead: each rank's features are contrasted with a momentum model's features of its
+batch and a queue of earlier batches' (every rank's), against soft targets mixing the momentum model's similarities
+(weight 0.4, ramped up over the first epoch of a phase) with the ground truth.
 
 Data (``upop.data.captioned``): the built-in shapes world with templated captions, or Karpathy-split annotation
 files as used for COCO and Flickr30K: ``DIR/*train.json``, ``DIR/*val.json`` (the selection split) and
@@ -21,6 +24,7 @@ with ``image, text``). Captions are tokenised by the tokenizer of the model's bu
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -28,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
+from upop.core.pruner import unmasked_copy
 from upop.data.captioned import CaptionedImages, captioned_splits
 from upop.data.config import DataConfig
 from upop.data.splits import ROLES, Splits
@@ -39,7 +44,9 @@ from upop.utils.dist import unwrap
 
 KS = (1, 5, 10)
 BLIP_TOKENS = 35  # BLIP's retrieval: captions padded and cut at 35 tokens
-RERANK_K = 128  # BLIP: candidates per query rescored by ITM (the reference uses 256 for COCO, 128 for Flickr30K)
+MOMENTUM, ITC_ALPHA = 0.995, 0.4  # BLIP's momentum distillation: the moving average and the momentum targets' weight
+BLIP_TEMPERATURE = (0.001, 0.5)  # BLIP clamps its learnable temperature to this range at every step
+CLIP_MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clamps its logit scale (log of 1 / temperature) to at most this
 
 
 # ------------------------------------------------------------------------------------------------------ the model
@@ -129,6 +136,85 @@ def blip_rerank(
     return i2t, t2i
 
 
+def clamp_temperature(model: nn.Module) -> None:
+    """Clamp the contrastive temperature in place: BLIP's ``temp`` to [0.001, 0.5], CLIP's logit scale to <= ln 100."""
+    m = unwrap(model)
+    with torch.no_grad():
+        if _is_blip(m):
+            m.temp.clamp_(*BLIP_TEMPERATURE)
+        elif isinstance(getattr(m, "logit_scale", None), torch.Tensor):
+            m.logit_scale.clamp_(0.0, CLIP_MAX_LOGIT_SCALE)
+
+
+class Momentum:
+    """BLIP's momentum distillation state: a moving average of the model (unmasked, no gradients) and queues of
+    L2-normalised image and text features with their image ids (-100: the random start, never a positive).
+
+    ``update`` moves the average towards the model before each step (as BLIP does, before the momentum features are
+    computed); a model of another architecture than the average's (the compressed one after the search) restarts the
+    average from its weights, as the original copies the compressed weights into its momentum encoders. The queues
+    carry over. ``enqueue`` writes every rank's features (so the queues are the same on every rank)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.model: nn.Module | None = None
+        self.queue: dict[str, torch.Tensor] = {}
+        self.pointer = 0
+        self.pending: dict[str, torch.Tensor] | None = None
+
+    @staticmethod
+    def _shapes(model: nn.Module) -> list[tuple[int, ...]]:
+        return [tuple(p.shape) for p in model.parameters()]
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> nn.Module:
+        live = unwrap(model)
+        if self.model is None or self._shapes(self.model) != self._shapes(live):
+            self.model = unmasked_copy(live).requires_grad_(False)
+            if self.pending is not None and self._shapes(self.model) == [tuple(v.shape) for v in self.pending.values()]:
+                self.model.load_state_dict(dict(zip(self.model.state_dict(), self.pending.values())))
+            self.pending = None
+            return self.model
+        mine, theirs = list(self.model.parameters()), [p.detach() for p in live.parameters()]
+        torch._foreach_mul_(mine, MOMENTUM)
+        torch._foreach_add_(mine, theirs, alpha=1 - MOMENTUM)
+        return self.model
+
+    def queued(self, dim: int, device: torch.device) -> dict[str, torch.Tensor]:
+        """The queues (image (Q, dim), text (Q, dim), ids (Q,)); random unit features with id -100 at the start, the
+        same on every rank."""
+        if not self.queue:
+            start = F.normalize(torch.randn(2, self.size, dim, device=device), dim=-1)
+            start = D.broadcast_from_main(start)
+            ids = torch.full((self.size,), -100, dtype=torch.long, device=device)
+            self.queue = {"image": start[0], "text": start[1], "ids": ids}
+        return {k: v.to(device) for k, v in self.queue.items()}
+
+    @torch.no_grad()
+    def enqueue(self, image: torch.Tensor, text: torch.Tensor, ids: torch.Tensor) -> None:
+        image, text, ids = D.gather(image.float()), D.gather(text.float()), D.gather(ids)
+        slots = (self.pointer + torch.arange(len(ids), device=ids.device)) % self.size
+        for key, value in (("image", image), ("text", text), ("ids", ids)):
+            self.queue[key] = self.queue[key].to(ids.device)
+            self.queue[key][slots] = value.to(self.queue[key].dtype)
+        self.pointer = int((self.pointer + len(ids)) % self.size)
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.model is None:
+            return {}
+        return {
+            "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            "queue": {k: v.detach().cpu() for k, v in self.queue.items()},
+            "pointer": self.pointer,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not state:
+            return
+        self.model, self.pending = None, dict(state["model"])
+        self.queue, self.pointer = dict(state["queue"]), int(state["pointer"])
+
+
 # ---------------------------------------------------------------------------------------------------- the metric
 def recall_at_k(sims: torch.Tensor, txt2img: torch.Tensor, ks: tuple[int, ...] = KS) -> dict[str, float]:
     """Karpathy-protocol recall (percent) from an (images x captions) similarity matrix.
@@ -164,8 +250,23 @@ class Retrieval(Task):
     main_metric = "r_mean"
     model_kind = "dual_encoder"
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.momentum = Momentum(self.options.queue_size)
+        self.alpha = ITC_ALPHA
+
     def datasets(self, data: DataConfig, roles: tuple[str, ...] = ROLES) -> Splits:
-        return captioned_splits(data, roles)
+        return captioned_splits(data, roles, self.name)
+
+    def begin_step(self, epoch: int, index: int, steps: int) -> None:
+        """The momentum targets' weight: ramped linearly from 0 over the first epoch of a phase, as BLIP's."""
+        self.alpha = ITC_ALPHA * (min(1.0, index / max(1, steps)) if epoch == 0 else 1.0)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"momentum": self.momentum.state_dict()} if self.options.momentum_distill else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.momentum.load_state_dict(state.get("momentum") or {})
 
     def texts(self, model: nn.Module, captions: list[str], device: torch.device) -> dict[str, torch.Tensor]:
         """Captions as UPop's code feeds them (BLIP's ``pre_caption``, 30 words; for CLIP too), tokenised: at most
@@ -175,31 +276,62 @@ class Retrieval(Task):
 
     def outputs(self, model: nn.Module, batch: Any) -> dict[str, torch.Tensor]:
         """Logits of the local images against the global batch's captions and of the local captions against the
-        global batch's images (B, N), with the image ids of both."""
+        global batch's images (B, N), with their soft targets; with momentum distillation (in training), against
+        the momentum model's captions and images of the batch and the queue (B, B + Q)."""
         images, captions, ids = batch
+        if self.options.clamp_temperature:
+            clamp_temperature(model)
         tokens = self.texts(model, captions, images.device)
         extra: dict[str, torch.Tensor] = {}
         if _is_blip(model):  # ITC features, and ITM on matches and hard negatives
-            out = model(pixel_values=images, **tokens, image_ids=ids)
+            out = model(
+                pixel_values=images, **tokens, image_ids=ids, negatives_all_ranks=self.options.negatives_all_ranks
+            )
             img, txt, scale = out["image_feat"], out["text_feat"], 1.0 / out["temp"]
             extra = {"itm": out["itm"], "itm_labels": out["itm_labels"]}
         else:
             img, txt, scale = embeddings(model, images, tokens)
         img, txt = img.float(), txt.float()
+        if self.options.momentum_distill and model.training:
+            return {**self._momentum_outputs(model, images, tokens, ids, img, txt, scale), **extra}
         img_all, txt_all = D.gather_with_grad(img), D.gather_with_grad(txt)
+        targets = soft_targets(ids, D.gather(ids))
         return {
             "i2t": scale * img @ txt_all.T,
             "t2i": scale * txt @ img_all.T,
-            "ids": ids,
-            "ids_all": D.gather(ids),
+            "i2t_targets": targets,
+            "t2i_targets": targets,
             **extra,
         }
 
+    def _momentum_outputs(self, model, images, tokens, ids, img, txt, scale) -> dict[str, torch.Tensor]:
+        """BLIP's ITC with momentum distillation: logits against the momentum model's features of the batch and the
+        queue, targets alpha x its softmax similarities + (1 - alpha) x the ground truth; then the queue takes the
+        batch's features (BLIP's momentum ones; CLIP's code queues the model's own)."""
+        with torch.no_grad():
+            teacher = self.momentum.update(model)
+            img_m = encode_images(teacher, images)
+            txt_m = encode_texts(teacher, tokens)
+            queue = self.momentum.queued(img.shape[1], img.device)
+            img_all, txt_all = torch.cat([img_m, queue["image"]]), torch.cat([txt_m, queue["text"]])
+            truth = soft_targets(ids, torch.cat([ids, queue["ids"]]))
+            scale_m = scale.detach() if isinstance(scale, torch.Tensor) else scale
+            i2t_targets = self.alpha * F.softmax(scale_m * img_m @ txt_all.T, 1) + (1 - self.alpha) * truth
+            t2i_targets = self.alpha * F.softmax(scale_m * txt_m @ img_all.T, 1) + (1 - self.alpha) * truth
+        out = {
+            "i2t": scale * img @ txt_all.T,
+            "t2i": scale * txt @ img_all.T,
+            "i2t_targets": i2t_targets,
+            "t2i_targets": t2i_targets,
+        }
+        queued = (img_m, txt_m) if _is_blip(model) else (img.detach(), txt.detach())
+        self.momentum.enqueue(*queued, ids)
+        return out
+
     def loss_from(self, outputs: dict[str, torch.Tensor], batch: Any) -> torch.Tensor:
         """The contrastive (ITC) loss; for BLIP plus the ITM cross-entropy over matches and hard negatives."""
-        targets = soft_targets(outputs["ids"], outputs["ids_all"])
-        i2t = torch.sum(-targets * F.log_softmax(outputs["i2t"].float(), dim=1), dim=1).mean()
-        t2i = torch.sum(-targets * F.log_softmax(outputs["t2i"].float(), dim=1), dim=1).mean()
+        i2t = torch.sum(-outputs["i2t_targets"] * F.log_softmax(outputs["i2t"].float(), dim=1), dim=1).mean()
+        t2i = torch.sum(-outputs["t2i_targets"] * F.log_softmax(outputs["t2i"].float(), dim=1), dim=1).mean()
         itc = (i2t + t2i) / 2
         if "itm" in outputs:
             return itc + F.cross_entropy(outputs["itm"].float(), outputs["itm_labels"])
@@ -228,7 +360,7 @@ class Retrieval(Task):
             if not _is_blip(model):
                 return recall_at_k(sims, data.txt2img)
             tokens = self.texts(model, data.captions, device)
-            i2t, t2i = blip_rerank(model, data, tokens, sims, RERANK_K, step)
+            i2t, t2i = blip_rerank(model, data, tokens, sims, self.options.rerank_k, step)
         out = {k: v for k, v in recall_at_k(i2t, data.txt2img).items() if k.startswith("i2t")}
         out.update({k: v for k, v in recall_at_k(t2i, data.txt2img).items() if k.startswith("t2i")})
         out["r_mean"] = sum(out.values()) / len(out)

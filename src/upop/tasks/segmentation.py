@@ -34,6 +34,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from upop.data.ade20k import ADE20K_CLASSES, IGNORE, ade_split
+from upop.data.augment import task_preset
 from upop.data.config import DataConfig
 from upop.data.shapes import SEGMENTATION_CLASSES, ShapesWorld, semantic_map
 from upop.data.splits import ROLES, Carved, Splits, builtin_roles, carve, carved_about, default_select_size
@@ -46,7 +47,8 @@ VIT_NORMALIZATION = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))  # Segmenter's default ("
 
 SCALE_RANGE = (0.5, 2.0)
 RATIOS = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
-STRIDE = 2 / 3  # window stride as a share of the window: overlapping windows on large images
+STRIDE = 2 / 3  # the least window stride, as a share of the window (see default_stride)
+CAT_MAX_RATIO = 0.75  # Segmenter's training crop: no class over 75% of the crop's labelled pixels (when it can)
 MAX_ASPECT = 4  # the longer side is at most 4 x the shorter one after resizing (as mmseg's img_scale 2048 x 512)
 PICTURES = 4
 
@@ -58,21 +60,97 @@ def resized_shape(h: int, w: int, short: float) -> tuple[int, int]:
     return max(1, round(h * scale)), max(1, round(w * scale))
 
 
-def augment(image: torch.Tensor, labels: torch.Tensor, crop: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Training augmentation of one image (3, H, W) in [0, 1] and its labels (H, W): random resize, random crop,
-    padding (image 0, labels ``IGNORE``), horizontal flip. Draws from torch's global generator."""
+def crop_box(labels: torch.Tensor, crop: int, cat_max_ratio: float = 1.0, tries: int = 10) -> tuple[int, int]:
+    """(top, left) of a random ``crop`` x ``crop`` box of ``labels`` (H, W). With ``cat_max_ratio`` < 1 (mmseg's
+    RandomCrop, Segmenter's 0.75), a box is redrawn (up to ``tries`` times, the last draw then kept) until it shows
+    more than one class and no class covers more than that share of its labelled pixels."""
+    h, w = labels.shape
+    for attempt in range(tries + 1):
+        top = int(torch.randint(0, max(1, h - crop + 1), ()))
+        left = int(torch.randint(0, max(1, w - crop + 1), ()))
+        if cat_max_ratio >= 1.0 or attempt == tries:
+            break
+        window = labels[top : top + crop, left : left + crop]
+        counts = torch.bincount(window[window != IGNORE].flatten())
+        counts = counts[counts > 0]
+        if len(counts) > 1 and float(counts.max()) / float(counts.sum()) < cat_max_ratio:
+            break
+    return top, left
+
+
+def augment(
+    image: torch.Tensor, labels: torch.Tensor, crop: int, cat_max_ratio: float = 1.0, photometric: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training augmentation of one image (3, H, W) in [0, 1] and its labels (H, W): random resize, random crop
+    (``crop_box``), horizontal flip, and with ``photometric`` Segmenter's photometric distortion; not padded
+    (``pad``). Draws from torch's global generator."""
     ratio = float(torch.empty(()).uniform_(*SCALE_RANGE))
     h, w = resized_shape(*labels.shape, crop * ratio)
     image = F.interpolate(image[None], size=(h, w), mode="bilinear", align_corners=False)[0]
     labels = F.interpolate(labels[None, None].float(), size=(h, w), mode="nearest")[0, 0].long()
-    top = int(torch.randint(0, max(1, h - crop + 1), ()))
-    left = int(torch.randint(0, max(1, w - crop + 1), ()))
+    top, left = crop_box(labels, crop, cat_max_ratio)
     image, labels = image[:, top : top + crop, left : left + crop], labels[top : top + crop, left : left + crop]
-    pad = (0, crop - image.shape[2], 0, crop - image.shape[1])
-    image, labels = F.pad(image, pad, value=0.0), F.pad(labels, pad, value=IGNORE)
     if float(torch.rand(())) < 0.5:
         image, labels = image.flip(-1), labels.flip(-1)
+    if photometric:
+        image = photometric_distortion(image)
     return image, labels
+
+
+def pad(image: torch.Tensor, labels: torch.Tensor, crop: int, value: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad bottom and right to ``crop`` x ``crop``: the image with ``value``, the labels with ``IGNORE``."""
+    sides = (0, crop - image.shape[2], 0, crop - image.shape[1])
+    return F.pad(image, sides, value=value), F.pad(labels, sides, value=IGNORE)
+
+
+def _rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:
+    """RGB in [0, 1] (3, H, W) -> HSV with hue in [0, 1)."""
+    r, g, b = x
+    high, low = x.max(0).values, x.min(0).values
+    delta = high - low
+    safe = torch.where(delta > 0, delta, torch.ones_like(delta))
+    hue = torch.where(high == r, ((g - b) / safe) % 6, torch.where(high == g, (b - r) / safe + 2, (r - g) / safe + 4))
+    hue = torch.where(delta > 0, hue / 6, torch.zeros_like(hue))
+    saturation = torch.where(
+        high > 0, delta / torch.where(high > 0, high, torch.ones_like(high)), torch.zeros_like(high)
+    )
+    return torch.stack([hue, saturation, high])
+
+
+def _hsv_to_rgb(x: torch.Tensor) -> torch.Tensor:
+    hue, saturation, value = x
+    k = torch.stack([(n + hue * 6) % 6 for n in (5.0, 3.0, 1.0)])
+    return value - value * saturation * torch.clamp(torch.minimum(k, 4 - k), 0, 1)
+
+
+def photometric_distortion(image: torch.Tensor) -> torch.Tensor:
+    """mmseg's PhotoMetricDistortion (Segmenter's training), on an image in [0, 1]: each with probability 0.5,
+    brightness + U(-32, 32) / 255, contrast x U(0.5, 1.5) (before the colour steps or after them, at random),
+    saturation x U(0.5, 1.5) and hue + U(-18, 18) degrees of 180 (OpenCV's half-degree hue), clipped to [0, 1]."""
+
+    def maybe() -> bool:
+        return float(torch.rand(())) < 0.5
+
+    def uniform(a: float, b: float) -> float:
+        return float(torch.empty(()).uniform_(a, b))
+
+    def contrast(x: torch.Tensor) -> torch.Tensor:
+        return (x * uniform(0.5, 1.5)).clamp(0, 1) if maybe() else x
+
+    if maybe():
+        image = (image + uniform(-32, 32) / 255).clamp(0, 1)
+    contrast_first = maybe()
+    if contrast_first:
+        image = contrast(image)
+    if maybe():
+        hsv = _rgb_to_hsv(image)
+        hsv[1] = (hsv[1] * uniform(0.5, 1.5)).clamp(0, 1)
+        image = _hsv_to_rgb(hsv)
+    if maybe():
+        hsv = _rgb_to_hsv(image)
+        hsv[0] = (hsv[0] + int(torch.randint(-18, 18, ())) / 180) % 1.0
+        image = _hsv_to_rgb(hsv)
+    return image if contrast_first else contrast(image)
 
 
 def windows(h: int, w: int, size: int, stride: int) -> list[tuple[int, int, int, int]]:
@@ -88,12 +166,20 @@ def windows(h: int, w: int, size: int, stride: int) -> list[tuple[int, int, int,
     return [(t, left, min(size, h), min(size, w)) for t in starts(h) for left in starts(w)]
 
 
+def default_stride(size: int) -> int:
+    """The sliding window's stride: the window minus 32 pixels (the original's reported setting: 480 at 512), or
+    2/3 of the window where that is larger (windows under 96 pixels)."""
+    return max(1, size - 32, round(STRIDE * size))
+
+
 @torch.no_grad()
-def sliding_logits(model: nn.Module, image: torch.Tensor, size: int, batch: int = 16) -> torch.Tensor:
-    """Class scores (C, H, W) of one image (3, H, W) from sliding windows of ``size`` (stride ``STRIDE`` x size),
-    averaged where windows overlap."""
+def sliding_logits(
+    model: nn.Module, image: torch.Tensor, size: int, batch: int = 16, stride: int | None = None
+) -> torch.Tensor:
+    """Class scores (C, H, W) of one image (3, H, W) from sliding windows of ``size`` (``stride``, default
+    ``default_stride``), averaged where windows overlap."""
     h, w = image.shape[1:]
-    boxes = windows(h, w, size, max(1, round(STRIDE * size)))
+    boxes = windows(h, w, size, stride or default_stride(size))
     total, count = None, torch.zeros(1, h, w, device=image.device)
     for i in range(0, len(boxes), batch):
         chunk = boxes[i : i + batch]
@@ -107,20 +193,37 @@ def sliding_logits(model: nn.Module, image: torch.Tensor, size: int, batch: int 
     return total / count
 
 
+def scaled_shape(h: int, w: int, ratio: float, size: int, mode: str = "true") -> tuple[int, int]:
+    """The shape an (h, w) evaluation image takes at ``ratio``: scaled by it ("true"), or, in the original's
+    "reference" mode, brought back up so its shorter side is at least the window ``size`` (so ratios 0.5 and 0.75
+    of a 512 image are evaluated at 512, blurred)."""
+    h, w = (max(1, round(d * ratio)) for d in (h, w))
+    if mode == "reference" and min(h, w) < size:
+        h, w = (max(1, int(d * size / min(h, w))) for d in (h, w))
+    return h, w
+
+
 @torch.no_grad()
 def predict(
-    model: nn.Module, image: torch.Tensor, out_size: tuple[int, int], size: int, ratios=(1.0,), flip: bool = False
+    model: nn.Module,
+    image: torch.Tensor,
+    out_size: tuple[int, int],
+    size: int,
+    ratios=(1.0,),
+    flip: bool = False,
+    stride: int | None = None,
+    mode: str = "true",
 ) -> torch.Tensor:
     """Class probabilities (C, *out_size) of ``image`` (3, h, w, already at the evaluation size): for every ratio
-    (and its horizontal flip), sliding-window scores of the image resized by it, upsampled to ``out_size``,
-    softmaxed, then averaged."""
+    (and its horizontal flip), sliding-window scores of the image resized by it (``scaled_shape``), upsampled to
+    ``out_size``, softmaxed, then averaged."""
     probs = None
     for ratio in ratios:
-        h, w = (max(1, round(d * ratio)) for d in image.shape[1:])
+        h, w = scaled_shape(*image.shape[1:], ratio, size, mode)
         scaled = F.interpolate(image[None], size=(h, w), mode="bilinear", align_corners=False)[0]
         for flipped in (False, True) if flip else (False,):
             x = scaled.flip(-1) if flipped else scaled
-            logits = sliding_logits(model, x, size)
+            logits = sliding_logits(model, x, size, stride=stride)
             logits = logits.flip(-1) if flipped else logits
             p = F.interpolate(logits[None], size=out_size, mode="bilinear", align_corners=False)[0].softmax(0)
             probs = p if probs is None else probs + p
@@ -148,8 +251,10 @@ class Pixels(Dataset):
     samples are augmented to ``crop`` x ``crop``; evaluation samples keep their labels at full size and resize the
     image so its shorter side is ``crop`` (batched as lists: ``collate``)."""
 
-    def __init__(self, load: Callable[[int], tuple], n: int, crop: int, normalization: tuple, train: bool) -> None:
-        self.load, self.n, self.crop, self.train = load, n, crop, train
+    def __init__(
+        self, load: Callable[[int], tuple], n: int, crop: int, normalization: tuple, train: bool, preset: str = "light"
+    ) -> None:
+        self.load, self.n, self.crop, self.train, self.preset = load, n, crop, train, preset
         self.mean = torch.tensor(normalization[0]).view(3, 1, 1)
         self.std = torch.tensor(normalization[1]).view(3, 1, 1)
         if not train:
@@ -164,7 +269,11 @@ class Pixels(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         image, labels = self.load(i)
         if self.train:
-            image, labels = augment(image, labels, self.crop)
+            original = self.preset == "segmenter"  # the class-ratio crop, photometric distortion, padding after
+            image, labels = augment(image, labels, self.crop, CAT_MAX_RATIO if original else 1.0, original)
+            if original:  # normalising, so the padding is the mean colour (mmseg pads after Normalize)
+                return pad(self.normalise(image), labels, self.crop, 0.0)
+            image, labels = pad(image, labels, self.crop, 0.0)  # black, then normalised
             return self.normalise(image), labels
         size = resized_shape(*labels.shape, self.crop)
         image = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]
@@ -201,6 +310,7 @@ class Segmentation(Task):
         self.classes: tuple[str, ...] = SEGMENTATION_CLASSES
         self.report: Dataset | None = None
         self.crop = 0
+        self.preset = "light"
 
     @classmethod
     def num_outputs(cls, data: DataConfig) -> int:
@@ -209,18 +319,29 @@ class Segmentation(Task):
     def datasets(self, data: DataConfig, roles: tuple[str, ...] = ROLES) -> Splits:
         crop = self.crop = int(data.image_size)
         norm = self.normalization(VIT_NORMALIZATION)
+        preset = self.preset = task_preset(data.augment, data.builtin, ("light", "segmenter"), self.name, "light")
         if data.builtin:
             made, about = {}, {}
             for name, size, seed in builtin_roles(data, roles):
-                made[name] = Pixels(builtin_split(size, seed, crop, data.noise), size, crop, norm, name == "train")
+                load = builtin_split(size, seed, crop, data.noise)
+                made[name] = Pixels(load, size, crop, norm, name == "train", preset)
                 about[name] = {"source": f"built-in scenes, classes background + 5 shapes (seed {seed})", "size": size}
             self.classes = SEGMENTATION_CLASSES
         else:
             made, about = self._ade20k(Path(data.root), data, crop, norm, roles)
             self.classes = ADE20K_CLASSES
         if "train" in made:
-            about["train"]["augment"] = f"resize {SCALE_RANGE[0]}-{SCALE_RANGE[1]}, crop {crop}, pad, flip"
-        about["report"]["evaluation"] = f"single-scale and multi-scale ({', '.join(map(str, RATIOS))}, flips)"
+            about["train"]["augment"] = (
+                f"resize {SCALE_RANGE[0]}-{SCALE_RANGE[1]}, crop {crop}, pad, flip"
+                if preset == "light"
+                else f"segmenter: resize {SCALE_RANGE[0]}-{SCALE_RANGE[1]}, crop {crop} with class ratio at most "
+                f"{CAT_MAX_RATIO}, flip, photometric distortion, padding after normalisation"
+            )
+        stride = self.options.window_stride or default_stride(crop)
+        about["report"]["evaluation"] = (
+            f"windows {crop} px, stride {stride}; single-scale and multi-scale ({', '.join(map(str, RATIOS))}, "
+            f"flips, {self.options.multiscale_mode} scales)"
+        )
         self.report = made["report"]
         return Splits(made.get("train"), made.get("select"), made["report"], about)
 
@@ -238,7 +359,7 @@ class Segmentation(Task):
         made: dict[str, Dataset] = {"report": Pixels(report_load, n_report, crop, norm, False)}
         if "train" not in roles:
             return made, about
-        train = Pixels(load, n, crop, norm, True)
+        train = Pixels(load, n, crop, norm, True, self.preset)
         size = default_select_size(n) if data.select_size is None else data.select_size
         if size:
             kept, picked = carve(torch.zeros(n, dtype=torch.long), size, data.seed)
@@ -265,15 +386,16 @@ class Segmentation(Task):
 
         n = len(self.classes)
         multi = loader.dataset is self.report
+        stride, mode = self.options.window_stride, self.options.multiscale_mode
         matrices = {s: MulticlassConfusionMatrix(n, ignore_index=IGNORE).to(device) for s in ("", "_ms")[: 1 + multi]}
         with evaluating(model):
             for images, labels in loader:
                 for image, label in zip(images, labels):
                     image, label = image.to(device), label.to(device)
-                    probs = predict(model, image, tuple(label.shape), self.crop)
+                    probs = predict(model, image, tuple(label.shape), self.crop, stride=stride)
                     matrices[""].update(probs.argmax(0)[None], label[None])
                     if multi:
-                        probs = predict(model, image, tuple(label.shape), self.crop, RATIOS, flip=True)
+                        probs = predict(model, image, tuple(label.shape), self.crop, RATIOS, True, stride, mode)
                         matrices["_ms"].update(probs.argmax(0)[None], label[None])
         out = {}
         for suffix, matrix in matrices.items():
@@ -303,7 +425,9 @@ class Segmentation(Task):
             preds = {}
             for name, m in models.items():
                 with evaluating(m):
-                    probs = predict(unwrap(m), image.to(device), tuple(label.shape), self.crop)
+                    probs = predict(
+                        unwrap(m), image.to(device), tuple(label.shape), self.crop, stride=self.options.window_stride
+                    )
                 preds[name] = probs.argmax(0).cpu()
             shown = F.interpolate(image[None], size=tuple(label.shape), mode="bilinear", align_corners=False)[0]
             rows.append((shown * self.report.std + self.report.mean, label, preds))

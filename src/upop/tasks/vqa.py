@@ -33,12 +33,14 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from upop.data.augment import task_preset
+from upop.data.blip_augment import augmented
 from upop.data.config import DataConfig
-from upop.data.images import normalise_clip
+from upop.data.images import CLIP_MEAN, CLIP_STD, normalise_clip
 from upop.data.questions import answer_list, question_split
 from upop.data.splits import ROLES, Carved, Splits, builtin_roles, carve, carved_about, default_select_size
 from upop.data.text import pre_question
-from upop.data.vqa import Questions, folder_split, read_answer_list, split_file
+from upop.data.vqa import Questions, folder_split, read_answer_list, split_file, training_files
 from upop.errors import UPopError
 from upop.tasks.base import Task, evaluating, register_task
 from upop.tasks.losses import lm_loss, token_distill
@@ -90,10 +92,11 @@ def vqa_accuracy(prediction: str, answers: list[str]) -> float:
     return total / len(humans)
 
 
-def answer_weights(answers: list[str]) -> tuple[list[str], list[float]]:
-    """The distinct normalised answers of one question and each one's share of the human answers."""
-    counts = Counter(normalise_answer(a) for a in answers)
-    return list(counts), [c / len(answers) for c in counts.values()]
+def answer_weights(answers: list[str], raw: bool = False, scale: float = 1.0) -> tuple[list[str], list[float]]:
+    """The distinct answers of one question (after the metric's normalisation, or ``raw`` strings as the original
+    groups them) and each one's share of the human answers, times ``scale`` (0.2 for a Visual Genome answer)."""
+    counts = Counter(a if raw else normalise_answer(a) for a in answers)
+    return list(counts), [scale * c / len(answers) for c in counts.values()]
 
 
 # ------------------------------------------------------------------------------------------------------------ task
@@ -110,26 +113,35 @@ class Vqa(Task):
         self.test: Questions | None = None
 
     def datasets(self, data: DataConfig, roles: tuple[str, ...] = ROLES) -> Splits:
+        preset = task_preset(data.augment, data.builtin, ("none", "blip"), self.name, auto="none")
         if data.builtin:
             made, about = {}, {}
             for name, size, seed in builtin_roles(data, roles):
                 load, questions, answers, types = question_split(
                     size, seed, data.image_size, data.noise, normalise_clip
                 )
+                if name == "train" and preset == "blip":
+                    load = augmented(load, data.image_size, CLIP_MEAN, CLIP_STD)
                 made[name] = Questions(load, questions, answers, types)
                 about[name] = {"source": f"built-in questions, one per scene (seed {seed})", "size": size}
             self.candidates = answer_list()
+            if "train" in about:
+                about["train"]["augment"] = preset
             return self._splits(made.get("train"), made.get("select"), made["report"], about)
         root = Path(data.root)
         if not root.is_dir():
             raise UPopError(f"dataset folder {root} does not exist")
         image_root = Path(data.image_root) if data.image_root else root
         self.candidates = read_answer_list(root)
-        train_file = split_file(root, "train", True) if "train" in roles else None
         report_file = split_file(root, "val", True)
         report = folder_split(report_file, image_root, data.image_size, True)
         about: dict[str, Any] = {"report": {"source": str(report_file), "size": len(report)}}
-        train, select = self._training(train_file, image_root, data, about) if train_file else (None, None)
+        train, select = self._training(root, image_root, data, about) if "train" in roles else (None, None)
+        if train is not None and report_file.name in data.vqa_train_files:
+            about["report"]["note"] = (
+                "also in the training files, as in the paper's VQA recipe (its result is the test-dev submission): "
+                "not a held-out number"
+            )
         test_file = split_file(root, "test", False)
         self.test = folder_split(test_file, image_root, data.image_size, False) if test_file else None
         if self.test is not None:
@@ -137,32 +149,44 @@ class Vqa(Task):
         return self._splits(train, select, report, about)
 
     def _training(
-        self, train_file: Path, image_root: Path, data: DataConfig, about: dict[str, Any]
+        self, root: Path, image_root: Path, data: DataConfig, about: dict[str, Any]
     ) -> tuple[Dataset, Dataset | None]:
-        """The training split of a VQA folder and the selection split carved from it (recorded in ``about``)."""
-        train = folder_split(train_file, image_root, data.image_size, True)
-        about["train"] = {"source": str(train_file), "size": len(train)}
+        """The training split of a VQA folder (its *train.json, or ``data.vqa_train_files``) and the selection
+        split carved from it (recorded in ``about``)."""
+        names = data.vqa_train_files
+        files = [root / n for n in names] if names else [split_file(root, "train", True)]
+        missing = next((f for f in files if not f.is_file()), None)
+        if missing is not None:
+            raise UPopError(f"--vqa-train-files: {missing} does not exist (accepted: annotation files in {root})")
+        preset = task_preset(data.augment, data.builtin, ("none", "blip"), self.name, auto="none")
+        vg_root = Path(data.vg_image_root) if data.vg_image_root else image_root
+        train = training_files(files, image_root, vg_root, data.image_size, preset)
+        source = " + ".join(str(f) for f in files)
+        about["train"] = {"source": source, "size": len(train), "augment": preset}
+        if train.weights is not None and any(w != 1.0 for w in train.weights):
+            about["train"]["visual_genome"] = sum(w != 1.0 for w in train.weights)
         size = default_select_size(len(train)) if data.select_size is None else data.select_size
         if not size:
             return train, None
         kept, picked = carve(torch.zeros(len(train), dtype=torch.long), size, data.seed)
-        about["select"] = carved_about(picked, str(train_file), data.seed)
+        about["select"] = carved_about(picked, source, data.seed)
         about["train"]["size"] = len(kept)
         return Carved(train, kept.tolist()), Carved(train, picked.tolist())
 
     def _splits(self, train: Dataset | None, select: Dataset | None, report: Dataset, about: dict) -> Splits:
         if train is not None:
-            about["train"]["augment"] = "none"
+            about["train"].setdefault("augment", "none")
         about["report"]["inference"] = self.inference
         return Splits(train, select, report, about)
 
     def outputs(self, model: nn.Module, batch: Any) -> dict[str, torch.Tensor]:
         """Decoder logits (A, L, V) of every distinct answer of every question, with labels, weights, owners."""
-        images, questions, humans, _ = batch
+        images, questions, humans, _, scales = batch
         device = images.device
         owner, answers, weights = [], [], []
-        for q, given in enumerate(humans):
-            distinct, share = answer_weights(given)
+        raw = self.options.answer_grouping == "raw"
+        for q, (given, scale) in enumerate(zip(humans, scales.tolist())):
+            distinct, share = answer_weights(given, raw, scale)
             owner += [q] * len(distinct)
             answers += distinct
             weights += share
@@ -209,7 +233,7 @@ class Vqa(Task):
         data = loader.dataset
         with evaluating(model):
             scored, candidates = [], self.tokenize(self.candidates, device)
-            for images, questions, humans, index in loader:
+            for images, questions, humans, index, _ in loader:
                 answers = self.answer(model, images.to(device), questions, candidates)
                 scored += [(int(i), vqa_accuracy(p, h)) for i, p, h in zip(index, answers, humans)]
         scored = D.gather_objects(scored)
@@ -231,7 +255,7 @@ class Vqa(Task):
 
         rows, candidates = [], self.tokenize(self.candidates, device)
         with evaluating(model):
-            for images, questions, _, index in DataLoader(
+            for images, questions, _, index, _ in DataLoader(
                 self.test, batch_size=batch_size, collate_fn=Questions.collate
             ):
                 answers = self.answer(model, images.to(device), questions, candidates)

@@ -116,6 +116,11 @@ def all_equal(tensor: torch.Tensor, info: DistInfo) -> bool:
     return all(torch.equal(g, gathered[0]) for g in gathered)
 
 
+def is_distributed() -> bool:
+    """Whether this process is one of several in an initialised process group."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def gather(tensor: torch.Tensor) -> torch.Tensor:
     """``tensor`` of every rank concatenated along dim 0 (rank order), without gradients; itself on one process."""
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):

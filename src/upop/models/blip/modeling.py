@@ -24,6 +24,8 @@ from transformers.models.blip.configuration_blip import BlipTextConfig, BlipVisi
 from transformers.models.blip.modeling_blip import BlipVisionModel
 from transformers.models.blip.modeling_blip_text import BlipTextEmbeddings, BlipTextLayer, BlipTextSelfAttention
 
+from upop.utils import dist as D
+
 
 class TwinBranch(nn.Module):
     """One image's half of a twin cross-attention: BLIP's text cross-attention (queries from the text, keys and values
@@ -180,6 +182,7 @@ class BlipRetrieval(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         image_ids: torch.Tensor | None = None,
+        negatives_all_ranks: bool = False,
     ) -> dict[str, torch.Tensor]:
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
@@ -189,21 +192,51 @@ class BlipRetrieval(nn.Module):
         if image_ids is None:
             out["itm"] = self.itm(input_ids, attention_mask, embeds)
             return out
+        pool = _negative_pool(embeds, image_feat, text_feat, input_ids, attention_mask, image_ids, negatives_all_ranks)
         with torch.no_grad():  # hard negatives: sampled by ITC similarity among other images' samples
-            other = image_ids[:, None] != image_ids[None, :]
-            sim = image_feat @ text_feat.T / self.temp
+            other = image_ids[:, None] != pool["ids"][None, :]
             weights = lambda s: torch.softmax(s.float(), dim=1) * other + 1e-12  # noqa: E731
-            neg_text = torch.multinomial(weights(sim), 1).squeeze(1)  # for each image
-            neg_image = torch.multinomial(weights(sim.T), 1).squeeze(1)  # for each text
-        ids = torch.cat([input_ids, input_ids[neg_text], input_ids])
-        mask = torch.cat([attention_mask, attention_mask[neg_text], attention_mask])
-        images = torch.cat([embeds, embeds, embeds[neg_image]])
+            neg_text = torch.multinomial(weights(image_feat @ pool["text_feat"].T / self.temp), 1).squeeze(1)
+            neg_image = torch.multinomial(weights(text_feat @ pool["image_feat"].T / self.temp), 1).squeeze(1)
+        ids, mask = _common_length(input_ids, attention_mask, pool["input_ids"].shape[1])
+        ids = torch.cat([ids, pool["input_ids"][neg_text], ids])
+        mask = torch.cat([mask, pool["attention_mask"][neg_text], mask])
+        images = torch.cat([embeds, embeds, pool["embeds"][neg_image]])
         b = input_ids.shape[0]
         out["itm"] = self.itm(ids, mask, images)
         labels = torch.zeros(3 * b, dtype=torch.long, device=ids.device)
         labels[:b] = 1
         out["itm_labels"] = labels
         return out
+
+
+def _common_length(ids: torch.Tensor, mask: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and mask right-padded (id 0, mask 0) to ``length``."""
+    pad = length - ids.shape[1]
+    if pad <= 0:
+        return ids, mask
+    return F.pad(ids, (0, pad)), F.pad(mask, (0, pad))
+
+
+def _negative_pool(embeds, image_feat, text_feat, input_ids, attention_mask, image_ids, all_ranks) -> dict:
+    """Where ITM's hard negatives are drawn from: the rank's own batch, or (``all_ranks``, BLIP's
+    ``negative_all_rank``) every rank's, the vision embeddings gathered with their gradients, the rest without;
+    captions padded to the longest rank's so they can be gathered."""
+    pool = {
+        "embeds": embeds,
+        "image_feat": image_feat.detach(),
+        "text_feat": text_feat.detach(),
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "ids": image_ids,
+    }
+    if not all_ranks or not D.is_distributed():
+        return pool
+    length = int(D.gather(torch.tensor([input_ids.shape[1]], device=input_ids.device)).max())
+    ids, mask = _common_length(input_ids, attention_mask, length)
+    pool.update(input_ids=ids, attention_mask=mask)
+    gathered = {k: D.gather(v) for k, v in pool.items() if k != "embeds"}
+    return {**gathered, "embeds": D.gather_with_grad(embeds)}
 
 
 class BlipVqa(nn.Module):

@@ -1,17 +1,13 @@
-"""The ``upop`` command: train | compress | evaluate | latency-table | export. Flags follow the paper's scripts where
-they make sense; the tasks, models, model families and metrics the help lists come from the registries, so it cannot
-drift from the code. Runs unchanged under ``torchrun --nproc_per_node=N`` (DDP)."""
+"""The ``upop`` command's flags: one table per group, and the help lists the tasks, models, model families and
+metrics from their registries, so it cannot drift from the code."""
 
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from typing import Any
 
 from upop.adapters import registered_adapters
-from upop.core.config import PAPER_RANKING, PruneConfig
-from upop.errors import UPopError
+from upop.core.config import PruneConfig
 from upop.models import MODEL_KINDS, model_names
 from upop.tasks import registered_tasks
 
@@ -62,6 +58,14 @@ def _common(p: argparse.ArgumentParser, fallback_to_saved: bool = False) -> None
         "segmentation: ADE20K's images/ and annotations/ folders); default: the built-in shapes world",
     )
     arg("--image-root", default=None, help="folder the annotation files' image paths are relative to (default: --data)")
+    arg(
+        "--vqa-train-files",
+        nargs="+",
+        default=None,
+        help="VQA: the annotation files in --data that make the training split (default: its *train.json), e.g. "
+        'BLIP\'s vqa_train.json vqa_val.json vg_qa.json; an entry with "dataset": "vg" weighs its answer 0.2',
+    )
+    arg("--vg-image-root", default=None, help="VQA: where Visual Genome's images are (default: --image-root)")
     arg("--image-size", type=int, default=None, help="input side in pixels (default: the model's)")
     arg("--train-size", type=int, default=20000, help="built-in scenes in the training split (default 20000)")
     arg("--val-size", type=int, default=2000, help="built-in scenes in the report split (default 2000)")
@@ -80,23 +84,115 @@ def _common(p: argparse.ArgumentParser, fallback_to_saved: bool = False) -> None
         "scenes (default --val-size) or *val.json; 0: no selection, keep the last epoch)",
     )
     arg(
+        "--select-on",
+        choices=("select", "report"),
+        default="select",
+        help="the split that picks the best epoch: select (default: one never reported) or report (the paper's "
+        "protocol: the reported split itself, nothing carved from train; the report's header says so)",
+    )
+    arg(
         "--augment",
-        choices=("auto", "none", "light", "deit"),
+        choices=("auto", "none", "light", "deit", "blip", "segmenter"),
         default="auto",
-        help="training augmentation of classification images (timm transforms): none; light = RandomResizedCrop "
-        "scale 0.5-1 + flip; deit = the DeiT recipe (RandAugment, random erasing, Mixup/CutMix, label smoothing "
-        "0.1); auto (default) = none on the built-in world, light on image folders",
+        help="training augmentation. Classification (timm transforms): none; light = RandomResizedCrop scale 0.5-1 + "
+        "flip; deit = the DeiT recipe (RandAugment, random erasing, Mixup/CutMix, label smoothing 0.1); auto = none "
+        "on the built-in world, light on image folders. The image-text tasks: none (auto) or blip (BLIP's: random "
+        "resized crop 0.5-1, flip, RandomAugment). Segmentation: light (auto: resize, crop, flip) or segmenter (the "
+        "original's: class-ratio crop, photometric distortion, padding after normalising)",
+    )
+    arg(
+        "--drop-path",
+        type=float,
+        default=None,
+        help="stochastic depth of the image encoder, rising linearly over its blocks to this rate (BLIP, Segmenter, "
+        "timm ViTs; the original's: 0.1 for BLIP's NLVR2 and VQA and for Segmenter); default: the model's own",
+    )
+    arg(
+        "--text-dropout",
+        type=float,
+        default=None,
+        help="dropout of the text tower (BLIP's BERT: hidden and attention probabilities; the original's: 0.1; HF's "
+        "BLIP configs: 0); default: the model's own",
     )
     arg("--batch-size", type=int, default=128, help="batch size per rank")
+    arg(
+        "--global-batch-size",
+        type=int,
+        default=None,
+        help="batch size over all ranks, divided by the world size (the paper's recipes give it so: 32 x 8 GPUs = "
+        "256); --batch-size on the command line overrides one from --config",
+    )
     arg("--seed", type=int, default=0, help="seed of initialisation and data order")
-    arg("--amp", action="store_true", help="bf16 autocast where supported, else fp16 with a grad scaler")
+    arg(
+        "--amp",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="bf16 autocast where supported, else fp16 with a grad scaler",
+    )
     arg("--device", default=None, help="cpu | cuda (default: cuda if available)")
+    _task_flags(arg)
+
+
+def _task_flags(arg: Any) -> None:
+    """The tasks' own settings (``upop.tasks.TaskOptions``); each task reads its own, the others ignore them."""
     arg(
         "--vqa-inference",
         choices=("rank", "generate"),
         default="rank",
         help="how the VQA task answers: rank (default, as BLIP: the 128 answers of answer_list.json likeliest by "
         "their first token, re-ranked by BLIP's label-smoothed loss) or generate (beam search, 3 beams)",
+    )
+    arg(
+        "--answer-grouping",
+        choices=("normalised", "raw"),
+        default="normalised",
+        help="VQA training: answers weighted by their share of a question's human answers, grouped after the metric's "
+        "normalisation (default) or as raw strings (the original's)",
+    )
+    arg(
+        "--rerank-k",
+        type=int,
+        default=128,
+        help="BLIP retrieval: candidates per query rescored by ITM (default 128; the original's: 256 COCO, 128 Flickr)",
+    )
+    arg(
+        "--momentum-distill",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="retrieval: BLIP's momentum distillation (a 0.995 moving-average model, a feature queue, soft targets "
+        "0.4 x its similarities, ramped over the first epoch); off by default, on in the paper's configs",
+    )
+    arg("--queue-size", type=int, default=57600, help="with --momentum-distill: the feature queue (default 57600)")
+    arg(
+        "--clamp-temperature",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="retrieval: clamp the temperature to BLIP's [0.001, 0.5] (CLIP's logit scale to <= 100) at every step",
+    )
+    arg(
+        "--negatives-all-ranks",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="BLIP retrieval: ITM hard negatives drawn from every rank's batch (the original's), not the rank's own",
+    )
+    arg(
+        "--nlvr-swap",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="NLVR2 training: swap the two images with probability 0.5, and 'left'/'right' in the sentence with them",
+    )
+    arg(
+        "--window-stride",
+        type=int,
+        default=None,
+        help="segmentation: the sliding window's stride in pixels (default: the window minus 32, the original's)",
+    )
+    arg(
+        "--multiscale-mode",
+        choices=("true", "reference"),
+        default="true",
+        help="segmentation's multi-scale evaluation: true (default: each scale at its size) or reference (the "
+        "original's: scales whose shorter side falls below the window are upsampled back to it)",
     )
 
 
@@ -134,43 +230,17 @@ def _auto_or_int(text: str) -> int | str:
         raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {text!r}") from None
 
 
-def _ranking(args: argparse.Namespace) -> dict[str, Any]:
-    """The ranking settings the flags name: --paper-ranking, or the defaults with any of --score, --standardise,
-    --floor changed (refused together with --paper-ranking, which fixes all three)."""
-    given = {k: getattr(args, k) for k in PAPER_RANKING if getattr(args, k) is not None}
-    if args.paper_ranking:
-        if given:
-            raise UPopError(
-                f"--paper-ranking fixes --score, --standardise and --floor; drop --{next(iter(given))} or "
-                "--paper-ranking"
-            )
-        return dict(PAPER_RANKING)
-    return given
-
-
-def _given_plan(path: str | None) -> Any:
-    """The plan of --plan: a plan.json file or a compressed directory holding one."""
-    if path is None:
-        return None
-    from pathlib import Path
-
-    from upop.core.plan import PLAN_FILE, Plan, read_plan
-
-    p = Path(path)
-    if p.is_dir():
-        return read_plan(p)
-    if not p.is_file():
-        raise UPopError(f"--plan {path}: no such file or directory (accepted: a plan.json, or a directory holding one)")
+def _ratio(text: str) -> float:
+    """A positive number, written as one (36, 12.5) or as a fraction (9234/769)."""
+    wrong = argparse.ArgumentTypeError(f"expected a positive number or fraction like 9234/769, got {text!r}")
     try:
-        return Plan.from_dict(json.loads(p.read_text()))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UPopError(f"--plan {path} is not a {PLAN_FILE} (not valid JSON: {e})") from None
-
-
-def _checkpointing(args: argparse.Namespace) -> Any:
-    from upop.engine.rundir import Checkpointing
-
-    return Checkpointing(args.checkpoint_every, args.keep_checkpoints, args.resume)
+        top, _, bottom = text.partition("/")
+        value = float(top) / float(bottom) if bottom else float(top)
+    except (ValueError, ZeroDivisionError):
+        raise wrong from None
+    if not value > 0:
+        raise wrong
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -197,6 +267,13 @@ def build_parser() -> argparse.ArgumentParser:
     _common(e, fallback_to_saved=True)
     e.add_argument("--compressed", default=None, help="a directory written by `upop compress`")
     e.add_argument("--pretrained", default=None, help="a dense checkpoint instead")
+    for p in (t, c, e):
+        p.add_argument(
+            "--config",
+            default=None,
+            help="a YAML file of flag: value lines (e.g. configs/*.yaml, the paper's recipes); flags given on the "
+            "command line override it; keys of another command are not applied, unknown keys are refused",
+        )
 
     lt = sub.add_parser(
         "latency-table", help="measure a model's latency per structure shape and kept width on this machine"
@@ -225,11 +302,29 @@ def _recipe_flags(c: argparse.ArgumentParser) -> None:
     c.add_argument("--lr-search", type=float, default=5e-4, help="learning rate of the weights during search")
     c.add_argument(
         "--lr-schedule-search",
-        choices=("constant", "cosine"),
         default="constant",
-        help="LR schedule of the search: constant (default, the reference's) or cosine decay",
+        choices=("constant", "cosine", "epoch-cosine", "poly"),
+        help="LR schedule of the search: constant (default, the reference's) or a decay as --lr-schedule",
     )
-    c.add_argument("--lr", type=float, default=5e-4, help="peak learning rate of retraining (cosine)")
+    c.add_argument("--lr", type=float, default=5e-4, help="peak learning rate of retraining (see --lr-schedule)")
+    c.add_argument(
+        "--lr-schedule",
+        choices=("cosine", "epoch-cosine", "poly", "constant"),
+        default="cosine",
+        help="LR schedule of retraining: cosine (default, per step), epoch-cosine (per epoch: BLIP's and DeiT's), "
+        "poly ((1 - t)^0.9 per step: Segmenter's) or constant; the decaying ones end at --min-lr",
+    )
+    c.add_argument(
+        "--min-lr", type=float, default=None, help="where the decaying LR schedules end (default: 1%% of the LR)"
+    )
+    c.add_argument(
+        "--optimizer",
+        choices=("adamw", "sgd"),
+        default="adamw",
+        help="of search and retraining: adamw (default; BLIP's, CLIP's, DeiT's) or sgd with Nesterov momentum 0.9 "
+        "(Segmenter's)",
+    )
+    c.add_argument("--weight-decay", type=float, default=0.05, help="of search and retraining (default 0.05)")
 
 
 def _search_flags(c: argparse.ArgumentParser) -> None:
@@ -249,7 +344,8 @@ def _search_flags(c: argparse.ArgumentParser) -> None:
     c.add_argument("--w-sp-mlp", type=float, default=2e-4, help="L1 weight on MLP masks" + weights_note)
     c.add_argument(
         "--distill",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=False,
         help="retrain with knowledge distillation from the dense model (KL on the logits, mixed into the loss)",
     )
     c.add_argument(
@@ -260,10 +356,18 @@ def _search_flags(c: argparse.ArgumentParser) -> None:
     )
     c.add_argument(
         "--cost",
-        choices=("params", "flops", "latency"),
+        choices=("params", "flops", "latency", "paper"),
         default="params",
-        help="what an element's removal saves: params (default), flops, or latency (measured on this run's device "
-        "per structure shape and kept width, or read from --latency-table)",
+        help="what an element's removal saves: params (default), flops, latency (measured on this run's device "
+        "per structure shape and kept width, or read from --latency-table) or paper (the original scripts' "
+        "constants: --attn-cost per head dim, 1 per MLP neuron)",
+    )
+    c.add_argument(
+        "--attn-cost",
+        type=_ratio,
+        default=None,
+        help="with --cost paper: an attention element's cost against an MLP neuron's, a number or a fraction (the "
+        "original's: 36 for BLIP and CLIP, 9234/769 for DeiT and Segmenter)",
     )
     c.add_argument(
         "--latency-table",
@@ -323,7 +427,8 @@ def _search_flags(c: argparse.ArgumentParser) -> None:
     )
     c.add_argument(
         "--paper-ranking",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=False,
         help="UPop's ranking exactly as published: --score gradient --standardise kind --floor 0",
     )
     c.add_argument(
@@ -336,172 +441,3 @@ def _search_flags(c: argparse.ArgumentParser) -> None:
         "--towers", default=None, help="prune only these towers, comma-separated (e.g. vision or text; default: all)"
     )
     c.add_argument("--exclude", action="append", default=[], help="module name or re:PATTERN not to prune (repeatable)")
-
-
-# CLI flag (argparse dest) -> DataConfig field
-_DATA_FLAGS = {
-    "data": "root",
-    "image_root": "image_root",
-    "image_size": "image_size",
-    "train_size": "train_size",
-    "val_size": "val_size",
-    "data_seed": "seed",
-    "select_size": "select_size",
-    "augment": "augment",
-}
-
-
-def _run_config(args: argparse.Namespace, saved: dict[str, Any] | None = None) -> Any:
-    """RunConfig from the flags given, then the values ``saved`` beside a compressed dir, then the defaults."""
-    from upop.data.config import DataConfig
-    from upop.jobs.common import RunConfig
-
-    saved = saved or {}
-    data = dict(saved.get("data") or {})
-    data.update({name: getattr(args, flag) for flag, name in _DATA_FLAGS.items() if hasattr(args, flag)})
-    fields = [f for f in RunConfig.__dataclass_fields__ if f != "data"]
-    values = {k: v for k, v in saved.items() if k in fields}
-    values.update({f: getattr(args, f) for f in fields if hasattr(args, f)})
-    return RunConfig(**values, data=DataConfig(**data))
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from upop.engine import signals
-
-    try:
-        with signals.stop_on_signals():
-            _run(args)
-    except UPopError as e:
-        print(f"upop: error: {e}", file=sys.stderr)
-        return 2
-    except signals.Interrupted as e:
-        print(
-            f"upop: stopped by {e.name} at {e.where}; rerun the same command with --resume to continue",
-            file=sys.stderr,
-        )
-        return e.exit_code
-    finally:
-        from upop.utils.dist import teardown
-
-        teardown()
-    return 0
-
-
-def _train(args: argparse.Namespace) -> None:
-    from upop.jobs.train import train
-
-    report = train(
-        _run_config(args),
-        args.epochs,
-        args.lr,
-        args.output_dir,
-        args.overwrite,
-        _checkpointing(args),
-        args.max_nonfinite,
-    )
-    metrics = ", ".join(f"{k} {v:.2f}" for k, v in report.metrics.items())
-    _print(f"dense {args.model} (report split, epoch {report.selected_epoch}): {metrics}\nsaved to {args.output_dir}")
-
-
-def _prune_config(args: argparse.Namespace) -> PruneConfig:
-    return PruneConfig(
-        p=args.p,
-        interval=args.interval,
-        w_attn=args.w_sp_attn,
-        w_mlp=args.w_sp_mlp,
-        cost=args.cost,
-        exclude=tuple(args.exclude),
-        align_attn=args.align_attn,
-        align_mlp=args.align_mlp,
-        allocation=args.allocation,
-        granularity=args.granularity,
-        latency_table=args.latency_table,
-        towers=tuple(t for t in (args.towers or "").split(",") if t),
-        **_ranking(args),
-    )
-
-
-def _compress(args: argparse.Namespace) -> None:
-    from upop.jobs.compress import Recipe, compress
-    from upop.jobs.render import comparison_table, report_header
-
-    plan = _given_plan(args.plan)
-    if args.epochs_search is None:
-        args.epochs_search = 0 if plan is not None else 2
-    elif plan is not None and args.epochs_search != 0:
-        raise UPopError(
-            f"--plan retrains a given plan without a search; --epochs-search must be 0, got {args.epochs_search}"
-        )
-    recipe = Recipe(
-        epochs_search=args.epochs_search,
-        epochs=args.epochs,
-        lr_search=args.lr_search,
-        lr=args.lr,
-        search_schedule=args.lr_schedule_search,
-        distill=args.distill_weight if args.distill else 0.0,
-        temperature=args.distill_temperature,
-    )
-    report = compress(
-        _run_config(args),
-        _prune_config(args),
-        args.pretrained,
-        recipe,
-        args.output_dir,
-        args.overwrite,
-        _checkpointing(args),
-        args.max_nonfinite,
-        plan,
-    )
-    _print(report_header(report) + "\n\n" + comparison_table(report) + f"\nsaved to {args.output_dir}")
-
-
-def _latency_table(args: argparse.Namespace) -> None:
-    from upop.jobs.common import device_name
-    from upop.jobs.latency import latency_table
-
-    table = latency_table(_run_config(args), args.granularity, args.output)
-    _print(f"wrote {args.output}: {len(table)} structure shape(s) measured on {device_name(args.device)}")
-
-
-def _export(args: argparse.Namespace) -> None:
-    from upop.jobs.deploy import export_onnx
-
-    result = export_onnx(args.compressed, args.onnx)
-    _print(
-        f"wrote {args.onnx}: onnxruntime matches PyTorch on example inputs (max abs difference "
-        f"{result['max_abs_diff']:.2g} over {result['outputs']} output(s))"
-    )
-
-
-def _evaluate(args: argparse.Namespace) -> None:
-    from upop.engine.rundir import read_run_config
-    from upop.jobs.evaluate import evaluate
-
-    saved = read_run_config(args.compressed).get("run", {}) if args.compressed else {}
-    result = evaluate(_run_config(args, saved), args.compressed, args.pretrained)
-    _print(json.dumps(result.to_dict(), indent=1))
-
-
-COMMANDS = {
-    "train": _train,
-    "compress": _compress,
-    "evaluate": _evaluate,
-    "latency-table": _latency_table,
-    "export": _export,
-}
-
-
-def _run(args: argparse.Namespace) -> None:
-    COMMANDS[args.command](args)
-
-
-def _print(text: str) -> None:
-    import os
-
-    if os.environ.get("RANK", "0") == "0":
-        print(text)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,5 @@
+import sys
+
+from upop.cli import main
+
+sys.exit(main())
