@@ -4,10 +4,12 @@ fails if an adapter is registered without an entry here, so registering is what 
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from upop.adapters import registered_adapters
@@ -472,3 +474,25 @@ def released_segmenter(folder: Path) -> dict[str, torch.Tensor]:
     state = build_segmenter({**net, "decoder": {"name": "mask_transformer", "n_layers": 2}}).state_dict()
     torch.save({"model": state}, folder / "checkpoint.pth")
     return state
+
+
+def run_log(out: Path) -> list[dict]:
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    for r in records:
+        r.pop("seconds", None)  # wall time is the one thing allowed to differ
+    return records
+
+
+def assert_same_result(a: Path, b: Path) -> None:
+    plan_a, plan_b = (json.loads((d / "plan.json").read_text()) for d in (a, b))
+    assert plan_a["structures"] == plan_b["structures"]
+    wa, wb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    assert wa.keys() == wb.keys()
+    different = [k for k in wa if not (wa[k].shape == wb[k].shape and wa[k].eq(wb[k]).all())]
+    assert not different, f"weights differ: {different[:5]}"
+    ra, rb = (json.loads((d / "report.json").read_text()) for d in (a, b))
+    for key in ("searched_metrics", "kept", "pruned_cost_fraction", "per_structure"):
+        assert ra[key] == rb[key], key
+    assert ra["compressed"]["metrics"] == rb["compressed"]["metrics"]
+    assert run_log(a) == run_log(b)
+    assert not (b / "checkpoints").exists()  # dropped once the run completed

@@ -72,6 +72,39 @@ def test_bad_files_are_one_line_naming_the_file_and_key(tmp_path, capsys, text, 
     assert not out.exists()
 
 
+def test_the_command_line_overrides_what_the_file_decided(tmp_path, monkeypatch):
+    from upop.cli import app
+
+    path = _write(tmp_path, "cost: paper\nattn-cost: 36\nscore: gradient\nfloor: 0\nexclude: [a, b]\n")
+    seen = {}
+    monkeypatch.setitem(app.COMMANDS, "compress", lambda args: seen.update(prune=app._prune_config(args), args=args))
+    assert main(["compress", "--config", path, "--cost", "params", "--exclude", "c", "--output-dir", "o"]) == 0
+    assert seen["prune"].cost == "params" and seen["prune"].attn_cost is None  # the file's constant left out
+    assert seen["prune"].exclude == ("c",)  # a repeatable flag on the command line replaces the file's list
+    assert main(["compress", "--config", path, "--paper-ranking", "--output-dir", "o"]) == 0
+    assert (seen["prune"].score, seen["prune"].floor, seen["prune"].exclude) == ("gradient", 0.0, ("a", "b"))
+    assert main(["compress", "--conf", path, "--output-dir", "o"]) == 0  # argparse's prefix reads the file too
+    assert seen["prune"].cost == "paper"
+
+
+def test_a_switch_is_true_or_false_not_its_no_form(tmp_path, capsys):
+    path = _write(tmp_path, "no-amp: true\n")
+    assert main(["compress", "--config", path, "--output-dir", str(tmp_path / "o")]) == 2
+    assert "unknown key 'no-amp'; did you mean 'amp'?" in capsys.readouterr().err
+
+
+def test_evaluate_keeps_the_evaluated_run_s_batch_not_a_file_s_global_training_batch(tmp_path, monkeypatch):
+    from upop.cli.app import _per_rank_batch
+
+    path = _write(tmp_path, "global-batch-size: 4096\n")
+    argv = ["evaluate", "--config", path, "--compressed", "d"]
+    parser = build_parser()
+    apply_config(parser, argv)
+    args = parser.parse_args(argv)
+    _per_rank_batch(args, given_on_command_line(parser, argv))
+    assert "batch_size" not in vars(args)  # the value saved beside the compressed directory applies
+
+
 def test_a_missing_file_is_refused(tmp_path, capsys):
     assert main(["train", "--config", str(tmp_path / "nope.yaml"), "--output-dir", str(tmp_path / "o")]) == 2
     assert "no such file" in capsys.readouterr().err

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import subprocess
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import CLI_DATA
+from helpers import CLI_DATA, assert_same_result, run_log
 from safetensors.torch import load_file
 
 WORKER = Path(__file__).with_name("fault_worker.py")
@@ -54,28 +53,6 @@ def _torchrun(out: Path, kill_at: int, kill_rank: int, restarts: int, *extra: st
         *extra,
     ]
     return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=400)
-
-
-def _log(out: Path) -> list[dict]:
-    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-    for r in records:
-        r.pop("seconds", None)  # wall time is the one thing allowed to differ
-    return records
-
-
-def assert_same_result(a: Path, b: Path) -> None:
-    plan_a, plan_b = (json.loads((d / "plan.json").read_text()) for d in (a, b))
-    assert plan_a["structures"] == plan_b["structures"]
-    wa, wb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
-    assert wa.keys() == wb.keys()
-    different = [k for k in wa if not (wa[k].shape == wb[k].shape and wa[k].eq(wb[k]).all())]
-    assert not different, f"weights differ: {different[:5]}"
-    ra, rb = (json.loads((d / "report.json").read_text()) for d in (a, b))
-    for key in ("searched_metrics", "kept", "pruned_cost_fraction", "per_structure"):
-        assert ra[key] == rb[key], key
-    assert ra["compressed"]["metrics"] == rb["compressed"]["metrics"]
-    assert _log(a) == _log(b)
-    assert not (b / "checkpoints").exists()  # dropped once the run completed
 
 
 @pytest.fixture(scope="module")
@@ -162,4 +139,4 @@ def test_base_training_killed_and_resumed_gives_the_same_weights(tmp_path):
     assert resumed.returncode == 0 and "resuming from" in resumed.stdout, resumed.stderr[-2000:]
     a, b = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("ref", "run"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert _log(tmp_path / "ref") == _log(tmp_path / "run")
+    assert run_log(tmp_path / "ref") == run_log(tmp_path / "run")

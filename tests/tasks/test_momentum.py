@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import ELEMENTWISE, build, images, logits, timm_vit
+from helpers import ELEMENTWISE, assert_same_result, build, images, logits, timm_vit
 
 import upop
 from upop.core.pruner import unmasked_copy
@@ -118,12 +118,16 @@ def test_the_ramp_and_a_checkpoint_round_trip():
     task.begin_step(2, 0, 10)
     assert task.alpha == pytest.approx(0.4)
     task.outputs(model, batch)
+    with torch.no_grad():  # the model moves on: the momentum model is now not a copy of it
+        for p in model.parameters():
+            p.add_(0.5)
     state = task.state_dict()
     again = get_task("retrieval", task.bundle, task.options)
     again.load_state_dict(state)
     teacher = again.momentum.update(model)  # rebuilt from the checkpoint, then not moved on its first update
-    for (name, p), q in zip(teacher.state_dict().items(), state["momentum"]["model"].values()):
-        torch.testing.assert_close(p, q, msg=name)
+    for name, p in teacher.state_dict().items():
+        torch.testing.assert_close(p, state["momentum"]["model"][name], msg=name)
+    assert not torch.equal(next(teacher.parameters()), next(model.parameters()))
     assert again.momentum.pointer == 4
     torch.testing.assert_close(again.momentum.queue["image"], task.momentum.queue["image"])
 
@@ -177,3 +181,27 @@ def test_itm_hard_negatives_come_from_every_rank(tmp_path):
         assert every["negative_image_ids"].tolist() == [1 - rank] * 4
         assert every["negative_text_ids"].tolist() == [1 - rank] * 4
         assert own["negative_image_ids"].tolist() == [rank] * 4
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_a_momentum_run_killed_in_each_phase_and_resumed_ends_as_an_uninterrupted_one(tmp_path):
+    """The momentum model and the queue are in the checkpoints: a resumed run continues them, so it ends with the
+    weights, plan and step log of a run that never stopped (killed during the search, then during retraining)."""
+    worker = Path(__file__).parents[1] / "engine" / "fault_worker.py"
+    argv = "compress --task retrieval --model clip-micro --train-size 24 --val-size 8 --batch-size 8 --seed 1".split()
+    argv += "--epochs-search 2 --epochs 2 --checkpoint-every 4 --momentum-distill --queue-size 40".split()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def run(out, kill_at, *extra):
+        cmd = [sys.executable, str(worker), str(kill_at), "0", *argv, "--output-dir", str(out), *extra]
+        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+    reference = tmp_path / "ref"
+    assert run(reference, 0).returncode == 0
+    for kill_at in (6, 40):  # 30 steps per phase: in the search, in retraining
+        out = tmp_path / f"killed{kill_at}"
+        assert run(out, kill_at).returncode == -9
+        resumed = run(out, 0, "--resume")
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        assert_same_result(reference, out)

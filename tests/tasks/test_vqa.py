@@ -364,3 +364,6 @@ def test_several_training_files_with_visual_genome_weights_and_a_report_file_amo
     missing = DataConfig(root=str(root), image_size=16, vqa_train_files=("nope.json",))
     with pytest.raises(UPopError, match="--vqa-train-files: .*nope.json does not exist"):
         task.datasets(missing)
+    (root / "vg_qa.json").write_text(json.dumps([{**vg[0], "image": "image/9.jpg"}]))
+    with pytest.raises(UPopError, match=f"does not exist: {vg_images / 'image' / '9.jpg'}"):
+        task.datasets(data)  # a Visual Genome image is named by its full path (it is not under --image-root)

@@ -9,7 +9,7 @@ import os
 import sys
 from typing import Any
 
-from upop.cli.config_file import apply_config, given_on_command_line
+from upop.cli.config_file import apply_config, given_on_command_line, replace_listed
 from upop.cli.flags import build_parser
 from upop.core.config import PAPER_RANKING, PruneConfig
 from upop.errors import UPopError
@@ -17,9 +17,12 @@ from upop.errors import UPopError
 
 def _ranking(args: argparse.Namespace) -> dict[str, Any]:
     """The ranking settings the flags name: --paper-ranking, or the defaults with any of --score, --standardise,
-    --floor changed (refused together with --paper-ranking, which fixes all three)."""
+    --floor changed (refused together with --paper-ranking on the command line, which fixes all three; a --config
+    file's are replaced by it)."""
     given = {k: getattr(args, k) for k in PAPER_RANKING if getattr(args, k) is not None}
     if args.paper_ranking:
+        typed = getattr(args, "given", set(given))
+        given = {k: v for k, v in given.items() if k in typed}
         if given:
             raise UPopError(
                 f"--paper-ranking fixes --score, --standardise and --floor; drop --{next(iter(given))} or "
@@ -73,8 +76,8 @@ _DATA_FLAGS = {
 def _per_rank_batch(args: argparse.Namespace, given: set[str]) -> None:
     """Resolve --global-batch-size into --batch-size for this world size (WORLD_SIZE, 1 without torchrun)."""
     total = getattr(args, "global_batch_size", None)
-    if total is None:
-        return
+    if total is None or (args.command == "evaluate" and "global_batch_size" not in given):
+        return  # (evaluate keeps the batch of the run it evaluates, not a --config file's training batch)
     if "batch_size" in given:
         if "global_batch_size" in given:
             raise UPopError("give --batch-size (per rank) or --global-batch-size (over all ranks), not both")
@@ -113,15 +116,17 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     try:
-        apply_config(parser, argv)
+        applied = apply_config(parser, argv)
     except UPopError as e:
         print(f"upop: error: {e}", file=sys.stderr)
         return 2
     args = parser.parse_args(argv)
+    args.given = given_on_command_line(parser, argv)
+    replace_listed(args, applied)
     from upop.engine import signals
 
     try:
-        _per_rank_batch(args, given_on_command_line(parser, argv))
+        _per_rank_batch(args, args.given)
         with signals.stop_on_signals():
             _run(args)
     except UPopError as e:
@@ -169,7 +174,7 @@ def _prune_config(args: argparse.Namespace) -> PruneConfig:
         allocation=args.allocation,
         granularity=args.granularity,
         latency_table=args.latency_table,
-        attn_cost=args.attn_cost,
+        attn_cost=args.attn_cost if args.cost == "paper" or "attn_cost" in getattr(args, "given", ()) else None,
         towers=tuple(t for t in (args.towers or "").split(",") if t),
         **_ranking(args),
     )

@@ -5,7 +5,8 @@ take (``true``/``false`` for a switch, a list for a repeatable flag). The file's
 so a flag given on the command line overrides the file. A key of another of the three commands is not applied (one
 file serves ``compress`` and the ``evaluate`` of its output); a key no command knows is refused, naming the closest
 known key. The key ``about`` is the file's own record (the script it follows, the number it should reproduce) and
-sets nothing.
+sets nothing. A switch is written ``amp: true`` / ``amp: false`` (not ``no-amp``); a repeatable flag given on the
+command line replaces the file's list.
 """
 
 from __future__ import annotations
@@ -29,23 +30,29 @@ def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentP
 
 
 def _flags(sub: argparse.ArgumentParser) -> dict[str, argparse.Action]:
-    """The long flags of a command, by name without dashes."""
+    """The long flags of a command, by name without dashes (a switch's ``--no-`` form is not a key: ``amp: false``)."""
     return {
         name[2:]: action
         for action in sub._actions
-        for name in action.option_strings
+        for name in action.option_strings[:1]
         if name.startswith("--") and name not in ("--help", "--config")
     }
 
 
-def config_path(argv: list[str]) -> str | None:
-    """The value of ``--config`` in ``argv`` (the last one, as argparse would take it), or None."""
+def config_path(argv: list[str], options: list[str]) -> str | None:
+    """The value of ``--config`` in ``argv`` (the last one, as argparse would take it; a prefix argparse would read
+    as ``--config`` too), or None. ``options``: the command's option strings."""
     found = None
     for i, token in enumerate(argv):
-        if token == "--config" and i + 1 < len(argv):
+        name, eq, value = token.partition("=")
+        if not name.startswith("--") or not "--config".startswith(name):
+            continue
+        if name != "--config" and [o for o in options if o.startswith(name)] != ["--config"]:
+            continue  # another flag, or a prefix argparse would refuse as ambiguous
+        if eq:
+            found = value
+        elif i + 1 < len(argv):
             found = argv[i + 1]
-        elif token.startswith("--config="):
-            found = token.split("=", 1)[1]
     return found
 
 
@@ -101,10 +108,12 @@ def _convert_one(action: argparse.Action, key: str, value: Any, path: str) -> An
 def apply_config(parser: argparse.ArgumentParser, argv: list[str]) -> dict[str, Any]:
     """Make the values of the ``--config`` file in ``argv`` the defaults of its command's flags; returns what it set
     (flag name -> value), {} without ``--config``."""
-    path = config_path(argv)
     subs = _subparsers(parser)
     command = argv[0] if argv else None
-    if path is None or command not in CONFIG_COMMANDS:
+    if command not in CONFIG_COMMANDS:
+        return {}
+    path = config_path(argv, [o for a in subs[command]._actions for o in a.option_strings])
+    if path is None:
         return {}
     data = read_config(path)
     known = {name for c in CONFIG_COMMANDS for name in _flags(subs[c])}
@@ -127,6 +136,16 @@ def apply_config(parser: argparse.ArgumentParser, argv: list[str]) -> dict[str, 
         action.required = False
         subs[command].set_defaults(**{action.dest: applied[key]})
     return applied
+
+
+def replace_listed(args: argparse.Namespace, applied: dict[str, Any]) -> None:
+    """A repeatable flag given on the command line replaces the file's list (argparse would append to it)."""
+    for key, value in applied.items():
+        dest = key.replace("-", "_")
+        if isinstance(value, list) and dest in args.given and isinstance(getattr(args, dest, None), list):
+            current = getattr(args, dest)
+            if current[: len(value)] == value:
+                setattr(args, dest, current[len(value) :])
 
 
 def given_on_command_line(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:

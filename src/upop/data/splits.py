@@ -38,7 +38,8 @@ class Splits:
         report = about.get("report", {})
         about["select"] = {**report, "source": f"{report.get('source', 'the report split')} ({PAPER_PROTOCOL})"}
         about["select"].pop("seed", None)
-        return Splits(self.train, self.report, self.report, about)
+        view = Carved(self.report, list(range(len(self.report))))  # the same samples, not the report split itself
+        return Splits(self.train, view, self.report, about)
 
 
 class Carved(Subset):

@@ -134,7 +134,8 @@ def folder_split(path: Path, image_root: Path, image_size: int, answers_needed: 
 def _check_images(annotation: Path, paths: list[Path], root: Path) -> None:
     missing = next((p for p in paths if not p.is_file()), None)
     if missing is not None:
-        raise UPopError(f"an image named in {annotation} does not exist under {root}: {missing.relative_to(root)}")
+        where = f" under {root}: {missing.relative_to(root)}" if missing.is_relative_to(root) else f": {missing}"
+        raise UPopError(f"an image named in {annotation} does not exist{where}")
 
 
 def training_files(

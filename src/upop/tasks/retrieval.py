@@ -171,8 +171,8 @@ class Momentum:
         live = unwrap(model)
         if self.model is None or self._shapes(self.model) != self._shapes(live):
             self.model = unmasked_copy(live).requires_grad_(False)
-            if self.pending is not None and self._shapes(self.model) == [tuple(v.shape) for v in self.pending.values()]:
-                self.model.load_state_dict(dict(zip(self.model.state_dict(), self.pending.values())))
+            if self.pending is not None:  # a checkpoint's momentum model, of the model it was saved beside
+                self.model.load_state_dict(self.pending)
             self.pending = None
             return self.model
         mine, theirs = list(self.model.parameters()), [p.detach() for p in live.parameters()]
