@@ -61,6 +61,20 @@ def test_auto_is_measured_cached_and_recorded(tmp_path, monkeypatch):
     assert (given.alignment.attn, given.alignment.mlp, given.alignment.device) == (1, 4, "given") and not calls
 
 
+def test_measuring_leaves_the_random_streams_of_the_run_alone(tmp_path, monkeypatch):
+    """A cold cache measures (random probes and inputs), a warm one does not: the seeded stream that follows must
+    be the same either way, or a run's results would depend on whether the machine had run upop before."""
+    monkeypatch.setenv("UPOP_CACHE_DIR", str(tmp_path))
+    model = build(timm_vit, (2, 16, 2, 64))
+    after = []
+    for _ in ("cold", "warm"):
+        torch.manual_seed(0)
+        upop.Pruner(model, upop.PruneConfig(p=0.5, total_steps=10), example_inputs=images(4)).detach()
+        after.append(torch.rand(4))
+    assert len(json.loads((tmp_path / "widths.json").read_text())) == 2  # the first one did measure
+    assert torch.equal(after[0], after[1])
+
+
 def test_a_search_with_auto_keeps_multiples_and_a_resumed_search_keeps_its_alignment(tmp_path, monkeypatch):
     monkeypatch.setenv("UPOP_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(widths, "time_module", _scripted(8))

@@ -135,14 +135,19 @@ def cache_path() -> Path:
 
 
 def _cached(key: str, measure: Callable[[], Any]) -> Any:
-    """The cached measurement under ``key``, or ``measure()`` (JSON-able), stored for next time."""
+    """The cached measurement under ``key``, or ``measure()`` (JSON-able), stored for next time.
+
+    A measurement draws random probes and inputs; it runs on a fork of the random streams, so a run's seeded
+    initialisation, data order and augmentation are the same whether the cache was warm or cold."""
     path = cache_path()
     try:
         cache = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         cache = {}
     if key not in cache:
-        cache[key] = measure()
+        devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=devices):
+            cache[key] = measure()
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write(path, json.dumps(cache, indent=1, sort_keys=True).encode())

@@ -171,10 +171,10 @@ class Momentum:
         live = unwrap(model)
         if self.model is None or self._shapes(self.model) != self._shapes(live):
             self.model = unmasked_copy(live).requires_grad_(False)
-            if self.pending is not None:  # a checkpoint's momentum model, of the model it was saved beside
-                self.model.load_state_dict(self.pending)
-            self.pending = None
-            return self.model
+            pending, self.pending = self.pending, None
+            if pending is None:  # a fresh average starts at the model itself
+                return self.model
+            self.model.load_state_dict(pending)  # a checkpoint's average: this step moves it on, as uninterrupted
         mine, theirs = list(self.model.parameters()), [p.detach() for p in live.parameters()]
         torch._foreach_mul_(mine, MOMENTUM)
         torch._foreach_add_(mine, theirs, alpha=1 - MOMENTUM)
