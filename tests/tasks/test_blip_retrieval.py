@@ -5,6 +5,10 @@ the same ITC and ITM outputs, and the CLI end to end with vision, text and cross
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -113,3 +117,22 @@ def test_cli_compresses_blip_retrieval_over_vision_text_and_cross_attention(tmp_
     report = json.loads((out / "report.json").read_text())
     assert {"i2t_r1", "t2i_r1", "r_mean"} <= set(report["compressed"]["metrics"])
     assert main(["evaluate", "--compressed", str(out)]) == 0
+
+
+@pytest.mark.ddp
+@pytest.mark.e2e
+def test_the_rerank_shared_out_over_two_ranks_gives_every_rank_the_scores_of_one(tmp_path):
+    """Each rank rescores every other query (and an odd count: 7 images, 35 captions); the matrices every rank
+    ends with are those one process computes alone."""
+    worker = Path(__file__).with_name("rerank_ddp_worker.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for n in (1, 2):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", str(worker)]
+        result = subprocess.run([*cmd, str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+    alone = torch.load(tmp_path / "rerank1-0.pt", weights_only=True)
+    assert (alone["i2t"] > -100).sum() == 7 * 3 and (alone["t2i"] > -100).sum() == 35 * 3
+    for rank in (0, 1):
+        shared = torch.load(tmp_path / f"rerank2-{rank}.pt", weights_only=True)
+        for key in ("i2t", "t2i"):
+            torch.testing.assert_close(shared[key], alone[key], rtol=0, atol=1e-5)

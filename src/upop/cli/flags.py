@@ -34,6 +34,15 @@ def families_help() -> str:
     )
 
 
+def _workers(text: str) -> int | str:
+    from upop.engine.loaders import parse_workers
+
+    try:
+        return parse_workers(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--workers ")) from None
+
+
 def _common(p: argparse.ArgumentParser, fallback_to_saved: bool = False) -> None:
     """The flags every job shares. With ``fallback_to_saved`` (evaluate), a flag not given is left out of the
     namespace, so the value saved by the run that made the directory applies."""
@@ -130,6 +139,20 @@ def _common(p: argparse.ArgumentParser, fallback_to_saved: bool = False) -> None
         help="bf16 autocast where supported, else fp16 with a grad scaler",
     )
     arg("--device", default=None, help="cpu | cuda (default: cuda if available)")
+    arg(
+        "--workers",
+        type=_workers,
+        default="auto",
+        help="data loading processes per rank; auto: on a GPU the CPU cores of the rank's share of the node less "
+        "one, on the CPU 0 (loading in the main process). Results do not depend on it",
+    )
+    arg(
+        "--grad-checkpointing",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="recompute each transformer block in the backward pass instead of keeping its activations: less memory "
+        "for about one more forward pass; the same gradients and choices",
+    )
     _task_flags(arg)
 
 

@@ -41,10 +41,14 @@ def _jsonable(obj: Any) -> Any:
     return json.loads(json.dumps(obj))
 
 
+# may differ in a resumed run: they do not change its results
+FREE_SETTINGS = ("device", "workers", "grad_checkpointing")
+
+
 def _config_difference(saved: dict[str, Any], now: dict[str, Any], prefix: str = "") -> str | None:
     for key in sorted(set(saved) | set(now)):
         a, b = saved.get(key), now.get(key)
-        if key == "device" or a == b:
+        if key in FREE_SETTINGS or a == b:
             continue
         if isinstance(a, dict) and isinstance(b, dict):
             found = _config_difference(a, b, f"{prefix}{key}.")

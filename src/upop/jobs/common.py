@@ -28,7 +28,7 @@ from upop.engine.loop import Phase
 from upop.errors import UPopError
 from upop.jobs.pretrained import Loaded, load_bundle
 from upop.jobs.report import Measurement
-from upop.models import ModelBundle, build
+from upop.models import ModelBundle, build, checkpointing
 from upop.models.regularise import regularise
 from upop.tasks import Task, TaskOptions, task_class
 from upop.utils import dist as D
@@ -49,6 +49,8 @@ class RunConfig:
     drop_path: float | None = None  # stochastic depth of the image encoder (None: the model's own)
     text_dropout: float | None = None  # dropout of the text tower (None: the model's own)
     config_file: str | None = None  # the --config file the settings were read from, if any
+    workers: int | str = "auto"  # loader processes per rank (upop.engine.loaders.resolve_workers)
+    grad_checkpointing: bool = False  # recompute the blocks in the backward (upop.models.checkpointing)
 
     def __post_init__(self) -> None:
         if isinstance(self.data, dict):  # read back from config.json
@@ -125,13 +127,15 @@ def prepare(
         loaded = loaded_bundle(cfg, num_outputs, info.device, pretrained)
         bundle = loaded.bundle
     regularise(bundle.model, cfg.drop_path, cfg.text_dropout)
+    if cfg.grad_checkpointing:
+        checkpointing.enable(bundle.model)
     task = cls(bundle, cfg.task_options())
     data = dataclasses.replace(cfg.data, image_size=bundle.image_size)
     if training and data.select_on == "report":  # the paper's protocol: nothing carved, the report split selects
         splits = task.datasets(dataclasses.replace(data, select_size=0), ROLES).selecting_on_report()
     else:
         splits = task.datasets(data, ROLES if training else ("report",))
-    loaders = make_loaders(splits, cfg.batch_size, info, cfg.seed)
+    loaders = make_loaders(splits, cfg.batch_size, info, cfg.seed, cfg.workers)
     np.random.seed((cfg.seed * 1000 + info.rank) % 2**32)  # batch augmentation (Mixup) draws from numpy
     for note in bundle.notes:
         say(info, note)

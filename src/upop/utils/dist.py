@@ -167,6 +167,20 @@ def broadcast_from_main(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def rank_and_size() -> tuple[int, int]:
+    """(this process's rank, the number of processes) of the default group; (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def total(tensor: torch.Tensor) -> torch.Tensor:
+    """The sum of ``tensor`` over the ranks (in place; the tensor itself on one process)."""
+    if group_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
 def average(tensor: torch.Tensor) -> torch.Tensor:
     """The mean of ``tensor`` over the ranks (in place; the tensor itself on one process)."""
     if group_size() > 1:

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from upop.errors import UPopError
+from upop.models.checkpointing import run_block
 
 
 def _init(module: nn.Module) -> None:
@@ -119,6 +120,7 @@ class Encoder(nn.Module):
         distilled: bool = False,
     ) -> None:
         super().__init__()
+        self.checkpointed = False  # recompute the blocks in the backward (upop.models.checkpointing)
         self.patch_size, self.d_model, self.distilled = patch_size, d_model, bool(distilled)
         self.patch_embed = PatchEmbedding(image_size, patch_size, d_model)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d_model))
@@ -153,7 +155,7 @@ class Encoder(nn.Module):
         x = torch.cat([*tokens, x], dim=1)
         x = self.dropout(x + self.positions((h // self.patch_size, w // self.patch_size)))
         for block in self.blocks:
-            x = block(x)
+            x = run_block(block, x, checkpointed=self.checkpointed)
         return self.norm(x)
 
 
@@ -173,6 +175,7 @@ class MaskTransformer(nn.Module):
         drop_path_rate: float = 0.0,
     ) -> None:
         super().__init__()
+        self.checkpointed = False  # recompute the blocks in the backward (upop.models.checkpointing)
         self.n_cls = n_cls
         scale = d_model**-0.5
         self.blocks = _blocks(n_layers, d_model, n_heads, d_ff, dropout, drop_path_rate)
@@ -188,7 +191,7 @@ class MaskTransformer(nn.Module):
     def forward(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         x = torch.cat([self.proj_dec(x), self.cls_emb.expand(x.shape[0], -1, -1)], dim=1)
         for block in self.blocks:
-            x = block(x)
+            x = run_block(block, x, checkpointed=self.checkpointed)
         x = self.decoder_norm(x)
         patches = F.normalize(x[:, : -self.n_cls] @ self.proj_patch, dim=-1)
         classes = F.normalize(x[:, -self.n_cls :] @ self.proj_classes, dim=-1)
