@@ -148,7 +148,8 @@ def _search_setup(bad: set[int] | None = None, all_bad: bool = False):
 
 def test_a_nan_batch_is_skipped_counted_and_leaves_weights_alone():
     task, loaders, model, pruner = _search_setup()
-    first_batch = next(iter(loaders.train.batch_sampler))  # the sample indices of step 1 (same order every run)
+    # the sample indices of step 1 (same order every run; the sampler yields (epoch, index) keys)
+    first_batch = [index for _, index in next(iter(loaders.train.batch_sampler))]
     _, loaders_bad, model_bad, pruner_bad = _search_setup(bad={first_batch[0]})
     phase = Phase("search", 1, 1e-3, max_nonfinite=0.5)
     clean = run_phase(model, task, loaders, INFO, phase, pruner=pruner)
