@@ -33,8 +33,8 @@ demo: venv
 
 # ruff, and the layer contract (pyproject.toml [tool.importlinter]).
 lint: venv
-	$(VENV)/bin/ruff check src tests benchmarks
-	$(VENV)/bin/ruff format --check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks examples
+	$(VENV)/bin/ruff format --check src tests benchmarks examples
 	$(VENV)/bin/lint-imports
 
 # The docs site (mkdocs, the .[docs] extra) into site/, strictly: a broken link, snippet or reference fails.

@@ -7,12 +7,14 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 from upop.cli.config_file import apply_config, given_on_command_line, replace_listed
 from upop.cli.flags import build_parser
 from upop.core.config import PAPER_RANKING, PruneConfig
 from upop.errors import UPopError
+from upop.utils.files import atomic_write
 
 
 def _ranking(args: argparse.Namespace) -> dict[str, Any]:
@@ -251,12 +253,27 @@ def _evaluate(args: argparse.Namespace) -> None:
     _print(json.dumps(result.to_dict(), indent=1))
 
 
+def _report(args: argparse.Namespace) -> None:
+    from upop.jobs.render import progress_png, read_log
+
+    directory = Path(args.directory)
+    report = directory / "report.md"
+    if not report.is_file():
+        raise UPopError(f"{directory} holds no report.md: give a directory written by `upop compress` or `upop train`")
+    _print(report.read_text().rstrip())
+    if args.plot:
+        png = progress_png(read_log(directory / "log.jsonl"), directory.name)
+        atomic_write(directory / "search.png", png)
+        _print(f"wrote {directory / 'search.png'}")
+
+
 COMMANDS = {
     "train": _train,
     "compress": _compress,
     "evaluate": _evaluate,
     "latency-table": _latency_table,
     "export": _export,
+    "report": _report,
 }
 
 

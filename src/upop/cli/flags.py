@@ -147,6 +147,12 @@ def _common(p: argparse.ArgumentParser, fallback_to_saved: bool = False) -> None
         "one, on the CPU 0 (loading in the main process). Results do not depend on it",
     )
     arg(
+        "--log-dir",
+        default=None,
+        help="TensorBoard event files of every logged scalar, the selection metrics and the kept widths; default: "
+        "the output directory's tb/ when tensorboard is installed; none: no events",
+    )
+    arg(
         "--grad-checkpointing",
         action=argparse.BooleanOptionalAction,
         default=False,
@@ -304,6 +310,15 @@ def build_parser() -> argparse.ArgumentParser:
     _common(lt)
     lt.add_argument("--granularity", choices=("dim", "head"), default="dim", help="dims (default) or whole heads")
     lt.add_argument("--output", required=True, help="the JSON table to write (pass it to compress --latency-table)")
+
+    r = sub.add_parser("report", help="print a run's report; --plot draws its search's progress")
+    r.add_argument("directory", help="a directory written by `upop compress` (or `upop train`)")
+    r.add_argument(
+        "--plot",
+        action="store_true",
+        help="also draw pi and the kept fraction per kind and tower over the search steps, from log.jsonl, as "
+        "search.png in the directory (beside kept.png)",
+    )
 
     x = sub.add_parser("export", help="export a compressed directory to ONNX (checked against PyTorch)")
     x.add_argument("compressed", help="a directory written by `upop compress`")

@@ -292,8 +292,21 @@ class Pruner:
     def finished(self) -> bool:
         return self.step_count >= self.config.total_steps
 
-    def log_record(self) -> dict[str, float]:
-        return {
+    def kept_by_tower(self) -> dict[str, float]:
+        """Fraction of elements not chosen for pruning per kind and tower (``attn_vision``, ``mlp_text``...)."""
+        out = {}
+        for tower in sorted({s.tower for s in self.structures}):
+            for kind in ("attn", "mlp"):
+                sel = [c for c, s in zip(self.chosen, self.structures) if (s.kind, s.tower) == (kind, tower)]
+                total = sum(c.numel() for c in sel)
+                if total:
+                    out[f"{kind}_{tower}"] = 1.0 - sum(int(c.sum()) for c in sel) / total
+        return out
+
+    def log_record(self) -> dict[str, Any]:
+        """pi, the kept fractions per kind (and per kind and tower for a model of several towers), the pruned share
+        of the cost and the skipped steps, at this step."""
+        record: dict[str, Any] = {
             "step": self.step_count,
             "pi": self.pi,
             "kept_attn": self.kept_fraction("attn"),
@@ -301,6 +314,9 @@ class Pruner:
             "pruned_cost": self.pruned_cost_fraction(),
             "skipped_steps": self.skipped_steps,
         }
+        if len({s.tower for s in self.structures}) > 1:
+            record["kept_by_tower"] = self.kept_by_tower()
+        return record
 
     # ------------------------------------------------------------------------------------------------ lifecycle
     def detach(self) -> nn.Module:

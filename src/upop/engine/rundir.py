@@ -12,7 +12,7 @@ from typing import Any
 
 from upop.engine.checkpoint import Checkpointer, Snapshot
 from upop.engine.lock import LOCK_FILE, DirLock
-from upop.engine.logs import JsonlLog
+from upop.engine.logs import JsonlLog, tensorboard_dir
 from upop.errors import UPopError
 from upop.utils import dist as D
 from upop.utils.files import atomic_write
@@ -42,7 +42,7 @@ def _jsonable(obj: Any) -> Any:
 
 
 # may differ in a resumed run: they do not change its results
-FREE_SETTINGS = ("device", "workers", "grad_checkpointing")
+FREE_SETTINGS = ("device", "workers", "grad_checkpointing", "log_dir")
 
 
 def _config_difference(saved: dict[str, Any], now: dict[str, Any], prefix: str = "") -> str | None:
@@ -103,7 +103,8 @@ class RunDir:
         try:
             self.checkpointer = Checkpointer(self.path / "checkpoints", info, ckpt.every, ckpt.keep)
             self.snapshot = self.checkpointer.latest() if ckpt.resume and self.done is None else None
-            self.log = JsonlLog(self.path / "log.jsonl", info)
+            events = tensorboard_dir(self.path, (config.get("run") or {}).get("log_dir"))
+            self.log = JsonlLog(self.path / "log.jsonl", info, events if self.done is None else None)
             if self.snapshot is not None:
                 self.log.truncate(self.snapshot.meta["log_size"])
             elif self.done is None:
@@ -136,6 +137,7 @@ class RunDir:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self.log.close()
         self.lock.release()
 
     def resume_from(self, phase_index: int) -> Snapshot | None:

@@ -51,6 +51,7 @@ class RunConfig:
     config_file: str | None = None  # the --config file the settings were read from, if any
     workers: int | str = "auto"  # loader processes per rank (upop.engine.loaders.resolve_workers)
     grad_checkpointing: bool = False  # recompute the blocks in the backward (upop.models.checkpointing)
+    log_dir: str | None = None  # TensorBoard events (None: the run's tb/ when tensorboard is installed; "none": off)
 
     def __post_init__(self) -> None:
         if isinstance(self.data, dict):  # read back from config.json

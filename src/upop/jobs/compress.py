@@ -447,6 +447,7 @@ def _write(
         if pictures:
             title = f"{cfg.model}, p={settings.prune.p} ({settings.prune.allocation})"
             files["kept.png"] = render.heatmap_png(report.per_structure, title)
+            out.log.image("kept widths", files["kept.png"])
         else:
             warn(info, "matplotlib is not installed, so no pictures are written (kept.png); pip install 'upop[plots]'")
         dense = None

@@ -4,10 +4,13 @@ per tower and kind, and a heatmap of the kept fraction per layer (layers x {towe
 from __future__ import annotations
 
 import io
+import json
 import re
+from pathlib import Path
 from typing import Any
 
 from upop.data.config import PAPER_PROTOCOL
+from upop.errors import UPopError
 from upop.jobs.report import CompressReport
 from upop.utils.extras import require
 
@@ -249,6 +252,49 @@ def kept_grid(
     names = {k: f"{'attention' if k == 'attn' else 'MLP'} {units[k]}" for k in units}
     labels = [(f"{t} {names[k]}" if several else names[k]) + (f" ({b})" if b else "") for t, k, b in columns]
     return labels, layers, grid
+
+
+def read_log(path: Path) -> list[dict[str, Any]]:
+    """The records of a run's log.jsonl; UPopError naming the file when it is missing or not JSON lines."""
+    try:
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except OSError as e:
+        raise UPopError(f"cannot read {path}: {e.strerror or e}") from None
+    except json.JSONDecodeError as e:
+        raise UPopError(f"{path} is not a UPop log (JSON lines): line {e.lineno}: {e.msg}") from None
+
+
+def progress_png(records: list[dict[str, Any]], title: str) -> bytes:
+    """A PNG of the search's progress from its log records: pi (the pruned share of the cost the schedule asks
+    for) and the kept fraction per kind, and per kind and tower for a model of several towers, over the steps."""
+    search = [r for r in records if r.get("phase") == "search" and "pi" in r]
+    if not search:
+        raise UPopError("the log holds no search steps to plot (a `upop compress` run logs them)")
+    matplotlib = require("matplotlib", "the search-progress picture")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in search]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.6))
+    left.plot(steps, [r["pi"] for r in search], label="pi (schedule)", color="k")
+    left.plot(steps, [r["pruned_cost"] for r in search], label="pruned share of the cost", linestyle="--")
+    left.set_xlabel("search step")
+    left.set_ylim(0, 1)
+    left.legend(fontsize=8)
+    towers = sorted({key for r in search for key in r.get("kept_by_tower", {})})
+    series = {f"kept {k}": [r[f"kept_{k}"] for r in search] for k in ("attn", "mlp")}
+    series.update({f"kept {key}": [r.get("kept_by_tower", {}).get(key) for r in search] for key in towers})
+    for label, values in series.items():
+        right.plot(steps, values, label=label, linestyle="-" if label.count("_") == 0 else ":")
+    right.set_xlabel("search step")
+    right.set_ylim(0, 1.02)
+    right.legend(fontsize=7, ncol=2)
+    fig.suptitle(f"search progress: {title}", fontsize=9)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
 
 
 def heatmap_png(per_structure: list[dict[str, Any]], title: str) -> bytes:
