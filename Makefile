@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip install --quiet -c constraints.txt
 DEMO_BASE ?= runs/demo-base
 DEMO_OUT ?= runs/demo-2x
 
-.PHONY: venv test test-fast demo bench lint docs docs-check clean
+.PHONY: venv test test-fast demo bench bench-peers lint docs docs-check clean
 
 # The exact set the tests ran with (constraints.txt) within the ranges pyproject.toml allows.
 $(VENV)/.installed: pyproject.toml constraints.txt
@@ -47,7 +47,13 @@ docs: venv
 docs-check: venv
 	OMP_NUM_THREADS=2 $(PY) -m pytest -q tests/test_docs.py
 
-# Torch-Pruning is a benchmark-only extra (the peer comparison), never a runtime dependency.
+# Torch-Pruning is a benchmark-only extra (the peer comparison), never a runtime dependency. The peer comparison
+# runs in parts: `make bench-peers PEERS=nlvr` (any of the tasks of benchmarks/bench_peers.py, comma-separated).
+PEERS ?= classification,retrieval,nlvr,blip-retrieval,caption,vqa,segmentation
+bench-peers: venv
+	$(PIP) -e '.[bench]'
+	$(PY) benchmarks/bench_peers.py --tasks $(PEERS)
+
 bench: venv
 	$(PIP) -e '.[bench]'
 	$(PY) benchmarks/bench_vit.py

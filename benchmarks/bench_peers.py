@@ -1,11 +1,13 @@
 """`make bench` (peers): how UPop compares with the baselines a reviewer asks for, at equal budgets, over seeds.
 
-On one dense base per task (the built-in classification task with vit-tiny, retrieval with clip-tiny; CPU), at 2x and
-4x (p = 0.5 and 0.75 of the prunable parameters), every method prunes the same internal widths (attention head dims,
-shared by all heads and by q, k, v, and MLP neurons; the embedding width is kept) and gets the same total training:
+On one dense base per task (CPU): the built-in classification task with vit-tiny, retrieval with clip-tiny, and the
+tasks of ``bench_blip.py`` and ``bench_seg.py`` with their run configurations, learning rate and epochs (blip-tiny on
+NLVR, image-text retrieval, captioning and VQA; segmenter-tiny on segmentation). At 2x and 4x (p = 0.5 and 0.75 of
+the prunable parameters), every method prunes the same internal widths (attention head dims, shared by all heads and
+by q, k, v, and MLP neurons; the embedding width is kept) and gets the same total training:
 
-- UPop, default ranking; UPop with the paper's ranking (``PAPER_RANKING``); UPop ``--allocation uniform``: search S
-  epochs, then retrain R epochs.
+- UPop, default ranking; UPop with the paper's ranking (``PAPER_RANKING``); UPop ``--allocation uniform``; whole heads
+  and mixed granularity: search S epochs, then retrain R epochs.
 - Torch-Pruning (a benchmark-only extra, ``pip install .[bench]``; never a runtime dependency), through its public
   API: ``MetaPruner`` with Taylor (``GroupTaylorImportance``, gradients of 10 training batches) or L2 magnitude
   (``GroupMagnitudeImportance``) importance, one shot, its per-layer ratio (and, in the "global" row, its one global
@@ -13,10 +15,32 @@ shared by all heads and by q, k, v, and MLP neurons; the embedding width is kept
   off the pruned weights and handed to ``upop.compress(plan=...)``, so retraining, selection and evaluation are
   the very code UPop's own rows run.
 
+Equal budgets on the multi-tower models. Torch-Pruning gets the same structures as UPop's rows, in every tower (as
+on CLIP: vision, text, and on BLIP the cross-attention and decoder towers too), so each of its rows removes p of
+the whole model's prunable parameters, the budget every UPop row meets, and all rows of a p share one budget, one best
+(in bold) and one verdict on the default row. Its graph handles every BLIP tower once HF's vision attention is
+traced with q, k, v unpacked rather than indexed (``_splittable_qkv``: the same computation, on the copy it prunes);
+checked on randomly initialised blip-tiny for NLVR, retrieval, captioning and VQA, Taylor and magnitude, per-layer and
+global. Restricting it to one tower instead (``Bench.tp_towers``, e.g. BLIP's vision tower) would make p a share of
+that tower's parameters, another budget: those rows are then shown as a budget of their own ("2x of the vision
+tower"), beside UPop at that same budget ("upop-vision", "uniform-vision", which run only where Torch-Pruning is so
+restricted), with its own verdict; no task needs it now. Where Torch-Pruning cannot run at all (``Bench.tp_not_run``
+says why; no task now), the table says so in a row instead.
+
 Every score is on the report split, the retraining epoch chosen on the selection split. Seeds change the search and
-retraining data order (and Torch-Pruning's Taylor batches); the base is shared. Writes benchmarks/results/peers.md and
-.json.
-Runs already present under runs/bench-peers are reused.
+retraining data order (and Torch-Pruning's Taylor batches); the base is shared. Each run's wall time is kept in its
+directory (``bench_seconds.json``) and each table's header says how long its part took. In bold: each budget's best
+mean (mean ± std and last epoch separately); under each table, one sentence per budget on the default row
+(``verdict``). Where reports record their selection rule's standard error, a "selection SE" column shows its median
+over seeds. Writes
+benchmarks/results/peers.md and .json; a run of some tasks (``--tasks``) replaces those tasks in the JSON and keeps the
+others, and the markdown is always rendered from the whole JSON (``--tables-only`` renders it without running).
+Runs already present under runs/bench-peers/<task> are reused.
+
+    python benchmarks/bench_peers.py --tasks classification,retrieval      # one part or several
+    python benchmarks/bench_peers.py --tasks segmentation --seeds 0,1,2 --ps 0.5,0.75
+    python benchmarks/bench_peers.py --study                               # the ranking study
+    python benchmarks/bench_peers.py --tables-only                         # peers.md from peers.json
 """
 
 from __future__ import annotations
@@ -25,9 +49,11 @@ import argparse
 import copy
 import dataclasses
 import json
+import math
 import statistics
 import sys
 import time
+import types
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +63,7 @@ import upop
 from upop.adapters import find_adapter
 from upop.core.config import PAPER_RANKING
 from upop.core.plan import Plan
+from upop.core.structure import Structure
 from upop.data.config import DataConfig
 from upop.jobs.common import RunConfig, device_name, prepare
 from upop.jobs.compress import Recipe, compress
@@ -44,13 +71,56 @@ from upop.jobs.report import CompressReport, TrainReport
 from upop.jobs.train import train
 
 HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE))
+from bench_blip import BENCHES as BLIP  # noqa: E402  (the BLIP tasks' run configurations and LR)
+from bench_blip import LR as BLIP_LR  # noqa: E402
+from bench_seg import CFG as SEG_CFG  # noqa: E402
+from bench_seg import LR as SEG_LR  # noqa: E402
+
 ROOT = HERE.parent
 RESULTS = HERE / "results"  # the tables and raw values the docs include
 TAYLOR_BATCHES = 10
+TIE = 0.1  # the least margin a verdict calls a win or a loss
+SECONDS = "bench_seconds.json"  # a run's wall time, in its directory
 
-TASKS = {  # name -> (run config, base training epochs and LR, search epochs, retraining epochs, metric)
-    "classification": (RunConfig(model="vit-tiny"), 15, 2e-3, 2, 3, "top1"),
-    "retrieval": (
+
+@dataclasses.dataclass(frozen=True)
+class Bench:
+    """One task of the comparison: its run configuration, the dense base's training (epochs, LR), UPop's search and
+    retraining epochs (Torch-Pruning retrains their sum), the table's metric, the compress LR (search and retraining;
+    None: ``Recipe``'s defaults), the towers Torch-Pruning prunes (empty: every structure) and, where it cannot run
+    on the task, why."""
+
+    cfg: RunConfig
+    base_epochs: int
+    base_lr: float
+    search: int
+    retrain: int
+    metric: str
+    lr: float | None = None
+    tp_towers: tuple[str, ...] = ()
+    tp_not_run: str = ""
+
+    def recipe(self, search: int, retrain: int) -> Recipe:
+        lrs = {} if self.lr is None else {"lr_search": self.lr, "lr": self.lr}
+        return Recipe(epochs_search=search, epochs=retrain, **lrs)
+
+    def about(self) -> dict[str, Any]:
+        """What the table's header says of the task (kept in the JSON, so the table is a function of it)."""
+        keys = ("base_epochs", "base_lr", "search", "retrain", "metric", "lr", "tp_towers")
+        return {"model": self.cfg.model, **{k: getattr(self, k) for k in keys}}
+
+
+def _blip(task: str, metric: str) -> Bench:
+    """A task of bench_blip.py, as it runs there: 12 base epochs, search 2 + retrain 4, its LR everywhere. Torch-
+    Pruning prunes every tower, as UPop does (``tp_towers=("vision",)`` would compare at the vision tower's budget,
+    beside the "upop-vision" row)."""
+    return Bench(BLIP[task].cfg, 12, BLIP_LR, 2, 4, metric, lr=BLIP_LR)
+
+
+TASKS = {
+    "classification": Bench(RunConfig(model="vit-tiny"), 15, 2e-3, 2, 3, "top1"),
+    "retrieval": Bench(
         RunConfig(task="retrieval", model="clip-tiny", data=DataConfig(train_size=4000, val_size=500)),
         15,
         1e-3,
@@ -58,9 +128,15 @@ TASKS = {  # name -> (run config, base training epochs and LR, search epochs, re
         6,
         "r_mean",
     ),
+    "nlvr": _blip("nlvr", "accuracy"),
+    "blip-retrieval": _blip("retrieval", "r_mean"),
+    "caption": _blip("caption", "cider"),
+    "vqa": _blip("vqa", "accuracy"),
+    "segmentation": Bench(SEG_CFG, 12, SEG_LR, 2, 4, "miou", lr=SEG_LR),  # bench_seg.py's
 }
 METHODS = {  # name -> (row label, kind, settings)
-    "upop": ("UPop (default: --score fisher --floor 0.5)", "upop", {}),
+    "upop": ("UPop (default: --score fisher --floor 0.5 --allocation tower)", "upop", {}),
+    "unified": ("UPop --allocation unified (one budget over every tower)", "upop", {"allocation": "unified"}),
     "upop-paper": ("UPop, paper's ranking", "upop", dict(PAPER_RANKING)),
     "uniform": ("UPop --allocation uniform", "upop", {"allocation": "uniform"}),
     "heads": ("UPop --granularity head (whole heads)", "upop", {"granularity": "head"}),
@@ -68,6 +144,19 @@ METHODS = {  # name -> (row label, kind, settings)
     "tp-taylor": ("Torch-Pruning Taylor", "tp", {"importance": "taylor", "global": False}),
     "tp-magnitude": ("Torch-Pruning L2 magnitude", "tp", {"importance": "magnitude", "global": False}),
     "tp-taylor-global": ("Torch-Pruning Taylor, global ratio", "tp", {"importance": "taylor", "global": True}),
+    # UPop at Torch-Pruning's budget on a task where it prunes only the vision tower (``Bench.tp_towers``; none now)
+    "upop-vision": ("UPop --towers vision (default ranking)", "upop", {"towers": ("vision",)}),
+    "uniform-vision": (
+        "UPop --towers vision --allocation uniform",
+        "upop",
+        {"towers": ("vision",), "allocation": "uniform"},
+    ),
+    # tried for the default at 2x (issue 24): a higher floor with the paper's one budget over every tower
+    "unified-floor0.75": (
+        "UPop --allocation unified --floor 0.75",
+        "upop",
+        {"allocation": "unified", "floor": 0.75},
+    ),
     # the ranking study (what was tried to make the unified ranking earn its keep), one change from the paper's each
     "study-snr": ("paper's ranking, --score snr", "upop", {**PAPER_RANKING, "score": "snr"}),
     "study-snr-floor0.5": ("--score snr --floor 0.5", "upop", {**PAPER_RANKING, "score": "snr", "floor": 0.5}),
@@ -76,7 +165,7 @@ METHODS = {  # name -> (row label, kind, settings)
     "study-fisher-tower": (
         "--score fisher --floor 0.5 --standardise tower",
         "upop",
-        {"score": "fisher", "floor": 0.5, "standardise": "tower"},
+        {"score": "fisher", "floor": 0.5, "standardise": "tower", "allocation": "unified"},
     ),
     "study-structure": (
         "paper's ranking, --standardise structure",
@@ -85,7 +174,17 @@ METHODS = {  # name -> (row label, kind, settings)
     ),
     "study-floor0.5": ("paper's ranking, --floor 0.5", "upop", {**PAPER_RANKING, "floor": 0.5}),
 }
-MAIN = ["upop", "upop-paper", "uniform", "heads", "mixed", "tp-taylor", "tp-magnitude", "tp-taylor-global"]
+MAIN = [
+    "upop",
+    "unified",
+    "upop-paper",
+    "uniform",
+    "heads",
+    "mixed",
+    "tp-taylor",
+    "tp-magnitude",
+    "tp-taylor-global",
+]
 STUDY = {  # task -> (budgets, methods) of the ranking study
     "classification": (
         "0.75",
@@ -120,14 +219,54 @@ def _kept_rows(original: torch.Tensor, pruned: torch.Tensor, groups: int, block:
     return kept
 
 
-def tp_choice(model: torch.nn.Module, example: Any, ratio: float, importance: Any, global_pruning: bool, grads: Any):
+def _structures(model: torch.nn.Module, towers: tuple[str, ...]) -> list[Structure]:
+    """UPop's head-dim structures of ``model`` in ``towers`` (all without), in the order a Pruner holds them."""
+    found = find_adapter(model).structures(model, "dim")
+    return [s for s in found if not towers or s.tower in towers]
+
+
+def _qkv_unpacked(self: torch.nn.Module, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple:
+    """HF ``BlipAttention.forward``'s computation, with q, k and v unpacked (an unbind) instead of indexed."""
+    b, n, width = hidden_states.shape
+    qkv = self.qkv(hidden_states).reshape(b, n, 3, self.num_heads, width // self.num_heads).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv
+    probs = self.dropout(torch.softmax(q @ k.transpose(-1, -2) * self.scale, dim=-1))
+    return self.projection((probs @ v).permute(0, 2, 1, 3).reshape(b, n, width)), probs
+
+
+def _splittable_qkv(model: torch.nn.Module) -> None:
+    """On the copy Torch-Pruning prunes, give HF BLIP's vision attentions a forward its graph can follow. HF's picks
+    q, k, v out of the fused projection by indexing (``mixed_qkv[0]``), which Torch-Pruning 1.6.1 does not take for
+    a split: it couples the 3 x width rows of ``qkv`` with the width inputs of ``projection`` and fails (IndexError
+    in the importance). The same computation with q, k, v unpacked (an unbind, as timm's and the Segmenter's
+    attention do) it splits per q, k, v and head. Outputs are unchanged; the model UPop retrains is not touched."""
+    if not any(type(m).__name__ == "BlipAttention" for m in model.modules()):
+        return
+    from transformers.models.blip.modeling_blip import BlipAttention
+
+    for module in model.modules():
+        if type(module) is BlipAttention:
+            module.forward = types.MethodType(_qkv_unpacked, module)
+
+
+def tp_choice(
+    model: torch.nn.Module,
+    example: Any,
+    ratio: float,
+    importance: Any,
+    global_pruning: bool,
+    grads: Any,
+    towers: tuple[str, ...] = (),
+) -> list[torch.Tensor]:
     """Run Torch-Pruning on a copy of ``model`` and return its decision as UPop choices (per structure, True =
-    pruned). Only the rows of UPop's structures (q/k/v or fused qkv, the first MLP linear) are roots, so it prunes
-    head dims (the same in every head, ``prune_head_dims``) and MLP neurons; the embedding width is kept."""
+    pruned). Only the rows of UPop's structures (q/k/v or fused qkv, the first MLP linear) of ``towers`` (every
+    tower without) are roots, every other linear or convolution is ignored, so it prunes head dims (the same in every
+    head, ``prune_head_dims``) and MLP neurons of those towers; the embedding width is kept."""
     import torch_pruning as tp
 
     work = copy.deepcopy(model)
-    structures = find_adapter(work).structures(work, "dim")
+    _splittable_qkv(work)
+    structures = _structures(work, towers)
     rows = [(r.module, r.groups, r.block, r.module.weight.detach().clone()) for s in structures for r in s.rows]
     roots = {r[0] for r in rows}
     ignored = [m for m in work.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and m not in roots]
@@ -152,6 +291,11 @@ def tp_choice(model: torch.nn.Module, example: Any, ratio: float, importance: An
         work.zero_grad()
         grads(work)
     pruner.step()
+    return _read_choice(structures, rows)
+
+
+def _read_choice(structures: list[Structure], rows: list[tuple]) -> list[torch.Tensor]:
+    """Torch-Pruning's decision read off the pruned row weights: per structure, True = pruned."""
     chosen, at = [], 0
     for s in structures:
         sets = []
@@ -167,77 +311,133 @@ def tp_choice(model: torch.nn.Module, example: Any, ratio: float, importance: An
     return chosen
 
 
-def as_upop_plan(model: torch.nn.Module, chosen: list[torch.Tensor]) -> tuple[float, Plan]:
-    """A choice as UPop sees it: the fraction of the prunable parameters it removes (UPop's params cost, the budget
-    every row meets) and its plan."""
-    pruner = upop.Pruner(copy.deepcopy(model), upop.PruneConfig(p=0.5, align_attn=1, align_mlp=1))
+def as_upop_plan(
+    model: torch.nn.Module, chosen: list[torch.Tensor], towers: tuple[str, ...] = ()
+) -> tuple[float, Plan]:
+    """A choice as UPop sees it: the fraction of the prunable parameters (of ``towers``) it removes (UPop's params
+    cost, the budget every row meets) and its plan."""
+    config = upop.PruneConfig(p=0.5, align_attn=1, align_mlp=1, towers=towers)
+    pruner = upop.Pruner(copy.deepcopy(model), config)
     pruner.set_choice(chosen, 0.0)
     return pruner.pruned_cost_fraction(), pruner.plan()
 
 
-def tp_plan(cfg: RunConfig, pretrained: str, p: float, settings: dict) -> tuple[Plan, dict]:
-    """Torch-Pruning's plan at UPop's budget p: its ratio bisected until the removed share of prunable params is
-    closest to p."""
+def _importance(setup: Any, settings: dict) -> tuple[Any, Any]:
+    """Torch-Pruning's importance for ``settings``, and for Taylor the callable that accumulates the gradients of
+    the first ``TAYLOR_BATCHES`` training batches on a model (None for magnitude)."""
     import torch_pruning as tp
 
+    if settings["importance"] != "taylor":
+        return tp.importance.GroupMagnitudeImportance(p=2), None
+    batches = []
+    for batch in setup.loaders.train:
+        batches.append(batch)
+        if len(batches) == TAYLOR_BATCHES:
+            break
+
+    def grads(m: torch.nn.Module) -> None:
+        for batch in batches:
+            setup.task.loss(m, batch).backward()
+
+    return tp.importance.GroupTaylorImportance(), grads
+
+
+def tp_plan(
+    cfg: RunConfig, pretrained: str | None, p: float, settings: dict, towers: tuple[str, ...] = ()
+) -> tuple[Plan, dict]:
+    """Torch-Pruning's plan at UPop's budget p (of ``towers``' prunable params): its ratio bisected until the removed
+    share is closest to p."""
     torch.manual_seed(cfg.seed)
     setup = prepare(cfg, pretrained)
     model = setup.model
-    task = setup.task
-    example = task.example_inputs(next(iter(setup.loaders.report)), model)
-    grads = None
-    if settings["importance"] == "taylor":
-        importance = tp.importance.GroupTaylorImportance()
-        batches = []
-        for batch in setup.loaders.train:
-            batches.append(batch)
-            if len(batches) == TAYLOR_BATCHES:
-                break
-
-        def grads(m: torch.nn.Module) -> None:
-            for batch in batches:
-                task.loss(m, batch).backward()
-    else:
-        importance = tp.importance.GroupMagnitudeImportance(p=2)
+    example = setup.task.example_inputs(next(iter(setup.loaders.report)), model)
+    importance, grads = _importance(setup, settings)
     low, high, best = 0.0, 0.99, None
     for _ in range(12):
         ratio = (low + high) / 2
-        chosen = tp_choice(model, example, ratio, importance, settings["global"], grads)
-        removed, plan = as_upop_plan(model, chosen)
+        chosen = tp_choice(model, example, ratio, importance, settings["global"], grads, towers)
+        removed, plan = as_upop_plan(model, chosen, towers)
         if best is None or abs(removed - p) < abs(best[1] - p):
             best = (ratio, removed, plan)
         low, high = (ratio, high) if removed < p else (low, ratio)
     ratio, removed, plan = best
-    return plan, {"ratio": ratio, "removed": removed}
+    return plan, {"ratio": ratio, "removed": removed, "towers": list(towers)}
 
 
 # ------------------------------------------------------------------------------------------------------ runs
-def base(task: str, runs: Path) -> str:
-    cfg, epochs, lr, *_ = TASKS[task]
-    if not (runs / "base" / "report.json").is_file():
-        train(cfg, epochs=epochs, lr=lr, output_dir=str(runs / "base"), overwrite=True)
-    return str(runs / "base" / "model.safetensors")
+def _write_seconds(directory: Path, seconds: float) -> None:
+    (directory / SECONDS).write_text(json.dumps({"seconds": seconds}) + "\n")
+
+
+def _read_seconds(directory: Path) -> float | None:
+    """The wall seconds a run took (None for a run made before they were recorded)."""
+    path = directory / SECONDS
+    return float(json.loads(path.read_text())["seconds"]) if path.is_file() else None
+
+
+def scope(task: str, method: str) -> tuple[str, ...]:
+    """The towers a row of ``task`` prunes (empty: the whole model): its budget is p of their prunable params."""
+    _, kind, settings = METHODS[method]
+    return tuple(TASKS[task].tp_towers if kind == "tp" else settings.get("towers", ()))
+
+
+def split_methods(task: str, methods: list[str]) -> tuple[list[str], dict[str, str]]:
+    """The methods that run on ``task``, and the Torch-Pruning rows that cannot, with why. A UPop row restricted to
+    some towers runs only where Torch-Pruning is restricted to the same towers and runs (it is there to meet it)."""
+    bench, run, not_run = TASKS[task], [], {}
+    for method in methods:
+        kind, towers = METHODS[method][1], scope(task, method)
+        if kind == "tp" and bench.tp_not_run:
+            not_run[method] = bench.tp_not_run
+        elif kind == "upop" and towers and (towers != bench.tp_towers or bench.tp_not_run):
+            print(f"{task}: {method} skipped (Torch-Pruning does not prune {', '.join(towers)} alone here)")
+        else:
+            run.append(method)
+    return run, not_run
+
+
+def base(task: str, runs: Path) -> tuple[str, float | None]:
+    """The task's dense base (trained once, reused) and the seconds its training took."""
+    bench, out = TASKS[task], runs / "base"
+    if not (out / "report.json").is_file():
+        start = time.time()
+        train(bench.cfg, epochs=bench.base_epochs, lr=bench.base_lr, output_dir=str(out), overwrite=True)
+        _write_seconds(out, time.time() - start)
+    return str(out / "model.safetensors"), _read_seconds(out)
+
+
+def _run_dir(task: str, method: str, p: float, seed: int, runs: Path) -> Path:
+    restricted = "".join(f"-{t}" for t in TASKS[task].tp_towers) if METHODS[method][1] == "tp" else ""
+    return runs / f"{method}{restricted}-p{p}-seed{seed}"  # a tower-restricted Torch-Pruning row: another budget
 
 
 def one_run(task: str, method: str, p: float, seed: int, runs: Path, pretrained: str) -> dict:
-    cfg, _, _, search, retrain, metric = TASKS[task]
-    cfg = dataclasses.replace(cfg, seed=seed)
-    out = runs / f"{method}-p{p}-seed{seed}"
+    bench = TASKS[task]
+    cfg = dataclasses.replace(bench.cfg, seed=seed)
     _, kind, settings = METHODS[method]
-    extra = {}
+    out = _run_dir(task, method, p, seed, runs)
     if not (out / "report.json").is_file():
         start = time.time()
         if kind == "upop":
-            recipe = Recipe(epochs_search=search, epochs=retrain)
+            recipe = bench.recipe(bench.search, bench.retrain)
             compress(cfg, upop.PruneConfig(p=p, **settings), pretrained, recipe, str(out), overwrite=True)
         else:
-            plan, extra = tp_plan(cfg, pretrained, p, settings)
-            recipe = Recipe(epochs_search=0, epochs=search + retrain)
-            compress(cfg, upop.PruneConfig(p=p), pretrained, recipe, str(out), overwrite=True, plan=plan)
+            plan, extra = tp_plan(cfg, pretrained, p, settings, bench.tp_towers)
+            recipe = bench.recipe(0, bench.search + bench.retrain)
+            prune = upop.PruneConfig(p=p, towers=bench.tp_towers)
+            compress(cfg, prune, pretrained, recipe, str(out), overwrite=True, plan=plan)
             (out / "torch_pruning.json").write_text(json.dumps(extra) + "\n")
-        print(f"{task} {method} p={p} seed {seed}: {time.time() - start:.0f} s", flush=True)
-    r = CompressReport.read(out)
+        _write_seconds(out, time.time() - start)
+        print(f"{task} {method} p={p} seed {seed}: {_read_seconds(out):.0f} s", flush=True)
+    return run_row(CompressReport.read(out), bench.metric, seed, _read_seconds(out))
+
+
+def run_row(r: CompressReport, metric: str, seed: int, seconds: float | None) -> dict:
+    """What the table keeps of a run's report (``selection_se``: the selection rule's standard error, where the
+    report records one)."""
     stability = r.stability or {}
+    selection = getattr(r, "selection", None)
+    se = selection.get("standard_error") if isinstance(selection, dict) else None
     return {
         "seed": seed,
         "score": r.compressed.metrics[metric],
@@ -247,43 +447,208 @@ def one_run(task: str, method: str, p: float, seed: int, runs: Path, pretrained:
         "speedup": r.speed.speedup,
         "min_kept": min(s["kept"] / s["size"] for s in r.per_structure),
         "overlap": stability.get("overlap"),
+        "seconds": seconds,
+        "selection_se": se,
     }
+
+
+def run_task(task: str, ps: list[float], methods: list[str], seeds: list[int], cached_only: bool = False) -> dict:
+    """Every run of one task (its part of the table), as the JSON keeps it; with ``cached_only``, only the rows
+    whose runs all exist (nothing is trained)."""
+    runs = ROOT / "runs" / "bench-peers" / task
+    bench = TASKS[task]
+    pretrained, base_seconds = base(task, runs)
+    run, not_run = split_methods(task, methods)
+    results = {
+        str(p): {
+            m: [one_run(task, m, p, s, runs, pretrained) for s in seeds]
+            for m in run
+            if not cached_only or all(_run_dir(task, m, p, s, runs).joinpath("report.json").is_file() for s in seeds)
+        }
+        for p in ps
+    }
+    return {
+        "about": bench.about(),
+        "dense": TrainReport.read(runs / "base").metrics[bench.metric],
+        "base_seconds": base_seconds,
+        "machine": f"{device_name(None)}, {torch.get_num_threads()} threads",
+        "scopes": {m: list(scope(task, m)) for m in run},
+        "not_run": not_run,
+        "results": results,
+    }
+
+
+# ------------------------------------------------------------------------------------------------------ tables
+def _se(values: list[float]) -> float:
+    """The standard error of the mean of ``values`` over seeds (0 for one seed)."""
+    return statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0.0
+
+
+def verdict(rows: dict[str, list[float]], default: str = "upop") -> str:
+    """One sentence: whether the ``default`` row's mean wins against the best other row, ties with it (within
+    max(0.1, the standard error over seeds of the difference of the two means, from each one's std / sqrt(n))) or
+    loses, and by how much.
+    ``rows``: per row, its scores over seeds (higher is better)."""
+    mean = {k: statistics.mean(v) for k, v in rows.items()}
+    others = {k: v for k, v in mean.items() if k != default}
+    if not others:
+        return f"`{default}` ran alone: nothing to compare it with."
+    rival = max(others, key=others.__getitem__)
+    gap = mean[default] - mean[rival]
+    margin = max(TIE, math.hypot(_se(rows[default]), _se(rows[rival])))
+    us, them = f"`{default}` ({mean[default]:.2f})", f"`{rival}` ({mean[rival]:.2f})"
+    if abs(gap) <= margin + 1e-9:  # a gap of exactly the margin (up to float rounding) ties
+        return f"{us} ties with the best other row, {them}: a difference of {gap:+.2f}, within the margin {margin:.2f}."
+    if gap > 0:
+        return f"{us} wins: {gap:.2f} above the best other row, {them}, beyond the margin {margin:.2f}."
+    return f"{us} loses to {them} by {-gap:.2f}, beyond the margin {margin:.2f}."
 
 
 def _ms(values: list[float]) -> str:
     return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}" if len(values) > 1 else f"{values[0]:.2f}"
 
 
-def table(task: str, results: dict, dense: float, seeds: list[int]) -> list[str]:
-    cfg, _, _, search, retrain, metric = TASKS[task]
-    lines = [
-        f"**{task}** ({cfg.model}; {metric} on the report split, dense {dense:.2f}; UPop searches {search} + retrains "
-        f"{retrain} epochs, Torch-Pruning retrains {search + retrain}; seeds {', '.join(map(str, seeds))})",
-        "",
-        "| budget | method | mean ± std | per seed | last epoch | before retraining | params removed |"
-        " smallest kept share | speedup (CPU) |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for p, rows in results.items():
-        for method, rs in rows.items():
-            cells = [
-                f"{1 / (1 - p):.0f}x (p = {p})",
-                METHODS[method][0],
-                _ms([r["score"] for r in rs]),
-                " / ".join(f"{r['score']:.2f}" for r in rs),
-                _ms([r["last"] for r in rs]),
-                _ms([r["before_retraining"] for r in rs]),
-                f"{statistics.mean(r['removed'] for r in rs):.3f}",
-                f"{min(r['min_kept'] for r in rs):.3f}",
-                f"{statistics.median(r['speedup'] for r in rs):.2f}x",
-            ]
-            lines.append("| " + " | ".join(cells) + " |")
+def _label(p: float, towers: tuple[str, ...]) -> str:
+    where = f" of the {' + '.join(towers)} tower" if towers else ""
+    return f"{1 / (1 - p):.0f}x{where} (p = {p})"
+
+
+def _budgets(entry: dict, p: str) -> list[tuple[str, str, dict[str, list[dict]]]]:
+    """The budgets of p in the table: the whole model and each tower restriction its rows have (the rows of a
+    restriction remove p of those towers' prunable params); each as (label, its default row, {method: runs})."""
+    scopes = entry.get("scopes", {})
+    by_scope: dict[tuple[str, ...], dict[str, list[dict]]] = {}
+    for method, runs in entry["results"][p].items():
+        by_scope.setdefault(tuple(scopes.get(method, ())), {})[method] = runs
+    return [(_label(float(p), t), "-".join(["upop", *t]), by_scope[t]) for t in sorted(by_scope, key=len)]
+
+
+def _bold_best(cells: list[str], means: list[float]) -> list[str]:
+    """``cells`` with those of the best mean (to the shown precision) in bold."""
+    best = round(max(means), 2)
+    return [f"**{c}**" if round(m, 2) == best else c for c, m in zip(cells, means)]
+
+
+def _timing(entry: dict) -> str:
+    """How long the task's part took: the base's training and every run shown, as recorded, and where."""
+    runs = [r for rows in entry["results"].values() for rs in rows.values() for r in rs]
+    seconds = [entry.get("base_seconds"), *(r.get("seconds") for r in runs)]
+    known = [t for t in seconds if t is not None]
+    machine = f" ({entry['machine']})" if "machine" in entry else ""
+    if not known:
+        return f"its time was not recorded{machine}"
+    missing = len(seconds) - len(known)
+    took = f"{sum(known) / 60:.0f} min"
+    if missing:
+        took = f"at least {took} ({missing} of its {len(seconds)} jobs not timed)"
+    return f"this part took {took} on this machine{machine}"
+
+
+HEAD = [
+    "budget",
+    "method",
+    "mean ± std",
+    "per seed",
+    "last epoch",
+    "before retraining",
+    "params removed",
+    "smallest kept share",
+    "speedup",
+]
+FOOTER = (
+    "Speedup: the compressed model against the dense one on the machine of its header, median of 30 back-to-back "
+    "pairs at the evaluation batch, median over seeds. In bold: the best mean of each budget, in the mean ± std and "
+    "in the last epoch columns separately. Each budget's sentence sets its default row against the best other row; "
+    "a difference within max(0.1, the standard error over seeds of the difference of the two means) is a tie."
+)
+
+
+def _header(task: str, entry: dict) -> str:
+    about = entry.get("about") or TASKS[task].about()
+    runs = [r for rows in entry["results"].values() for rs in rows.values() for r in rs]
+    seeds = ", ".join(str(s) for s in sorted({r["seed"] for r in runs}))
+    lr = f" at LR {about['lr']:g}" if about.get("lr") else ""
+    s, r = about["search"], about["retrain"]
+    return (
+        f"**{task}** ({about['model']}; {about['metric']} on the report split, dense {entry['dense']:.2f}; UPop "
+        f"searches {s} + retrains {r} epochs{lr}, Torch-Pruning retrains {s + r}; seeds {seeds}; {_timing(entry)})"
+    )
+
+
+def _budget_rows(label: str, rows: dict[str, list[dict]], with_se: bool) -> list[str]:
+    """The table rows of one budget, its best means in bold."""
+    methods = list(rows)
+    scores = _bold_best(
+        [_ms([r["score"] for r in rows[m]]) for m in methods], [_mean(rows[m], "score") for m in methods]
+    )
+    lasts = _bold_best([_ms([r["last"] for r in rows[m]]) for m in methods], [_mean(rows[m], "last") for m in methods])
+    lines = []
+    for method, score, last in zip(methods, scores, lasts):
+        rs = rows[method]
+        cells = [
+            label,
+            f"{METHODS[method][0] if method in METHODS else method} (`{method}`)",
+            score,
+            " / ".join(f"{r['score']:.2f}" for r in rs),
+            last,
+            _ms([r["before_retraining"] for r in rs]),
+            f"{statistics.mean(r['removed'] for r in rs):.3f}",
+            f"{min(r['min_kept'] for r in rs):.3f}",
+            f"{statistics.median(r['speedup'] for r in rs):.2f}x",
+        ]
+        if with_se:
+            se = [r["selection_se"] for r in rs if r.get("selection_se") is not None]
+            cells.append(f"{statistics.median(se):.2f}" if se else "-")
+        lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--tasks", default="classification,retrieval")
+def _mean(runs: list[dict], key: str) -> float:
+    return statistics.mean(r[key] for r in runs)
+
+
+def table(task: str, entry: dict) -> list[str]:
+    """One task's table (from its JSON entry), then one sentence per budget on the default row."""
+    runs = [r for rows in entry["results"].values() for rs in rows.values() for r in rs]
+    with_se = any(r.get("selection_se") is not None for r in runs)
+    head = HEAD + ["selection SE"] * with_se
+    lines = [_header(task, entry), "", "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    sentences = []
+    for p in entry["results"]:
+        for label, default, rows in _budgets(entry, p):
+            lines += _budget_rows(label, rows, with_se)
+            if default in rows and len(rows) > 1:
+                scores = {m: [r["score"] for r in rs] for m, rs in rows.items()}
+                sentences.append(f"{label}: {verdict(scores, default)}")
+        for reason in sorted(set(entry.get("not_run", {}).values())):
+            cells = [_label(float(p), ()), f"Torch-Pruning: not run — {reason}"] + ["-"] * (len(head) - 2)
+            lines.append("| " + " | ".join(cells) + " |")
+    return [*lines, "", *sentences]
+
+
+def render(everything: dict) -> str:
+    """The markdown of the results JSON (every task in it, in ``TASKS``' order)."""
+    lines = []
+    for task in [t for t in TASKS if t in everything] + sorted(set(everything) - set(TASKS)):
+        lines += table(task, everything[task]) + [""]
+    return "\n".join([*lines, FOOTER]) + "\n"
+
+
+def write_results(name: str, entries: dict) -> str:
+    """Merge ``entries`` (task -> its part) into benchmarks/results/<name>.json, replacing those tasks and keeping
+    the others, and render <name>.md from the merged JSON; returns the markdown."""
+    path = RESULTS / f"{name}.json"
+    merged = json.loads(path.read_text()) if path.is_file() else {}
+    merged.update(json.loads(json.dumps(entries)))
+    path.write_text(json.dumps(merged, indent=1) + "\n")
+    text = render(merged)
+    (RESULTS / f"{name}.md").write_text(text)
+    return text
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tasks", default=",".join(TASKS), help=f"any of {', '.join(TASKS)} (default: all)")
     parser.add_argument("--methods", default=",".join(MAIN), help=f"any of {', '.join(METHODS)}")
     parser.add_argument("--ps", default="0.5,0.75")
     parser.add_argument("--seeds", default="0,1,2")
@@ -292,33 +657,32 @@ def main() -> None:
         action="store_true",
         help="the ranking study instead (STUDY), written to benchmarks/results/peers_study.md",
     )
-    args = parser.parse_args()
-    plan = (
-        {task: (ps, methods) for task, (ps, methods) in STUDY.items()}
-        if args.study
-        else {task: (args.ps, args.methods.split(",")) for task in args.tasks.split(",")}
+    parser.add_argument("--tables-only", action="store_true", help="render the markdown from the JSON, run nothing")
+    parser.add_argument(
+        "--cached-only",
+        action="store_true",
+        help="tabulate only the rows whose runs (every seed) are in runs/bench-peers; train nothing but a missing base",
     )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    name = "peers_study" if args.study else "peers"
+    if args.tables_only:
+        print(write_results(name, {}))
+        return
+    plan = STUDY if args.study else {task: (args.ps, args.methods.split(",")) for task in args.tasks.split(",")}
+    unknown = [t for t in plan if t not in TASKS] + [m for _, ms in plan.values() for m in ms if m not in METHODS]
+    if unknown:
+        parser.error(f"unknown task or method {unknown[0]!r}")
     torch.set_num_threads(2)
     seeds = [int(s) for s in args.seeds.split(",")]
-    everything, lines = {}, []
+    text = ""
     for task, (ps, methods) in plan.items():
-        runs = ROOT / "runs" / "bench-peers" / task
-        pretrained = base(task, runs)
-        dense = TrainReport.read(runs / "base").metrics[TASKS[task][5]]
-        results = {
-            float(p): {m: [one_run(task, m, float(p), s, runs, pretrained) for s in seeds] for m in methods}
-            for p in ps.split(",")
-        }
-        everything[task] = {"dense": dense, "results": results}
-        lines += table(task, results, dense, seeds) + [""]
-    lines.append(
-        f"Machine: {device_name(None)}, 2 threads. Speedup: the compressed model against the dense one, median of "
-        "30 back-to-back pairs at the evaluation batch, median over seeds."
-    )
-    text = "\n".join(lines) + "\n"
-    name = "peers_study" if args.study else "peers"
-    (RESULTS / f"{name}.md").write_text(text)
-    (RESULTS / f"{name}.json").write_text(json.dumps(everything, indent=1) + "\n")
+        entry = run_task(task, [float(p) for p in ps.split(",")], methods, seeds, args.cached_only)
+        text = write_results(name, {task: entry})  # each part as soon as it is done
     print(text)
 
 

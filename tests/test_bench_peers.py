@@ -19,3 +19,48 @@ def test_kept_rows_are_read_off_a_row_pruned_weight(groups, block):
     assert len(found) == groups and all(torch.equal(k, kept) for k in found)
     with pytest.raises(RuntimeError, match="changed rows"):
         peers._kept_rows(weight, pruned + 1e-3, groups, block)
+
+
+def test_verdict_names_wins_ties_and_losses_against_the_best_other_row():
+    peers = load_benchmark("bench_peers")
+    win = peers.verdict({"upop": [94.0, 94.2, 94.1], "uniform": [93.5, 93.6, 93.4], "tp-taylor": [92.0, 92.1, 92.2]})
+    assert win.startswith("`upop` (94.10) wins: 0.60 above the best other row, `uniform` (93.50)")
+    tie = peers.verdict({"upop": [94.0, 94.1, 94.2], "uniform": [94.15, 94.15, 94.15]})
+    assert "ties with the best other row, `uniform` (94.15)" in tie and "-0.05" in tie  # within the 0.1 floor
+    noisy = peers.verdict({"upop": [93.0, 94.0, 95.0], "uniform": [94.5, 94.5, 94.5]})
+    assert "ties" in noisy  # 0.5 behind, within the seeds' standard error of its mean (0.58)
+    loss = peers.verdict({"upop": [93.0, 93.1, 93.2], "uniform": [94.0, 94.0, 94.0]})
+    assert loss.startswith("`upop` (93.10) loses to `uniform` (94.00) by 0.90")
+
+
+def test_tables_bold_each_budgets_best_and_say_the_verdict():
+    peers = load_benchmark("bench_peers")
+
+    def run(seed, score, last):
+        return {
+            "seed": seed,
+            "score": score,
+            "last": last,
+            "before_retraining": 50.0,
+            "removed": 0.5,
+            "speedup": 1.4,
+            "min_kept": 0.25,
+            "overlap": None,
+            "seconds": 60.0,
+            "selection_se": 1.5,
+        }
+
+    entry = {
+        "dense": 94.0,
+        "base_seconds": 120.0,
+        "results": {
+            "0.5": {
+                "upop": [run(0, 94.0, 94.0), run(1, 94.4, 94.4)],
+                "uniform": [run(0, 93.0, 94.8), run(1, 93.2, 94.8)],
+            }
+        },
+    }
+    text = "\n".join(peers.table("classification", entry))
+    assert "| **94.20 ± 0.28** |" in text and "| **94.80 ± 0.00** |" in text  # best score, best last epoch
+    assert "this part took 6 min on this machine" in text and "selection SE" in text
+    assert "2x (p = 0.5): `upop` (94.20) wins: 1.10 above the best other row, `uniform` (93.10)" in text

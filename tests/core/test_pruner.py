@@ -9,7 +9,7 @@ from helpers import ELEMENTWISE, build, hf_clip, hf_vit, images, logits, open_cl
 
 import upop
 from upop.core.config import PAPER_RANKING
-from upop.core.ranking import pi_at
+from upop.core.ranking import pi_at, removed_cost, total_cost
 
 
 def _search(model, config, steps=None, example=None, optimizer_first=True):
@@ -162,7 +162,7 @@ def test_align_must_be_positive():
 @pytest.mark.parametrize("factory", [hf_clip, open_clip_model])
 def test_one_budget_spans_both_towers_and_uniform_allocation_prunes_each_structure_alike(factory):
     model = build(factory, (4, 8, 3, 64))
-    unified, _ = _search(model, upop.PruneConfig(p=0.5, total_steps=12, **ELEMENTWISE))
+    unified, _ = _search(model, upop.PruneConfig(p=0.5, total_steps=12, allocation="unified", **ELEMENTWISE))
     assert {s.tower for s in unified.structures} == {"vision", "text"}
     assert abs(unified.pruned_cost_fraction() - 0.5) <= 0.01
     per_structure = [float(c.float().mean()) for c in unified.chosen]
@@ -173,6 +173,25 @@ def test_one_budget_spans_both_towers_and_uniform_allocation_prunes_each_structu
     for s, c in zip(uniform.structures, uniform.chosen):
         assert abs(float(c.float().mean()) - 0.5) <= 0.5 / s.size + 1e-9, s.name  # p of every structure
     assert abs(uniform.pruned_cost_fraction() - 0.5) <= 0.02
+
+
+@pytest.mark.parametrize("factory", [hf_clip, timm_vit])
+def test_tower_allocation_ranks_within_each_tower_at_its_own_budget(factory):
+    """``allocation="tower"`` (the default): each tower loses p of its own cost, ranked across its structures; with
+    one tower it is the unified ranking, choice for choice."""
+    model = build(factory, (4, 8, 3, 64))
+    tower, _ = _search(model, upop.PruneConfig(p=0.5, total_steps=12, **ELEMENTWISE))  # the default
+    towers = sorted({s.tower for s in tower.structures})
+    for name in towers:
+        mine = [i for i, s in enumerate(tower.structures) if s.tower == name]
+        total = sum(total_cost(tower.costs[i], tower.structures[i].size) for i in mine)
+        removed = sum(removed_cost(tower.costs[i], tower.structures[i].size, int(tower.chosen[i].sum())) for i in mine)
+        assert abs(float(removed) / total - 0.5) <= 0.02, name
+    tower.detach()
+    model = build(factory, (4, 8, 3, 64))
+    unified, _ = _search(model, upop.PruneConfig(p=0.5, total_steps=12, allocation="unified", **ELEMENTWISE))
+    same = all(torch.equal(a, b) for a, b in zip(unified.chosen, tower.chosen))
+    assert same == (towers == ["vision"])  # two towers: the unified budget moves cost between them
 
 
 def test_towers_restrict_pruning_to_one_tower_and_unknown_towers_are_named():

@@ -44,9 +44,13 @@ def test_builtin_classification_splits_and_their_record():
 
 
 @pytest.mark.e2e
-def test_keep_best_chooses_on_the_select_split_and_reports_the_report_split(tmp_path, capsys, monkeypatch):
-    """Scripted metrics: the select split peaks at epoch 2, the report split would have preferred epoch 3."""
-    select_script, report_script = [10.0, 30.0, 20.0], [50.0, 40.0]
+@pytest.mark.parametrize("gap", [10.0, 70.0])
+def test_keep_best_chooses_on_the_select_split_and_reports_the_report_split(tmp_path, capsys, monkeypatch, gap):
+    """Scripted metrics: the select split peaks at epoch 2, the report split would have preferred epoch 3. On 13
+    selection samples a 10-point lead is noise (the guarded default keeps the last epoch; ``--selection best``
+    takes it), a 70-point lead is not."""
+    rule = ["--selection", "best"] if gap == 10.0 else []  # the paper's rule: the best, whatever the lead
+    select_script, report_script = [10.0, 20.0 + gap, 20.0], [50.0, 40.0]
     seen: list[str] = []
     real = Classification.evaluate
 
@@ -58,13 +62,39 @@ def test_keep_best_chooses_on_the_select_split_and_reports_the_report_split(tmp_
 
     monkeypatch.setattr(Classification, "evaluate", scripted)
     out = tmp_path / "base"
-    assert main(["train", *CLI_DATA, "--epochs", "3", "--output-dir", str(out)]) == 0
+    assert main(["train", *CLI_DATA, *rule, "--epochs", "3", "--output-dir", str(out)]) == 0
     report = json.loads((out / "report.json").read_text())
     assert seen == ["select", "select", "select", "report", "report"]  # the last weights, then the selected ones
     assert report["selected_epoch"] == 2
-    assert [h["top1"] for h in report["history"]] == [10.0, 30.0, 20.0]
+    assert [h["top1"] for h in report["history"]] == select_script
     assert report["metrics_last"]["top1"] == 50.0 and report["metrics"]["top1"] == 40.0
-    assert report["splits"]["select"]["size"] == 13 and report["selection"] == {"split": "select", "metric": "top1"}
+    selection = report["selection"]
+    assert report["splits"]["select"]["size"] == 13 and selection["split"] == "select" and selection["size"] == 13
+    assert selection["rule"] == ("best" if gap == 10.0 else "guarded") and selection["kept_epoch"] == 2
+    assert selection["standard_error"] == pytest.approx((20 * 80 / 13) ** 0.5)  # at the last epoch's 20%
+
+
+@pytest.mark.e2e
+def test_guarded_selection_keeps_the_last_epoch_over_a_lead_within_noise(tmp_path, monkeypatch):
+    select_script = [10.0, 30.0, 20.0]  # +10 points on 13 samples: within the noise margin
+    real = Classification.evaluate
+    calls: list[int] = []
+
+    def scripted(self, model, loader, device):
+        metrics = real(self, model, loader, device)
+        if len(loader.dataset) == 13:
+            calls.append(1)
+            metrics["top1"] = select_script[len(calls) - 1]
+        return metrics
+
+    monkeypatch.setattr(Classification, "evaluate", scripted)
+    out = tmp_path / "base"
+    assert main(["train", *CLI_DATA, "--epochs", "3", "--output-dir", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["selected_epoch"] == 3 and report["metrics"] == report["metrics_last"]
+    selection = report["selection"]
+    assert selection["rule"] == "guarded" and selection["best_epoch"] == 2 and selection["kept_epoch"] == 3
+    assert selection["margin"] > 10.0 and "within the noise margin" in selection["reason"]
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +114,8 @@ def test_compress_report_names_its_splits_and_reports_the_last_epoch(compressed)
     for needle in (
         "report split: built-in val scenes (seed 1), 64 samples",
         "select split: carved from built-in",
-        "chosen by top1 on the select split",
+        "chosen by top1 on the select split (rule guarded: ",
+        "the split's standard error",
         "p = 0.5",
         "seed 0",
         "machine: cpu",

@@ -19,16 +19,16 @@ from upop.utils.files import atomic_write
 
 def _ranking(args: argparse.Namespace) -> dict[str, Any]:
     """The ranking settings the flags name: --paper-ranking, or the defaults with any of --score, --standardise,
-    --floor changed (refused together with --paper-ranking on the command line, which fixes all three; a --config
-    file's are replaced by it)."""
+    --floor, --allocation changed (refused together with --paper-ranking on the command line, which fixes all four;
+    a --config file's are replaced by it)."""
     given = {k: getattr(args, k) for k in PAPER_RANKING if getattr(args, k) is not None}
     if args.paper_ranking:
         typed = getattr(args, "given", set(given))
         given = {k: v for k, v in given.items() if k in typed}
         if given:
             raise UPopError(
-                f"--paper-ranking fixes --score, --standardise and --floor; drop --{next(iter(given))} or "
-                "--paper-ranking"
+                "--paper-ranking fixes --score, --standardise, --floor and --allocation; drop "
+                f"--{next(iter(given))} or --paper-ranking"
             )
         return dict(PAPER_RANKING)
     return given
@@ -160,7 +160,10 @@ def _train(args: argparse.Namespace) -> None:
         args.max_nonfinite,
     )
     metrics = ", ".join(f"{k} {v:.2f}" for k, v in report.metrics.items())
-    _print(f"dense {args.model} (report split, epoch {report.selected_epoch}): {metrics}\nsaved to {args.output_dir}")
+    from upop.jobs.render import selection_text
+
+    kept = f"epoch {report.selected_epoch}{selection_text(report.selection)}"
+    _print(f"dense {args.model} (report split, {kept}): {metrics}\nsaved to {args.output_dir}")
 
 
 def _prune_config(args: argparse.Namespace) -> PruneConfig:
@@ -173,7 +176,6 @@ def _prune_config(args: argparse.Namespace) -> PruneConfig:
         exclude=tuple(args.exclude),
         align_attn=args.align_attn,
         align_mlp=args.align_mlp,
-        allocation=args.allocation,
         granularity=args.granularity,
         latency_table=args.latency_table,
         attn_cost=args.attn_cost if args.cost == "paper" or "attn_cost" in getattr(args, "given", ()) else None,

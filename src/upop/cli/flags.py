@@ -7,7 +7,8 @@ import argparse
 from typing import Any
 
 from upop.adapters import registered_adapters
-from upop.core.config import PruneConfig
+from upop.core.config import ALLOCATIONS, PruneConfig
+from upop.engine.selection import SELECTION_RULES
 from upop.models import MODEL_KINDS, model_names
 from upop.tasks import registered_tasks
 
@@ -132,6 +133,15 @@ def _common(p: argparse.ArgumentParser, fallback_to_saved: bool = False) -> None
         "256); --batch-size on the command line overrides one from --config",
     )
     arg("--seed", type=int, default=0, help="seed of initialisation and data order")
+    arg(
+        "--selection",
+        choices=SELECTION_RULES,
+        default="guarded",
+        help="which epoch a training or retraining phase keeps: guarded (default) the best on the selection split "
+        "only when it beats the last by more than that split's noise (its standard error, corrected for the number "
+        "of epochs compared), else the last; best: the best on the selection split however small the difference "
+        "(the paper's scripts); last: the last epoch",
+    )
     arg(
         "--amp",
         action=argparse.BooleanOptionalAction,
@@ -437,9 +447,11 @@ def _search_flags(c: argparse.ArgumentParser) -> None:
     )
     c.add_argument(
         "--allocation",
-        choices=("unified", "uniform"),
-        default="unified",
-        help="unified: one budget ranked over every structure of every tower (UPop); uniform: p in each structure",
+        choices=ALLOCATIONS,
+        default=None,
+        help="tower: one ranking over the structures of each tower, p of each tower's cost; unified (the paper's): "
+        "one budget ranked over every structure of every tower; uniform: p in each structure; default "
+        f"{PruneConfig.allocation}",
     )
     c.add_argument(
         "--score",
@@ -467,7 +479,7 @@ def _search_flags(c: argparse.ArgumentParser) -> None:
         "--paper-ranking",
         action=argparse.BooleanOptionalAction,
         default=False,
-        help="UPop's ranking exactly as published: --score gradient --standardise kind --floor 0",
+        help="UPop's ranking exactly as published: --score gradient --standardise kind --floor 0 --allocation unified",
     )
     c.add_argument(
         "--plan",

@@ -245,18 +245,27 @@ class Pruner:
         align = [self.alignment.of(s.kind) for s in self.structures]
         keep = self.floors()
         grids = [s.grid for s in self.structures]
-        if self.config.allocation == "uniform":  # the same ratio in every structure, ranked within it
-            chosen = [
-                select([z], [c], self.pi, [a], [k], [g])[0]
-                for z, c, a, k, g in zip(scores, self.costs, align, keep, grids)
-            ]
-        else:
-            chosen = select(scores, self.costs, self.pi, align, keep, grids)
+        chosen: list[torch.Tensor] = [torch.zeros(0, dtype=torch.bool)] * len(self.structures)
+        for group in self.budget_groups():  # one ranking per group, each removing pi of its own cost
+            z, c, a, k, g = ([v[i] for i in group] for v in (scores, self.costs, align, keep, grids))
+            picked = select(z, c, self.pi, a, k, g)
+            for i, c in zip(group, picked):
+                chosen[i] = c
         # all ranks hold the same averaged importance; broadcasting rank 0's decision makes identity certain
         flat = broadcast_from_main(torch.cat(chosen).to(torch.uint8).to(self.masks[0].device))
         chosen = list(torch.split(flat.cpu().bool(), [s.size for s in self.structures]))
         self.stability.record(self.step_count, self.pi, torch.cat(scores), torch.cat(self.chosen), torch.cat(chosen))
         self.set_choice(chosen, selected_value(self.pi, self.config.p))
+
+    def budget_groups(self) -> list[list[int]]:
+        """The structures (indices) that share one ranking and one budget: all of them ("unified"), each tower's
+        ("tower") or each structure alone ("uniform")."""
+        if self.config.allocation == "uniform":
+            return [[i] for i in range(len(self.structures))]
+        if self.config.allocation == "tower":
+            towers = sorted({s.tower for s in self.structures})
+            return [[i for i, s in enumerate(self.structures) if s.tower == t] for t in towers]
+        return [list(range(len(self.structures)))]
 
     def stability_summary(self) -> dict[str, Any]:
         """The final ranking's stability: the overlap of the chosen sets and the rank correlation of the scores at

@@ -69,7 +69,7 @@ class Stability:
                 f"the floor was lowered from {config.floor:g} to {floor:.3g} of the uniform share: with "
                 f"{config.cost} costs the configured floors left less than p = {config.p:g} to remove"
             )
-        if config.allocation == "unified" and smallest < warn_below - 1e-9:
+        if config.allocation != "uniform" and smallest < warn_below - 1e-9:
             warnings.append(
                 f"{where} keeps {smallest:.1%} of its elements, under {warn_below:.1%} ({STARVED_SHARE:g} of the "
                 f"uniform share 1 - p): a noisy ranking may have starved it; consider --floor or a longer search"

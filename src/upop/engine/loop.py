@@ -21,6 +21,7 @@ from upop.engine import signals
 from upop.engine.checkpoint import Checkpointer, Snapshot, set_rng_state
 from upop.engine.loaders import EpochSampler, Loaders
 from upop.engine.logs import JsonlLog, Progress
+from upop.engine.selection import choose_epoch
 from upop.errors import UPopError
 from upop.utils.dist import DistInfo, unwrap
 
@@ -139,7 +140,8 @@ class Phase:
     """One run of the loop: ``name`` labels the log ("train", "search", "retrain"); ``index`` orders the phases of a
     job for checkpoints; ``optimizer`` is "adamw" or "sgd" (Nesterov); ``schedule`` is the LR schedule (one of
     ``LR_SCHEDULES``, after ``warmup_steps``, down to ``min_lr_ratio`` of ``lr``);
-    ``keep_best`` restores the weights of the epoch best on the selection split at the end; ``max_nonfinite`` is the
+    ``keep_best`` restores, at the end, the weights of the epoch best on the selection split when ``selection`` (one
+    of ``upop.engine.selection.SELECTION_RULES``; "guarded" by default) lets it beat the last; ``max_nonfinite`` is the
     share of steps allowed to have non-finite gradients before the run stops; ``distill`` (alpha) mixes KL
     distillation from a teacher into the loss at ``temperature``: (1 - alpha) task + alpha KD."""
 
@@ -158,6 +160,7 @@ class Phase:
     max_nonfinite: float = 0.1
     distill: float = 0.0
     temperature: float = 1.0
+    selection: str = "guarded"
 
 
 def _weights(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -324,15 +327,27 @@ class _PhaseRun:
             self.stop_if_asked()  # a signal during the evaluation: the epoch-end checkpoint is the one to resume
         last_metrics = last(self.model) if last is not None else None
         best = self.loop["best"]
-        if self.phase.keep_best and self.best_state is not None and best["epoch"] != self.phase.epochs:
+        selection = self.selection() if self.phase.keep_best and best else None
+        kept = selection["kept_epoch"] if selection else self.phase.epochs
+        if kept != self.phase.epochs:
+            if self.best_state is None or kept != best["epoch"]:
+                raise RuntimeError(f"{self.phase.name}: no weights kept for epoch {kept}")
             unwrap(self.model).load_state_dict(self.best_state)
         return {
             "history": self.loop["history"],
             "best": best,
-            "selected_epoch": best["epoch"] if self.phase.keep_best and best else self.phase.epochs,
+            "selected_epoch": kept,
+            "selection": selection,
             "last": last_metrics,
             "nonfinite_steps": self.loop["nonfinite"],
         }
+
+    def selection(self) -> dict[str, Any]:
+        """The epoch to keep by the phase's rule (``upop.engine.selection``), the selection split's size and error."""
+        history, main = self.loop["history"], self.task.main_metric
+        size = len(self.loaders.select.dataset)
+        error = self.task.standard_error(history[-1], size)
+        return choose_epoch(history, main, error, self.phase.selection, size)
 
 
 def run_phase(
@@ -351,11 +366,13 @@ def run_phase(
     last: Callable[[nn.Module], Any] | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` (DDP-wrapped or not) for ``phase.epochs`` epochs; returns {"history": per-epoch metrics on the
-    selection split, "best": the best of them (with its "epoch"), "selected_epoch", "last": ``last(model)`` on the
-    final weights (before the best are restored; e.g. metrics on the report split), "nonfinite_steps"}.
+    selection split, "best": the best of them (with its "epoch"), "selected_epoch", "selection": the rule's verdict
+    (``upop.engine.selection.choose_epoch``; None without ``keep_best`` or a selection split), "last": ``last(model)``
+    on the final weights (before others are restored; e.g. metrics on the report split), "nonfinite_steps"}.
 
     With ``keep_best`` the weights of the epoch best on the selection split (by the task's main metric) are restored
-    at the end; without a selection split the last epoch is kept. With a ``pruner`` the sparsity loss is added and
+    at the end when ``phase.selection`` lets that epoch beat the last; without a selection split the last epoch is
+    kept. With a ``pruner`` the sparsity loss is added and
     ``pruner.step()`` follows every optimizer step. With a ``teacher`` and ``phase.distill`` > 0 the loss mixes in
     KL distillation from it.
 

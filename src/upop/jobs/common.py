@@ -25,6 +25,7 @@ from upop.data.splits import ROLES
 from upop.engine import signals
 from upop.engine.loaders import Loaders, make_loaders
 from upop.engine.loop import Phase
+from upop.engine.selection import check_rule
 from upop.errors import UPopError
 from upop.jobs.pretrained import Loaded, load_bundle
 from upop.jobs.report import Measurement
@@ -52,6 +53,7 @@ class RunConfig:
     workers: int | str = "auto"  # loader processes per rank (upop.engine.loaders.resolve_workers)
     grad_checkpointing: bool = False  # recompute the blocks in the backward (upop.models.checkpointing)
     log_dir: str | None = None  # TensorBoard events (None: the run's tb/ when tensorboard is installed; "none": off)
+    selection: str = "guarded"  # which epoch a phase keeps (upop.engine.selection.SELECTION_RULES)
 
     def __post_init__(self) -> None:
         if isinstance(self.data, dict):  # read back from config.json
@@ -62,6 +64,7 @@ class RunConfig:
         if self.batch_size < 1:
             raise UPopError(f"batch size must be a positive integer, got {self.batch_size}")
         augment.check_batch_size(augment.resolve(self.data.augment, self.data.builtin), self.batch_size)
+        check_rule(self.selection)
 
     def task_options(self) -> TaskOptions:
         return self.options
@@ -161,8 +164,9 @@ def warn(info: D.DistInfo, message: str) -> None:
         print(f"upop: warning: {message}", file=sys.stderr, flush=True)
 
 
-def provenance(cfg: RunConfig, setup: Setup) -> dict[str, Any]:
-    """What produced a report (the fields of ``upop.jobs.report.Report``): task, model, data, splits, seed,
+def provenance(cfg: RunConfig, setup: Setup, verdict: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What produced a report (the fields of ``upop.jobs.report.Report``): task, model, data, splits, how the kept
+    epoch was chosen (the split, metric and rule, and the rule's ``verdict``: ``upop.engine.selection``), seed,
     device, versions, date."""
     return {
         "task": cfg.task,
@@ -172,6 +176,8 @@ def provenance(cfg: RunConfig, setup: Setup) -> dict[str, Any]:
         "selection": {
             "split": "select" if setup.loaders.select is not None else None,
             "metric": setup.task.main_metric,
+            "rule": cfg.selection,
+            **(verdict or {}),
         },
         "seed": cfg.seed,
         "batch_size": cfg.batch_size,

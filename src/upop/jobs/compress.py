@@ -312,7 +312,7 @@ def _retrain(
     """Retrain the compressed model keeping the epoch best on the selection split; (the phase's result, the
     report-split metrics of the kept weights). Without retraining epochs, the subnet's."""
     recipe = settings.recipe
-    retrain = {"nonfinite_steps": 0, "history": [], "selected_epoch": 0, "last": searched.metrics}
+    retrain = {"nonfinite_steps": 0, "history": [], "selected_epoch": 0, "selection": None, "last": searched.metrics}
     if recipe.epochs == 0:
         return retrain, searched.metrics
     phase = Phase(
@@ -325,6 +325,7 @@ def _retrain(
         min_lr_ratio=recipe.min_lr_ratio(recipe.lr),
         amp=cfg.amp,
         keep_best=True,
+        selection=cfg.selection,
         index=1,
         max_nonfinite=settings.max_nonfinite,
         distill=recipe.distill,
@@ -406,7 +407,7 @@ def _report(
     compressed.epoch = retrain["selected_epoch"]
     per_structure = _per_structure(setup.model, prune.granularity)
     return CompressReport(
-        **provenance(cfg, setup),
+        **provenance(cfg, setup, retrain["selection"]),
         p=prune.p,
         cost=prune.cost,
         allocation=prune.allocation,

@@ -57,8 +57,21 @@ def _kept_weights_text(report: CompressReport) -> str:
     if not epochs:
         return "no retraining: the searched subnet"
     if report.selection.get("split"):
-        return f"retraining epoch {chosen} of {epochs}, chosen by {report.selection.get('metric')} on the select split"
+        metric = report.selection.get("metric")
+        return f"retraining epoch {chosen} of {epochs}, chosen by {metric} on the select split" + selection_text(
+            report.selection
+        )
     return f"the last retraining epoch ({epochs}; no selection split)"
+
+
+def selection_text(selection: dict) -> str:
+    """ " (rule guarded: <reason>; the split's standard error 1.23 on 400 samples)", or "" for older reports."""
+    if "kept_epoch" not in selection:
+        return ""
+    return (
+        f" (rule {selection['rule']}: {selection['reason']}; the split's standard error "
+        f"{selection['standard_error']:.2f} on {selection['size']} samples)"
+    )
 
 
 def report_header(report: CompressReport) -> str:

@@ -44,6 +44,7 @@ def train(
             amp=cfg.amp,
             keep_best=True,
             max_nonfinite=max_nonfinite,
+            selection=cfg.selection,
         )
         evaluate = report_eval(setup)
         result = run_phase(
@@ -59,7 +60,7 @@ def train(
         )
         stop_point(info, "after training")
         report = TrainReport(
-            **provenance(cfg, setup),
+            **provenance(cfg, setup, result["selection"]),
             epochs=epochs,
             lr=lr,
             metrics=selected_metrics(result, phase, evaluate, model),

@@ -22,6 +22,7 @@ from upop.data.config import DataConfig
 from upop.data.splits import ROLES, Splits
 from upop.errors import UPopError
 from upop.models.bundle import ModelBundle, Normalization
+from upop.utils.stats import binomial_error
 
 VQA_INFERENCE = ("rank", "generate")
 ANSWER_GROUPING = ("normalised", "raw")
@@ -127,6 +128,12 @@ class Task(abc.ABC):
     @abc.abstractmethod
     def evaluate(self, model: nn.Module, loader: Any, device: torch.device) -> dict[str, float]:
         """Metrics over ``loader`` (summed over DDP ranks), each in percent where that is the convention."""
+
+    def standard_error(self, metrics: dict[str, Any], size: int) -> float:
+        """The standard error of the main metric measured on ``size`` samples (how far noise alone moves it; the
+        selection rule's unit): by default the binomial error of a percentage, sqrt(m (100 - m) / size). Tasks
+        whose main metric is not a share of samples override it."""
+        return binomial_error(metrics[self.main_metric], size)
 
     @abc.abstractmethod
     def example_inputs(self, batch: Any, model: nn.Module | None = None) -> Any:

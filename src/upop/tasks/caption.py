@@ -16,6 +16,7 @@ is reported.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import re
 import shutil
@@ -37,6 +38,7 @@ from upop.tasks.losses import lm_loss, token_distill
 from upop.utils import dist as D
 from upop.utils.dist import unwrap
 from upop.utils.extras import require
+from upop.utils.stats import mean_error
 
 PROMPT = "a picture of "
 NUM_BEAMS, MAX_LENGTH, MIN_LENGTH = 3, 20, 5
@@ -85,7 +87,8 @@ def scorer_tokenizer() -> str:
 
 
 def caption_scores(references: dict[int, list[str]], candidates: dict[int, str]) -> dict[str, Any]:
-    """BLEU@4 and CIDEr (percent) of one candidate per image against its references, by pycocoevalcap."""
+    """BLEU@4 and CIDEr (percent) of one candidate per image against its references, by pycocoevalcap, and the
+    standard error of the CIDEr (the per-image scores' standard deviation / sqrt(images): "cider_se")."""
     require("pycocoevalcap", "the captioning metrics (BLEU@4, CIDEr)")
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
@@ -101,8 +104,9 @@ def caption_scores(references: dict[int, list[str]], candidates: dict[int, str])
         refs = {k: [simple_tokenize(c) for c in v] for k, v in references.items()}
         cands = {k: [simple_tokenize(c)] for k, c in candidates.items()}
     bleu, _ = Bleu(4).compute_score(refs, cands, verbose=0)
-    cider, _ = Cider().compute_score(refs, cands)
-    return {"bleu4": 100.0 * float(bleu[3]), "cider": 100.0 * float(cider)}
+    cider, per_image = Cider().compute_score(refs, cands)
+    cider_se = 100.0 * mean_error([float(v) for v in per_image])
+    return {"bleu4": 100.0 * float(bleu[3]), "cider": 100.0 * float(cider), "cider_se": cider_se}
 
 
 def decoder_start(model: nn.Module) -> int:
@@ -133,6 +137,10 @@ class Caption(Task):
     name = "caption"
     main_metric = "cider"
     model_kind = "captioner"
+
+    def standard_error(self, metrics: dict[str, Any], size: int) -> float:
+        """CIDEr is a mean over images, not a share: its error is the per-image scores' (``caption_scores``)."""
+        return float(metrics.get("cider_se", math.inf))
 
     def datasets(self, data: DataConfig, roles: tuple[str, ...] = ROLES) -> Splits:
         require("pycocoevalcap", "the captioning metrics (BLEU@4, CIDEr)")  # before any training
