@@ -31,8 +31,7 @@ def train(
         raise UPopError(f"--lr must be positive, got {lr}")
     setup = prepare(cfg)
     model, info = setup.model, setup.info
-    config = {"run": cfg.to_dict(), "num_outputs": setup.num_outputs, "image_size": setup.image_size}
-    config.update(epochs=epochs, lr=lr)
+    config = dict(run=cfg.to_dict(), num_outputs=setup.num_outputs, image_size=setup.image_size, epochs=epochs, lr=lr)
     with RunDir(output_dir, config, overwrite, ckpt or Checkpointing(), info) as out:
         if out.done is not None:
             return TrainReport.from_dict(out.done)
