@@ -48,7 +48,7 @@ def choose_epoch(history: list[dict[str, Any]], metric: str, standard_error: flo
     best = max(history, key=lambda h: h[metric])  # the first of equal bests
     need = margin(standard_error, len(history)) if rule == "guarded" else 0.0
     gain = best[metric] - last[metric]
-    if rule == "last" or best is last or best["epoch"] == last["epoch"]:
+    if rule == "last" or best["epoch"] == last["epoch"]:
         kept, reason = last, "the last epoch" if rule == "last" else "the last epoch is the best"
     elif rule == "best":
         kept, reason = best, "the best on the selection split"
