@@ -135,8 +135,13 @@ TASKS = {
     "segmentation": Bench(SEG_CFG, 12, SEG_LR, 2, 4, "miou", lr=SEG_LR),  # bench_seg.py's
 }
 METHODS = {  # name -> (row label, kind, settings)
-    "upop": ("UPop (default: --score fisher --floor 0.5 --allocation tower)", "upop", {}),
-    "unified": ("UPop --allocation unified (one budget over every tower)", "upop", {"allocation": "unified"}),
+    "upop": ("UPop (default: --score fisher --floor 0.75 --allocation tower)", "upop", {}),
+    "floor0.5": ("UPop --floor 0.5 (the default until 2026-12-04)", "upop", {"floor": 0.5}),
+    "unified": (
+        "UPop --allocation unified --floor 0.5 (one budget over every tower)",
+        "upop",
+        {"allocation": "unified", "floor": 0.5},
+    ),
     "upop-paper": ("UPop, paper's ranking", "upop", dict(PAPER_RANKING)),
     "uniform": ("UPop --allocation uniform", "upop", {"allocation": "uniform"}),
     "heads": ("UPop --granularity head (whole heads)", "upop", {"granularity": "head"}),
@@ -176,6 +181,7 @@ METHODS = {  # name -> (row label, kind, settings)
 }
 MAIN = [
     "upop",
+    "floor0.5",
     "unified",
     "upop-paper",
     "uniform",
@@ -411,12 +417,39 @@ def _run_dir(task: str, method: str, p: float, seed: int, runs: Path) -> Path:
     return runs / f"{method}{restricted}-p{p}-seed{seed}"  # a tower-restricted Torch-Pruning row: another budget
 
 
+RANKED_BY = ("p", "score", "standardise", "floor", "allocation", "granularity", "towers")  # what makes a UPop row
+
+
+def stale(out: Path, kind: str, p: float, settings: dict) -> list[str]:
+    """The settings a kept UPop run was made with that its row no longer asks for (a default changed since, say):
+    such a run is made again rather than reused under a label it does not match. Torch-Pruning rows choose by their
+    plan, so only their budget counts."""
+    path = out / "report.json"
+    if not path.is_file():
+        return []
+    have = json.loads(path.read_text()).get("prune", {})
+    want = json.loads(json.dumps(dataclasses.asdict(upop.PruneConfig(p=p, **settings))))
+    keys = RANKED_BY if kind == "upop" else ("p",)
+    if want["allocation"] == "uniform":  # every structure keeps 1 - p, ordered by score alone: no floor binds
+        keys = tuple(k for k in keys if k not in ("floor", "standardise"))
+    return [f"{k} {have.get(k)!r} -> {want[k]!r}" for k in keys if have.get(k) != want[k]]
+
+
+def _cached(task: str, method: str, p: float, seed: int, runs: Path) -> bool:
+    """Whether a run of this row is kept and still matches its settings."""
+    out, (_, kind, settings) = _run_dir(task, method, p, seed, runs), METHODS[method]
+    return (out / "report.json").is_file() and not stale(out, kind, p, settings if kind == "upop" else {})
+
+
 def one_run(task: str, method: str, p: float, seed: int, runs: Path, pretrained: str) -> dict:
     bench = TASKS[task]
     cfg = dataclasses.replace(bench.cfg, seed=seed)
     _, kind, settings = METHODS[method]
     out = _run_dir(task, method, p, seed, runs)
-    if not (out / "report.json").is_file():
+    changed = stale(out, kind, p, settings if kind == "upop" else {})
+    if changed:
+        print(f"{task} {method} p={p} seed {seed}: made again ({'; '.join(changed)})", flush=True)
+    if changed or not (out / "report.json").is_file():
         start = time.time()
         if kind == "upop":
             recipe = bench.recipe(bench.search, bench.retrain)
@@ -463,7 +496,7 @@ def run_task(task: str, ps: list[float], methods: list[str], seeds: list[int], c
         str(p): {
             m: [one_run(task, m, p, s, runs, pretrained) for s in seeds]
             for m in run
-            if not cached_only or all(_run_dir(task, m, p, s, runs).joinpath("report.json").is_file() for s in seeds)
+            if not cached_only or all(_cached(task, m, p, s, runs) for s in seeds)
         }
         for p in ps
     }
@@ -484,22 +517,34 @@ def _se(values: list[float]) -> float:
     return statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0.0
 
 
-def verdict(rows: dict[str, list[float]], default: str = "upop") -> str:
-    """One sentence: whether the ``default`` row's mean wins against the best other row, ties with it (within
-    max(0.1, the standard error over seeds of the difference of the two means, from each one's std / sqrt(n))) or
-    loses, and by how much.
+def compare(rows: dict[str, list[float]], default: str = "upop") -> tuple[str, float, float, str] | None:
+    """The ``default`` row against the best other one by mean: (that row, the difference of the means, the margin,
+    "wins" / "ties" / "loses"); a difference within max(0.1, the standard error over seeds of the difference of the
+    two means, from each one's std / sqrt(n)) ties. None when there is no other row.
     ``rows``: per row, its scores over seeds (higher is better)."""
     mean = {k: statistics.mean(v) for k, v in rows.items()}
     others = {k: v for k, v in mean.items() if k != default}
     if not others:
-        return f"`{default}` ran alone: nothing to compare it with."
+        return None
     rival = max(others, key=others.__getitem__)
     gap = mean[default] - mean[rival]
     margin = max(TIE, math.hypot(_se(rows[default]), _se(rows[rival])))
+    outcome = "ties" if abs(gap) <= margin + 1e-9 else "wins" if gap > 0 else "loses"  # exactly the margin ties
+    return rival, gap, margin, outcome
+
+
+def verdict(rows: dict[str, list[float]], default: str = "upop") -> str:
+    """One sentence: whether the ``default`` row's mean wins against the best other row, ties with it or loses, and
+    by how much (``compare``)."""
+    found = compare(rows, default)
+    if found is None:
+        return f"`{default}` ran alone: nothing to compare it with."
+    rival, gap, margin, outcome = found
+    mean = {k: statistics.mean(v) for k, v in rows.items()}
     us, them = f"`{default}` ({mean[default]:.2f})", f"`{rival}` ({mean[rival]:.2f})"
-    if abs(gap) <= margin + 1e-9:  # a gap of exactly the margin (up to float rounding) ties
+    if outcome == "ties":
         return f"{us} ties with the best other row, {them}: a difference of {gap:+.2f}, within the margin {margin:.2f}."
-    if gap > 0:
+    if outcome == "wins":
         return f"{us} wins: {gap:.2f} above the best other row, {them}, beyond the margin {margin:.2f}."
     return f"{us} loses to {them} by {-gap:.2f}, beyond the margin {margin:.2f}."
 
@@ -634,6 +679,52 @@ def render(everything: dict) -> str:
     return "\n".join([*lines, FOOTER]) + "\n"
 
 
+PEERS = ("uniform", "upop-paper")  # with every Torch-Pruning row: the rows the default must match or beat
+
+
+def _is_peer(method: str) -> bool:
+    return method in PEERS or (method in METHODS and METHODS[method][1] == "tp")
+
+
+def _target_cell(rows: dict[str, list[dict]]) -> str:
+    """The default row of one budget against the best of its peers (uniform, the paper's ranking, Torch-Pruning),
+    and which peers did not run."""
+    peers = {m: [r["score"] for r in rs] for m, rs in rows.items() if _is_peer(m)}
+    missing = [
+        name
+        for name, there in (
+            ("paper's ranking", "upop-paper" in peers),
+            ("Torch-Pruning", any(not m.startswith("upop") and m != "uniform" for m in peers)),
+        )
+        if not there
+    ]
+    found = compare({"upop": [r["score"] for r in rows["upop"]], **peers}) if "upop" in rows and peers else None
+    if found is None:
+        return "not run"
+    rival, gap, margin, outcome = found
+    mean = statistics.mean(r["score"] for r in rows["upop"])
+    cell = f"**{outcome}**: {mean:.2f} against `{rival}` {mean - gap:.2f} ({gap:+.2f}, margin {margin:.2f})"
+    return cell + (f"; no {' or '.join(missing)} row" if missing else "")
+
+
+def summary(everything: dict) -> str:
+    """One line per task: at each budget of the whole model, the default against the best of its peers (the
+    verdicts under each table compare it with every row, its own variants included)."""
+    budgets = sorted({p for entry in everything.values() for p in entry["results"]}, key=float)
+    head = ["task", "model"] + [_label(float(p), ()) for p in budgets]
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for task in [t for t in TASKS if t in everything]:
+        entry, cells = everything[task], []
+        for p in budgets:
+            whole = [rows for _, _, rows in _budgets(entry, p)[:1]] if p in entry["results"] else []
+            cells.append(_target_cell(whole[0]) if whole and whole[0] else "not run")
+        model = (entry.get("about") or TASKS[task].about())["model"]
+        lines.append("| " + " | ".join([task, f"`{model}`", *cells]) + " |")
+    missing = [t for t in TASKS if t not in everything]
+    tail = f"\nNot in the comparison yet: {', '.join(missing)}.\n" if missing else ""
+    return "\n".join(lines) + "\n" + tail
+
+
 def write_results(name: str, entries: dict) -> str:
     """Merge ``entries`` (task -> its part) into benchmarks/results/<name>.json, replacing those tasks and keeping
     the others, and render <name>.md from the merged JSON; returns the markdown."""
@@ -643,6 +734,8 @@ def write_results(name: str, entries: dict) -> str:
     path.write_text(json.dumps(merged, indent=1) + "\n")
     text = render(merged)
     (RESULTS / f"{name}.md").write_text(text)
+    if name == "peers":
+        (RESULTS / "peers_summary.md").write_text(summary(merged))
     return text
 
 

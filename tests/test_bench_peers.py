@@ -64,3 +64,50 @@ def test_tables_bold_each_budgets_best_and_say_the_verdict():
     assert "| **94.20 ± 0.28** |" in text and "| **94.80 ± 0.00** |" in text  # best score, best last epoch
     assert "this part took 6 min on this machine" in text and "selection SE" in text
     assert "2x (p = 0.5): `upop` (94.20) wins: 1.10 above the best other row, `uniform` (93.10)" in text
+
+
+def test_a_kept_run_made_under_other_settings_is_stale(tmp_path):
+    """A kept UPop run is reused only while its ranking settings are still the row's (a changed default makes it
+    again); a Torch-Pruning run only while its budget is."""
+    import dataclasses
+    import json
+
+    import upop
+
+    peers = load_benchmark("bench_peers")
+    prune = json.loads(json.dumps(dataclasses.asdict(upop.PruneConfig(p=0.5))))
+    (tmp_path / "report.json").write_text(json.dumps({"prune": prune}))
+    assert peers.stale(tmp_path, "upop", 0.5, {}) == []
+    assert peers.stale(tmp_path / "absent", "upop", 0.5, {"floor": 0.3}) == []
+    assert peers.stale(tmp_path, "upop", 0.5, {"floor": 0.3}) == [f"floor {prune['floor']!r} -> 0.3"]
+    assert peers.stale(tmp_path, "upop", 0.5, {"allocation": "uniform"}) == [
+        f"allocation {prune['allocation']!r} -> 'uniform'"
+    ]
+    assert peers.stale(tmp_path, "tp", 0.5, {}) == []
+    assert peers.stale(tmp_path, "tp", 0.75, {}) == ["p 0.5 -> 0.75"]
+
+
+def test_the_summary_sets_the_default_against_its_peers_only_and_names_what_did_not_run():
+    """The targets table compares the default with uniform, the paper's ranking and Torch-Pruning (not with its own
+    variants), per budget, and says which peers and tasks have no rows."""
+    peers = load_benchmark("bench_peers")
+
+    def runs(*scores):
+        return [{"score": s} for s in scores]
+
+    results = {
+        "0.5": {
+            "upop": runs(90.0, 90.2, 90.4),
+            "floor0.5": runs(95.0, 95.0, 95.0),  # a variant of the default, better, not a peer
+            "uniform": runs(89.0, 89.2, 89.4),
+            "tp-taylor": runs(88.0, 88.0, 88.0),
+        },
+        "0.75": {"upop": runs(80.0, 80.2, 80.4), "uniform": runs(81.0, 81.2, 81.4)},
+    }
+    text = peers.summary({"nlvr": {"results": results}})
+    line = next(row for row in text.splitlines() if row.startswith("| nlvr | `blip-tiny` |"))
+    two, four = line.split(" | ")[2:4]
+    assert two.startswith("**wins**: 90.20 against `uniform` 89.20 (+1.00") and "no paper's ranking row" in two
+    assert four.startswith("**loses**: 80.20 against `uniform` 81.20 (-1.00")
+    assert "no paper's ranking or Torch-Pruning row" in four
+    assert "Not in the comparison yet: classification, retrieval, blip-retrieval, caption, vqa, segmentation." in text

@@ -286,7 +286,7 @@ def test_report_carries_the_ranking_stability(compressed):
     assert stability["min_kept_fraction"] == pytest.approx(smallest)
     assert stability["rerankings"][-1]["pi"] == 0.5 and isinstance(stability["warnings"], list)
     header = (compressed / "report.md").read_text()
-    assert "ranking: fisher score standardised per kind, floor 0.5 of the uniform share" in header
+    assert "ranking: fisher score standardised per kind, floor 0.75 of the uniform share" in header
     assert f"rank correlation {stability['rank_correlation']:.2f}" in header
 
 
