@@ -239,7 +239,10 @@ def test_the_compressed_model_has_p_fewer_prunable_parameters(factory, p):
     pruner, _ = _search(model, upop.PruneConfig(p=p, total_steps=12, **ELEMENTWISE))
     compressed = pruner.compress()
     removed = dense - sum(t.numel() for t in compressed.parameters())
-    assert abs(removed / prunable - p) <= 0.01
+    # the cut is the prefix closest to p: it misses by at most half the coarsest unit left to it, one head dim of the
+    # vision tower (4 heads x (3 x 32 + 3 + 32) parameters); at p = 0.75 the floors hold the MLPs, so only such units
+    # are left near the cut
+    assert abs(removed / prunable - p) <= 0.5 * 4 * (4 * 32 + 3) / prunable
 
 
 @pytest.mark.parametrize("factory", [timm_vit, hf_vit, hf_clip, open_clip_model])

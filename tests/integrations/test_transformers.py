@@ -92,7 +92,11 @@ def test_the_trainer_callback_chooses_what_the_pruner_chooses_in_a_plain_loop(tm
     # the Trainer's logs carry the search's scalars; the saved model reloads and computes what the compressed one does
     logged = [h for h in trainer.state.log_history if "upop/pi" in h]
     assert [h["step"] for h in logged][:3] == [4, 8, 12] and logged[2]["upop/pi"] == pytest.approx(0.5)
-    assert 0 < logged[2]["upop/kept_attn"] < 1 and 0 < logged[2]["upop/pruned_cost"] <= 0.51
+    assert 0 < logged[2]["upop/kept_attn"] < 1
+    # the logged cost is the pruner's; it misses p by at most half its coarsest unit (one head dim of 3 heads: 3 x 87
+    # of hf_vit's 5,288 prunable parameters, about 4.9%), the granularity of the closest cut
+    assert logged[2]["upop/pruned_cost"] == pytest.approx(pruner.pruned_cost_fraction())
+    assert abs(logged[2]["upop/pruned_cost"] - 0.5) <= 0.5 * 3 * 87 / 5288
     reloaded = upop.load_compressed(hf_vit, tmp_path / "compressed").eval()
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():

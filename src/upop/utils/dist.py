@@ -151,7 +151,11 @@ def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def teardown() -> None:
+    """Leave the process group once every rank has got here: destroying gloo's group while another rank's last
+    collective is still in flight can abort the process ("terminate called without an active exception")."""
     if dist.is_initialized():
+        if dist.get_world_size() > 1:
+            dist.barrier()
         dist.destroy_process_group()
 
 
