@@ -33,8 +33,10 @@ directory (``bench_seconds.json``) and each table's header says how long its par
 mean (mean ± std and last epoch separately); under each table, one sentence per budget on the default row
 (``verdict``). Where reports record their selection rule's standard error, a "selection SE" column shows its median
 over seeds. Writes
-benchmarks/results/peers.md and .json; a run of some tasks (``--tasks``) replaces those tasks in the JSON and keeps the
-others, and the markdown is always rendered from the whole JSON (``--tables-only`` renders it without running).
+benchmarks/results/peers.md and .json; a run of some tasks or methods (``--tasks``, ``--methods``) replaces those rows
+in the JSON and keeps the others where they were made on the same dense base and with what their method makes today
+(the JSON records it per row, ``made_with``), and the markdown is always rendered from the whole JSON
+(``--tables-only`` renders it without running).
 Runs already present under runs/bench-peers/<task> are reused.
 
     python benchmarks/bench_peers.py --tasks classification,retrieval      # one part or several
@@ -435,6 +437,16 @@ def stale(out: Path, kind: str, p: float, settings: dict) -> list[str]:
     return [f"{k} {have.get(k)!r} -> {want[k]!r}" for k in keys if have.get(k) != want[k]]
 
 
+def made_with(method: str) -> dict:
+    """What a row's runs are made with, as the JSON records it beside the row: a UPop row's ranking settings with
+    today's defaults filled in (so a changed default shows), a Torch-Pruning row's importance and ratio."""
+    _, kind, settings = METHODS[method]
+    if kind == "tp":
+        return {"kind": kind, **settings}
+    resolved = json.loads(json.dumps(dataclasses.asdict(upop.PruneConfig(p=0.5, **settings))))
+    return {"kind": kind, **{k: resolved[k] for k in RANKED_BY if k != "p"}}
+
+
 def _cached(task: str, method: str, p: float, seed: int, runs: Path) -> bool:
     """Whether a run of this row is kept and still matches its settings."""
     out, (_, kind, settings) = _run_dir(task, method, p, seed, runs), METHODS[method]
@@ -506,6 +518,7 @@ def run_task(task: str, ps: list[float], methods: list[str], seeds: list[int], c
         "base_seconds": base_seconds,
         "machine": f"{device_name(None)}, {torch.get_num_threads()} threads",
         "scopes": {m: list(scope(task, m)) for m in run},
+        "made_with": {m: made_with(m) for m in run},
         "not_run": not_run,
         "results": results,
     }
@@ -725,12 +738,38 @@ def summary(everything: dict) -> str:
     return "\n".join(lines) + "\n" + tail
 
 
+def merge_task(task: str, old: dict | None, new: dict) -> dict:
+    """A task's part after a run of some of its rows: ``new``'s rows replace the same rows (budget, method) of
+    ``old``, whose other rows stay when they were made on the same base (the dense score is the same) and with what
+    their method makes today (``made_with``); a row that no longer matches is dropped, and said so."""
+    if not old or old.get("dense") != new["dense"]:
+        if old:
+            print(f"{task}: the base scores {new['dense']:.2f}, not {old['dense']:.2f}: its kept rows are dropped")
+        return new
+    made, results = dict(old.get("made_with", {})), {}
+    for p, rows in old["results"].items():
+        for method, runs in rows.items():
+            if method in METHODS and made.get(method, made_with(method)) == made_with(method):
+                results.setdefault(p, {})[method] = runs
+            else:
+                print(f"{task} p={p}: the kept {method} row is dropped (its method makes other runs now)")
+    for p, rows in new["results"].items():
+        results.setdefault(p, {}).update(rows)
+    order = list(METHODS)  # rows in the order of METHODS, budgets by p, as a run of them all writes them
+    results = {p: dict(sorted(results[p].items(), key=lambda r: order.index(r[0]))) for p in sorted(results, key=float)}
+    kept = {m for rows in results.values() for m in rows}
+    scopes = {m: v for m, v in {**old.get("scopes", {}), **new["scopes"]}.items() if m in kept}
+    made = {m: made_with(m) for m in kept}
+    return {**old, **new, "results": results, "scopes": scopes, "made_with": made}
+
+
 def write_results(name: str, entries: dict) -> str:
-    """Merge ``entries`` (task -> its part) into benchmarks/results/<name>.json, replacing those tasks and keeping
-    the others, and render <name>.md from the merged JSON; returns the markdown."""
+    """Merge ``entries`` (task -> its part) into benchmarks/results/<name>.json (``merge_task``: a run of some
+    rows keeps the task's other rows) and render <name>.md from the merged JSON; returns the markdown."""
     path = RESULTS / f"{name}.json"
     merged = json.loads(path.read_text()) if path.is_file() else {}
-    merged.update(json.loads(json.dumps(entries)))
+    for task, entry in json.loads(json.dumps(entries)).items():
+        merged[task] = merge_task(task, merged.get(task), entry)
     path.write_text(json.dumps(merged, indent=1) + "\n")
     text = render(merged)
     (RESULTS / f"{name}.md").write_text(text)
