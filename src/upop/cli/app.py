@@ -127,10 +127,12 @@ def main(argv: list[str] | None = None) -> int:
     replace_listed(args, applied)
     from upop.engine import signals
 
+    finished = False
     try:
         _per_rank_batch(args, args.given)
         with signals.stop_on_signals():
             _run(args)
+        finished = True
     except UPopError as e:
         print(f"upop: error: {e}", file=sys.stderr)
         return 2
@@ -143,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         from upop.utils.dist import teardown
 
-        teardown()
+        teardown(wait=finished)  # a rank that failed alone must not wait for the others at a barrier
     return 0
 
 

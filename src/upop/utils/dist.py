@@ -150,11 +150,12 @@ def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat(all_gather(tensor.contiguous()))
 
 
-def teardown() -> None:
-    """Leave the process group once every rank has got here: destroying gloo's group while another rank's last
-    collective is still in flight can abort the process ("terminate called without an active exception")."""
+def teardown(wait: bool = True) -> None:
+    """Leave the process group, with ``wait`` once every rank has got here: destroying gloo's group while another
+    rank's last collective is still in flight can abort the process ("terminate called without an active
+    exception"). Without ``wait`` (a rank that failed alone: the others are not coming) it leaves at once."""
     if dist.is_initialized():
-        if dist.get_world_size() > 1:
+        if wait and dist.get_world_size() > 1:
             dist.barrier()
         dist.destroy_process_group()
 
