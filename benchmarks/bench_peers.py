@@ -422,6 +422,14 @@ def _run_dir(task: str, method: str, p: float, seed: int, runs: Path) -> Path:
 RANKED_BY = ("p", "score", "standardise", "floor", "allocation", "granularity", "towers")  # what makes a UPop row
 
 
+def _ranking_keys(kind: str, allocation: str) -> tuple[str, ...]:
+    """The settings that decide a row's choice: a UPop row's ranking, a Torch-Pruning row's budget alone (its plan
+    decides); uniform allocation keeps 1 - p of every structure, ordered by score alone, so no floor binds."""
+    if kind != "upop":
+        return ("p",)
+    return tuple(k for k in RANKED_BY if allocation != "uniform" or k not in ("floor", "standardise"))
+
+
 def stale(out: Path, kind: str, p: float, settings: dict) -> list[str]:
     """The settings a kept UPop run was made with that its row no longer asks for (a default changed since, say):
     such a run is made again rather than reused under a label it does not match. Torch-Pruning rows choose by their
@@ -431,20 +439,18 @@ def stale(out: Path, kind: str, p: float, settings: dict) -> list[str]:
         return []
     have = json.loads(path.read_text()).get("prune", {})
     want = json.loads(json.dumps(dataclasses.asdict(upop.PruneConfig(p=p, **settings))))
-    keys = RANKED_BY if kind == "upop" else ("p",)
-    if want["allocation"] == "uniform":  # every structure keeps 1 - p, ordered by score alone: no floor binds
-        keys = tuple(k for k in keys if k not in ("floor", "standardise"))
+    keys = _ranking_keys(kind, want["allocation"])
     return [f"{k} {have.get(k)!r} -> {want[k]!r}" for k in keys if have.get(k) != want[k]]
 
 
-def made_with(method: str) -> dict:
+def made_with(task: str, method: str) -> dict:
     """What a row's runs are made with, as the JSON records it beside the row: a UPop row's ranking settings with
-    today's defaults filled in (so a changed default shows), a Torch-Pruning row's importance and ratio."""
+    today's defaults filled in (so a changed default shows), a Torch-Pruning row's importance, ratio and towers."""
     _, kind, settings = METHODS[method]
     if kind == "tp":
-        return {"kind": kind, **settings}
+        return {"kind": kind, **settings, "towers": list(scope(task, method))}
     resolved = json.loads(json.dumps(dataclasses.asdict(upop.PruneConfig(p=0.5, **settings))))
-    return {"kind": kind, **{k: resolved[k] for k in RANKED_BY if k != "p"}}
+    return {"kind": kind, **{k: resolved[k] for k in _ranking_keys(kind, resolved["allocation"]) if k != "p"}}
 
 
 def _cached(task: str, method: str, p: float, seed: int, runs: Path) -> bool:
@@ -518,7 +524,7 @@ def run_task(task: str, ps: list[float], methods: list[str], seeds: list[int], c
         "base_seconds": base_seconds,
         "machine": f"{device_name(None)}, {torch.get_num_threads()} threads",
         "scopes": {m: list(scope(task, m)) for m in run},
-        "made_with": {m: made_with(m) for m in run},
+        "made_with": {m: made_with(task, m) for m in run},
         "not_run": not_run,
         "results": results,
     }
@@ -740,16 +746,18 @@ def summary(everything: dict) -> str:
 
 def merge_task(task: str, old: dict | None, new: dict) -> dict:
     """A task's part after a run of some of its rows: ``new``'s rows replace the same rows (budget, method) of
-    ``old``, whose other rows stay when they were made on the same base (the dense score is the same) and with what
-    their method makes today (``made_with``); a row that no longer matches is dropped, and said so."""
-    if not old or old.get("dense") != new["dense"]:
+    ``old``, whose other rows stay when they were made on the same base (the same dense score), epochs and machine,
+    and with what their method makes today (their ``made_with`` record); a row that does not match is dropped, and
+    said so."""
+    differ = [k for k in ("dense", "about", "machine") if old and old.get(k) != new.get(k)]
+    if not old or differ:
         if old:
-            print(f"{task}: the base scores {new['dense']:.2f}, not {old['dense']:.2f}: its kept rows are dropped")
+            print(f"{task}: the kept rows are dropped (another {', '.join(differ)})")
         return new
-    made, results = dict(old.get("made_with", {})), {}
+    made, results = old.get("made_with", {}), {}
     for p, rows in old["results"].items():
         for method, runs in rows.items():
-            if method in METHODS and made.get(method, made_with(method)) == made_with(method):
+            if method in METHODS and made.get(method) == made_with(task, method):
                 results.setdefault(p, {})[method] = runs
             else:
                 print(f"{task} p={p}: the kept {method} row is dropped (its method makes other runs now)")
@@ -757,10 +765,16 @@ def merge_task(task: str, old: dict | None, new: dict) -> dict:
         results.setdefault(p, {}).update(rows)
     order = list(METHODS)  # rows in the order of METHODS, budgets by p, as a run of them all writes them
     results = {p: dict(sorted(results[p].items(), key=lambda r: order.index(r[0]))) for p in sorted(results, key=float)}
-    kept = {m for rows in results.values() for m in rows}
-    scopes = {m: v for m, v in {**old.get("scopes", {}), **new["scopes"]}.items() if m in kept}
-    made = {m: made_with(m) for m in kept}
-    return {**old, **new, "results": results, "scopes": scopes, "made_with": made}
+    kept = [m for m in METHODS if any(m in rows for rows in results.values())]
+    not_run = {m: why for m, why in {**old.get("not_run", {}), **new["not_run"]}.items() if m not in kept}
+    return {
+        **old,
+        **new,
+        "results": results,
+        "scopes": {m: list(scope(task, m)) for m in kept},
+        "made_with": {m: made_with(task, m) for m in kept},
+        "not_run": not_run,
+    }
 
 
 def write_results(name: str, entries: dict) -> str:

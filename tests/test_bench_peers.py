@@ -115,25 +115,30 @@ def test_the_summary_sets_the_default_against_its_peers_only_and_names_what_did_
 
 def test_a_run_of_some_rows_keeps_the_others_only_on_the_same_base_and_settings():
     peers = load_benchmark("bench_peers")
+    task = "classification"
 
-    def entry(dense, rows, made=None):
+    def entry(dense, rows, machine="cpu, 2 threads"):
         results = {p: {m: [{"seed": 0, "score": score}] for m, score in ms.items()} for p, ms in rows.items()}
-        made = made or {m: peers.made_with(m) for ms in rows.values() for m in ms}
-        return {"dense": dense, "results": results, "scopes": {m: [] for m in made}, "made_with": made}
+        made = {m: peers.made_with(task, m) for ms in rows.values() for m in ms}
+        about = {"model": "vit-tiny", "search": 2, "retrain": 3}
+        return {"dense": dense, "about": about, "machine": machine, "results": results, "made_with": made} | {
+            "scopes": {m: [] for m in made},
+            "not_run": {},
+        }
 
     old = entry(90.0, {"0.75": {"uniform": 80.0, "upop": 81.0}, "0.5": {"uniform": 85.0}})
-    new = entry(90.0, {"0.75": {"upop": 82.0}})
-    merged = peers.merge_task("t", old, new)
+    merged = peers.merge_task(task, old, entry(90.0, {"0.75": {"upop": 82.0}}))
     assert list(merged["results"]) == ["0.5", "0.75"] and list(merged["results"]["0.75"]) == ["upop", "uniform"]
     assert merged["results"]["0.75"]["upop"][0]["score"] == 82.0  # replaced
     assert merged["results"]["0.5"]["uniform"][0]["score"] == 85.0  # kept
-    # another base: nothing of the old part is comparable
-    assert peers.merge_task("t", old, entry(91.0, {"0.75": {"upop": 82.0}}))["results"] == {
-        "0.75": {"upop": [{"seed": 0, "score": 82.0}]}
-    }
-    # a row made under what its method no longer makes (an older default floor) is dropped, not relabelled
-    stale = entry(90.0, {"0.5": {"upop": 84.0, "uniform": 85.0}})
-    stale["made_with"]["upop"] = {**peers.made_with("upop"), "floor": 0.5}
-    merged = peers.merge_task("t", stale, entry(90.0, {"0.75": {"uniform": 80.0}}))
+    # another base or machine: nothing of the old part is comparable
+    for other in (entry(91.0, {"0.75": {"upop": 82.0}}), entry(90.0, {"0.75": {"upop": 82.0}}, machine="cuda")):
+        assert peers.merge_task(task, old, other)["results"] == {"0.75": {"upop": [{"seed": 0, "score": 82.0}]}}
+    # a row made under what its method no longer makes (an older default floor), or with no record, is dropped
+    stale = entry(90.0, {"0.5": {"upop": 84.0, "uniform": 85.0, "upop-paper": 83.0}})
+    stale["made_with"]["upop"] = {**peers.made_with(task, "upop"), "floor": 0.5}
+    del stale["made_with"]["upop-paper"]
+    merged = peers.merge_task(task, stale, entry(90.0, {"0.75": {"uniform": 80.0}}))
     assert list(merged["results"]["0.5"]) == ["uniform"] and set(merged["made_with"]) == {"uniform"}
-    assert peers.made_with("upop") != peers.made_with("floor0.5")  # the records tell the two apart
+    assert peers.made_with(task, "upop") != peers.made_with(task, "floor0.5")  # the records tell the two apart
+    assert "floor" not in peers.made_with(task, "uniform")  # no floor binds uniform allocation: not its record
