@@ -34,8 +34,8 @@ mean (mean ± std and last epoch separately); under each table, one sentence per
 (``verdict``). Where reports record their selection rule's standard error, a "selection SE" column shows its median
 over seeds. Writes
 benchmarks/results/peers.md and .json; a run of some tasks or methods (``--tasks``, ``--methods``) replaces those rows
-in the JSON and keeps the others where they were made on the same dense base and with what their method makes today
-(the JSON records it per row, ``made_with``), and the markdown is always rendered from the whole JSON
+in the JSON and keeps the others where they were made on the same dense base, epochs and machine and with what their
+method makes today (the JSON records it per row, ``made_with``), and the markdown is always rendered from the whole JSON
 (``--tables-only`` renders it without running).
 Runs already present under runs/bench-peers/<task> are reused.
 
