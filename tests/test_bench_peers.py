@@ -64,6 +64,10 @@ def test_tables_bold_each_budgets_best_and_say_the_verdict():
     assert "| **94.20 ± 0.28** |" in text and "| **94.80 ± 0.00** |" in text  # best score, best last epoch
     assert "this part took 6 min on this machine" in text and "selection SE" in text
     assert "(vit-tiny, built-in data: 20000 training / 2000 report scenes;" in text  # the header names the data
+    about = {"train_size": 1000, "val_size": 500, "options": {"rerank_k": 16}}  # and a task option off its default
+    assert peers._data(about) == ", built-in data: 1000 training / 500 report scenes, rerank-k 16"
+    assert peers.TASKS["blip-retrieval"].about()["options"] == {"rerank_k": 16}
+    assert peers.TASKS["nlvr"].about()["options"] == {}
     assert "2x (p = 0.5): `upop` (94.20) wins: 1.10 above the best other row, `uniform` (93.10)" in text
 
 
