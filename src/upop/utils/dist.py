@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -153,8 +154,11 @@ def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
 def teardown(wait: bool = True) -> None:
     """Leave the process group, with ``wait`` once every rank has got here: destroying gloo's group while another
     rank's last collective is still in flight can abort the process ("terminate called without an active
-    exception"). Without ``wait`` (a rank that failed alone: the others are not coming) it leaves at once."""
+    exception"). Without ``wait`` (a rank that failed alone: the others are not coming) it leaves at once. Garbage
+    (an autograd graph of a collective that never ran backward) is collected first: gloo work it holds must not be
+    freed after the group, at interpreter exit, where it aborts the same way."""
     if dist.is_initialized():
+        gc.collect()
         if wait and dist.get_world_size() > 1:
             dist.barrier()
         dist.destroy_process_group()
