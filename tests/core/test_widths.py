@@ -110,6 +110,19 @@ def test_a_one_off_spike_from_another_tenant_does_not_coarsen_the_widths(monkeyp
     assert align == 1 and relative[376] < 1.5
 
 
+@pytest.mark.parametrize("device, expected", [("cuda", 8), ("cpu", 4)])
+def test_a_width_a_gpu_runs_slower_than_a_larger_one_is_not_full_speed(monkeypatch, device, expected):
+    """What an H200 measured in bf16 for the Segmenter's attention (6 heads, 1024 tokens; time relative to head_dim
+    32): 28 took 1.44x as long as 32. On a GPU, whose clock is steady, that is a penalty, and 8 is chosen; a CPU's
+    shared cores are noisier, so there only a large penalty counts."""
+    measured = {32: 1.0, 31: 1.746, 30: 1.773, 28: 1.443, 24: 1.003, 16: 0.94}
+    monkeypatch.setattr(widths, "time_module", lambda module, x, dtype: measured[module.head_dim])
+    build_attn = lambda w: widths.AttentionProbe(16, 2, w)  # noqa: E731
+    slack = widths.tolerance(torch.device(device))
+    align, _ = widths.choose_alignment(64, build_attn, torch.zeros(1, 1, 16), None, slack)
+    assert align == expected
+
+
 # ------------------------------------------------------------------------------------------------ cost="latency"
 def test_a_latency_table_becomes_a_non_decreasing_curve_over_every_width():
     curve = widths.curve_from_table({"2": 1.0, "4": 3.0, "6": 2.5, "8": 5.0}, 8)  # 6 measured below 4: noise
