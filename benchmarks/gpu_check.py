@@ -426,8 +426,8 @@ def check(spec: str, device: torch.device, args: argparse.Namespace) -> dict:
     out["search_step_ratio"] = out["step_s"]["search"] / out["step_s"]["plain"]
     models = {"dense": dense.eval()}
     out["search"] = {}
-    for name, settings in VARIANTS.items():
-        model, report = searched(w, x, device, args.search_steps, **settings)
+    for name in args.variants.split(","):
+        model, report = searched(w, x, device, args.search_steps, **VARIANTS[name])
         report["flops_reduction"] = flops_here / upop.profile(model, x1)["flops"]
         report["params"] = sum(p.numel() for p in model.parameters())
         out["search"][name] = report
@@ -497,7 +497,21 @@ def markdown(result: dict) -> str:
                 name = f"{m['model']} (B = {m['batch']}), {tower}" if first else ""
                 lines.append(f"| {name} | {label} | " + " | ".join(cell(v) for v in values) + f" | {shown} |")
                 first = False
+            lines += _compiled_rows(conditions, cell)
     return "\n".join(lines) + "\n"
+
+
+def _compiled_rows(conditions: dict, cell: Callable[[float], str]) -> list[str]:
+    """The --compile-model rows: default vs dense both compiled, and at batch 1 with CUDA graphs against eager dense."""
+    rows = []
+    if "autocast_compiled" in conditions:
+        compiled = cell(conditions["autocast_compiled"]["default_auto"])
+        rows.append(f"| | default, both compiled (`torch.compile`) | | {compiled} | | |")
+    graphs = conditions.get("autocast_batch1_vs_eager_dense")
+    if graphs:
+        against = f"dense {cell(graphs['dense_cuda_graphs'])}, default {cell(graphs['default_auto_cuda_graphs'])}"
+        rows.append(f'| | CUDA graphs (`mode="reduce-overhead"`) against eager dense | | | {against} | |')
+    return rows
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -516,7 +530,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--iters", type=int, default=30, help="back-to-back forward pairs per speedup")
     ap.add_argument("--compile-model", default="timm:deit_base_patch16_224", help="also time this one compiled")
     ap.add_argument("--out", default=None, help="also write the JSON here")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="the searched rows (a subset, to run in parts)")
     args = ap.parse_args(argv)
+    unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
+    if unknown:
+        ap.error(f"unknown variant {unknown[0]!r}; any of {', '.join(VARIANTS)}")
     device = torch.device(args.device)
     result = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",

@@ -118,7 +118,21 @@ def search_cost(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def gpu_check(result: dict) -> str:
+    """gpu_check.py's own table of a run: every searched row with its attention shapes (imported when used: it needs
+    torch)."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from gpu_check import markdown
+
+    return markdown(result)
+
+
 TABLES: dict[str, tuple[str, Callable[[dict], str]]] = {  # table file -> (its JSON, its renderer)
+    "gpu_check_vit.md": ("gpu_check_vit.json", gpu_check),
+    "gpu_check_segmenter_before.md": ("gpu_check_segmenter_before.json", gpu_check),
+    "gpu_check_after.md": ("gpu_check_after.json", gpu_check),
     "gpu_speed.md": ("gpu.json", gpu_speed),
     "gpu_blip_speed.md": ("gpu_blip.json", gpu_blip_speed),
     "gpu_widths.md": ("gpu_widths.json", gpu_widths),
