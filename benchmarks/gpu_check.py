@@ -1,4 +1,4 @@
-"""GPU check, one prepared script (benchmarks/gpu_check.sh on a machine with a CUDA device, about 5 minutes on one
+"""GPU check, one prepared script (benchmarks/gpu_check.sh on a machine with a CUDA device, about 7 minutes on one
 H100/H200; a CPU test runs it at tiny size so it cannot rot). Random weights; nothing is downloaded.
 
 For each model (default timm DeiT-Small, DeiT-Base and an HF CLIP ViT-B/16 built from its config; in a second run
@@ -519,7 +519,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument(
         "--models",
         default="timm:deit_small_patch16_224,timm:deit_base_patch16_224,hf-clip:B16",
-        help="the issue's three by default (about 5 minutes on one H200); the other workloads in a second run: "
+        help="the issue's three by default (about 7 minutes on one H200); the other workloads in a second run: "
         "blip-nlvr:base,blip-caption:base,segmenter:S512",
     )
     ap.add_argument("--device", default="cuda")

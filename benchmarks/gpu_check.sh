@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One prepared GPU check (about 5 minutes on one H100/H200): DeiT-Small, DeiT-Base and CLIP ViT-B/16, random weights.
+# One prepared GPU check (about 7 minutes on one H200; the two DeiTs took 3.5): DeiT-Small, DeiT-Base and CLIP
+# ViT-B/16, random weights.
 # Needs a CUDA device and the project's dependencies (the venv, or a python with torch, timm and transformers:
 # PY=python3).
 # Extra arguments go to gpu_check.py, e.g. --out benchmarks/results/gpu.json.
