@@ -81,6 +81,7 @@ from bench_blip import BENCHES as BLIP  # noqa: E402  (the BLIP tasks' run confi
 from bench_blip import LR as BLIP_LR  # noqa: E402
 from bench_seg import CFG as SEG_CFG  # noqa: E402
 from bench_seg import LR as SEG_LR  # noqa: E402
+from common import cpu_model  # noqa: E402
 
 ROOT = HERE.parent
 RESULTS = HERE / "results"  # the tables and raw values the docs include
@@ -539,6 +540,7 @@ def run_task(task: str, ps: list[float], methods: list[str], seeds: list[int], c
         "dense": TrainReport.read(runs / "base").metrics[bench.metric],
         "base_seconds": base_seconds,
         "machine": f"{device_name(None)}, {torch.get_num_threads()} threads",
+        "processor": cpu_model(),  # said in the header; not compared by a merge (the dense score is)
         "scopes": {m: list(scope(task, m)) for m in run},
         "made_with": {m: made_with(task, m) for m in run},
         "not_run": not_run,
@@ -614,7 +616,9 @@ def _timing(entry: dict) -> str:
     runs = [r for rows in entry["results"].values() for rs in rows.values() for r in rs]
     seconds = [entry.get("base_seconds"), *(r.get("seconds") for r in runs)]
     known = [t for t in seconds if t is not None]
-    machine = f" ({entry['machine']})" if "machine" in entry else ""
+    where = [entry["machine"]] if "machine" in entry else []
+    where += [f"the last part ran on {entry['processor']}"] if "processor" in entry else []
+    machine = f" ({'; '.join(where)})" if where else ""
     if not known:
         return f"its time was not recorded{machine}"
     missing = len(seconds) - len(known)
@@ -828,6 +832,12 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="the ranking study instead (STUDY), written to benchmarks/results/peers_study.md",
     )
+    parser.add_argument(
+        "--results",
+        default="peers",
+        help="the results' name: benchmarks/results/<name>.json and .md (runs on a base that did not rebuild bit for "
+        "bit go in a file of their own: a merge keeps only rows made on the same dense base)",
+    )
     parser.add_argument("--tables-only", action="store_true", help="render the markdown from the JSON, run nothing")
     parser.add_argument(
         "--cached-only",
@@ -840,7 +850,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     parser = _parser()
     args = parser.parse_args(argv)
-    name = "peers_study" if args.study else "peers"
+    name = "peers_study" if args.study else args.results
     if args.tables_only:
         print(write_results(name, {}))
         return

@@ -15,6 +15,21 @@ from upop.core.profile import paired_latency  # noqa: F401  (the benchmarks' tim
 from upop.jobs.report import CompressReport, TrainReport
 
 
+def cpu_model() -> str:
+    """The processor's model name (/proc/cpuinfo on Linux, else what ``platform`` says): two CPUs of other models
+    round floats differently (their vector instructions differ), so a model trained on one does not rebuild bit for
+    bit on the other."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine() or "unknown processor"
+
+
 def emit_json(result: dict, out: str | None) -> None:
     """Print ``result`` as JSON, and write it to ``out`` too when given."""
     text = json.dumps(result, indent=1)

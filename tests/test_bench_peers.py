@@ -63,6 +63,10 @@ def test_tables_bold_each_budgets_best_and_say_the_verdict():
     text = "\n".join(peers.table("classification", entry))
     assert "| **94.20 ± 0.28** |" in text and "| **94.80 ± 0.00** |" in text  # best score, best last epoch
     assert "this part took 6 min on this machine" in text and "selection SE" in text
+    entry |= {"machine": "cpu, 2 threads", "processor": "AMD EPYC"}  # the processor is said, a merge ignores it
+    assert "on this machine (cpu, 2 threads; the last part ran on AMD EPYC)" in "\n".join(
+        peers.table("classification", entry)
+    )
     assert "(vit-tiny, built-in data: 20000 training / 2000 report scenes;" in text  # the header names the data
     about = {"train_size": 1000, "val_size": 500, "options": {"rerank_k": 16}}  # and a task option off its default
     assert peers._data(about) == ", built-in data: 1000 training / 500 report scenes, rerank-k 16"
