@@ -175,6 +175,8 @@ METHODS = {  # name -> (row label, kind, settings)
         "upop",
         {"towers": ("vision",), "allocation": "uniform"},
     ),
+    # tried for the default at 2x (issue 24): the same total epochs, one moved from the search to retraining
+    "search-1": ("UPop, one search epoch moved to retraining", "upop", {"search_shift": -1}),
     # tried for the default at 2x (issue 24): a higher floor with the paper's one budget over every tower
     "unified-floor0.75": (
         "UPop --allocation unified --floor 0.75",
@@ -455,7 +457,7 @@ def stale(out: Path, kind: str, p: float, settings: dict) -> list[str]:
     if not path.is_file():
         return []
     have = json.loads(path.read_text()).get("prune", {})
-    want = json.loads(json.dumps(dataclasses.asdict(upop.PruneConfig(p=p, **settings))))
+    want = json.loads(json.dumps(dataclasses.asdict(upop.PruneConfig(p=p, **_ranking(settings)))))
     keys = _ranking_keys(kind, want["allocation"])
     return [f"{k} {have.get(k)!r} -> {want[k]!r}" for k in keys if have.get(k) != want[k]]
 
@@ -466,8 +468,14 @@ def made_with(task: str, method: str) -> dict:
     _, kind, settings = METHODS[method]
     if kind == "tp":
         return {"kind": kind, **settings, "towers": list(scope(task, method))}
-    resolved = json.loads(json.dumps(dataclasses.asdict(upop.PruneConfig(p=0.5, **settings))))
-    return {"kind": kind, **{k: resolved[k] for k in _ranking_keys(kind, resolved["allocation"]) if k != "p"}}
+    resolved = json.loads(json.dumps(dataclasses.asdict(upop.PruneConfig(p=0.5, **_ranking(settings)))))
+    shift = {"search_shift": settings["search_shift"]} if "search_shift" in settings else {}
+    return {"kind": kind, **{k: resolved[k] for k in _ranking_keys(kind, resolved["allocation"]) if k != "p"}, **shift}
+
+
+def _ranking(settings: dict) -> dict:
+    """A UPop row's PruneConfig settings: all but ``search_shift`` (epochs moved from the search to retraining)."""
+    return {k: v for k, v in settings.items() if k != "search_shift"}
 
 
 def _cached(task: str, method: str, p: float, seed: int, runs: Path) -> bool:
@@ -487,8 +495,9 @@ def one_run(task: str, method: str, p: float, seed: int, runs: Path, pretrained:
     if changed or not (out / "report.json").is_file():
         start = time.time()
         if kind == "upop":
-            recipe = bench.recipe(bench.search, bench.retrain)
-            compress(cfg, upop.PruneConfig(p=p, **settings), pretrained, recipe, str(out), overwrite=True)
+            shift = settings.get("search_shift", 0)
+            recipe = bench.recipe(bench.search + shift, bench.retrain - shift)
+            compress(cfg, upop.PruneConfig(p=p, **_ranking(settings)), pretrained, recipe, str(out), overwrite=True)
         else:
             plan, extra = tp_plan(cfg, pretrained, p, settings, bench.tp_towers)
             recipe = bench.recipe(0, bench.search + bench.retrain)

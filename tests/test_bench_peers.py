@@ -150,4 +150,5 @@ def test_a_run_of_some_rows_keeps_the_others_only_on_the_same_base_and_settings(
     merged = peers.merge_task(task, stale, entry(90.0, {"0.75": {"uniform": 80.0}}))
     assert list(merged["results"]["0.5"]) == ["uniform"] and set(merged["made_with"]) == {"uniform"}
     assert peers.made_with(task, "upop") != peers.made_with(task, "floor0.5")  # the records tell the two apart
+    assert peers.made_with(task, "search-1") == {**peers.made_with(task, "upop"), "search_shift": -1}  # and the split
     assert "floor" not in peers.made_with(task, "uniform")  # no floor binds uniform allocation: not its record
