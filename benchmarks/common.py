@@ -16,9 +16,9 @@ from upop.jobs.report import CompressReport, TrainReport
 
 
 def cpu_model() -> str:
-    """The processor's model name (/proc/cpuinfo on Linux, else what ``platform`` says): two CPUs of other models
-    round floats differently (their vector instructions differ), so a model trained on one does not rebuild bit for
-    bit on the other."""
+    """The processor's model name (/proc/cpuinfo on Linux, else what ``platform`` says), so a table says where it ran:
+    some bases (classification, NLVR) did not rebuild bit for bit on another machine while CLIP retrieval's did; why
+    is not established (kernels chosen by the processor's vector instructions are the suspect)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
