@@ -764,11 +764,12 @@ def _target_cell(rows: dict[str, list[dict]]) -> str:
     return cell + (f"; no {' or '.join(missing)} row" if missing else "")
 
 
-def summary(everything: dict) -> str:
-    """One line per task: at each budget of the whole model, the default against the best of its peers (the
-    verdicts under each table compare it with every row, its own variants included)."""
+def summary(everything: dict, complete: bool = True) -> str:
+    """One line per task: its dense score, and at each budget of the whole model the default against the best of
+    its peers (the verdicts under each table compare it with every row, its own variants included). ``complete``:
+    the file should hold every task (the main table), so the ones it lacks are named."""
     budgets = sorted({p for entry in everything.values() for p in entry["results"]}, key=float)
-    head = ["task", "model"] + [_label(float(p), ()) for p in budgets]
+    head = ["task", "model", "dense"] + [_label(float(p), ()) for p in budgets]
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for task in [t for t in TASKS if t in everything]:
         entry, cells = everything[task], []
@@ -776,8 +777,9 @@ def summary(everything: dict) -> str:
             whole = [rows for _, _, rows in _budgets(entry, p)[:1]] if p in entry["results"] else []
             cells.append(_target_cell(whole[0]) if whole and whole[0] else "not run")
         model = (entry.get("about") or TASKS[task].about())["model"]
-        lines.append("| " + " | ".join([task, f"`{model}`", *cells]) + " |")
-    missing = [t for t in TASKS if t not in everything]
+        dense = f"{entry['dense']:.2f}" if entry.get("dense") is not None else "-"
+        lines.append("| " + " | ".join([task, f"`{model}`", dense, *cells]) + " |")
+    missing = [t for t in TASKS if t not in everything] if complete else []
     tail = f"\nNot in the comparison yet: {', '.join(missing)}.\n" if missing else ""
     return "\n".join(lines) + "\n" + tail
 
@@ -825,8 +827,8 @@ def write_results(name: str, entries: dict) -> str:
     path.write_text(json.dumps(merged, indent=1) + "\n")
     text = render(merged)
     (RESULTS / f"{name}.md").write_text(text)
-    if name == "peers":
-        (RESULTS / "peers_summary.md").write_text(summary(merged))
+    if name != "peers_study":  # every comparison of the default with its peers, on whatever base and seeds
+        (RESULTS / f"{name}_summary.md").write_text(summary(merged, complete=name == "peers"))
     return text
 
 

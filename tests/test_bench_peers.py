@@ -113,13 +113,15 @@ def test_the_summary_sets_the_default_against_its_peers_only_and_names_what_did_
         },
         "0.75": {"upop": runs(80.0, 80.2, 80.4), "uniform": runs(81.0, 81.2, 81.4)},
     }
-    text = peers.summary({"nlvr": {"results": results}})
-    line = next(row for row in text.splitlines() if row.startswith("| nlvr | `blip-tiny` |"))
-    two, four = line.split(" | ")[2:4]
+    text = peers.summary({"nlvr": {"results": results, "dense": 83.6}})
+    line = next(row for row in text.splitlines() if row.startswith("| nlvr | `blip-tiny` | 83.60 |"))
+    two, four = line.split(" | ")[3:5]
     assert two.startswith("**wins**: 90.20 against `uniform` 89.20 (+1.00") and "no paper's ranking row" in two
     assert four.startswith("**loses**: 80.20 against `uniform` 81.20 (-1.00")
     assert "no paper's ranking or Torch-Pruning row" in four
     assert "Not in the comparison yet: classification, retrieval, blip-retrieval, caption, vqa, segmentation." in text
+    partial = peers.summary({"nlvr": {"results": results}}, complete=False)  # another base: names no missing task
+    assert "Not in the comparison yet" not in partial and "| nlvr | `blip-tiny` | - |" in partial
 
 
 def test_a_run_of_some_rows_keeps_the_others_only_on_the_same_base_and_settings():
