@@ -183,6 +183,22 @@ METHODS = {  # name -> (row label, kind, settings)
         "upop",
         {"allocation": "unified", "floor": 0.75},
     ),
+    # tried for the default (issue 24): each structure's scores standardised on their own, so a layer's gradient
+    # scale (which sent 9 of the Segmenter's 12 structures to the floor at 4x) no longer decides its share; with the
+    # default's budget per tower, and with one budget over every tower
+    "structure": ("UPop --standardise structure", "upop", {"standardise": "structure"}),
+    "unified-structure": (
+        "UPop --standardise structure --allocation unified",
+        "upop",
+        {"standardise": "structure", "allocation": "unified"},
+    ),
+    # tried for the default (issue 24): one budget over every tower, each tower's scores standardised on their own
+    # (a tower's gradient scale no longer moves the budget; the layers' scales within a tower still do)
+    "unified-tower": (
+        "UPop --allocation unified --standardise tower",
+        "upop",
+        {"allocation": "unified", "standardise": "tower"},
+    ),
     # the ranking study (what was tried to make the unified ranking earn its keep), one change from the paper's each
     "study-snr": ("paper's ranking, --score snr", "upop", {**PAPER_RANKING, "score": "snr"}),
     "study-snr-floor0.5": ("--score snr --floor 0.5", "upop", {**PAPER_RANKING, "score": "snr", "floor": 0.5}),
